@@ -1,0 +1,763 @@
+"""Data: CSV reading, labels and policies, patient splits, the grayscale uint8 image cache, the demo
+dataset and the Dataset that serves training batches.
+
+    python dataset.py --data-root DIR [--csv FILE] [--image-size N] [--cache-dir DIR] [--workers N]
+
+builds (or finishes) the image cache for one CSV and prints a summary. With no --data-root it uses
+the demo dataset, made on first use under ./demo_data.
+
+Cache layout (never under the data root): CACHE_DIR/<csv stem>-<size>px-<key>/
+    meta.json            the key's inputs: image paths (row order = slot order), size, square mode
+    shard_00000.pt ...   {"images": uint8 (n, S, S)}, SHARD_SIZE images each, loaded with
+                         torch.load(mmap=True). Written to a temporary name and renamed, so a shard
+                         file that exists is complete.
+    shard_00000.json     {"ok": [bool], "errors": [str]} for that shard, written just before it.
+The key hashes everything that changes pixels: the data root, the ordered image paths, the size, the
+square mode and CACHE_VERSION. Augmented copies (experiments/) live beside it as <folder>+<name>.
+
+torch is imported inside the functions that need it: `python dataset.py` on a complete cache then
+returns in well under a second, which matters when a SLURM array starts hundreds of jobs.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+# The one list of pathology names: the CS 156b labels, in the submission's column order.
+PATHOLOGIES = [
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Pneumonia",
+    "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices",
+]
+# Stanford CheXpert's 14 labels (the nine above plus five more), in its CSV order.
+CHEXPERT_LABELS = [
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+    "Pleural Other", "Fracture", "Support Devices",
+]
+ALL_LABELS = PATHOLOGIES + [n for n in CHEXPERT_LABELS if n not in PATHOLOGIES]
+VIEWS = ("frontal", "lateral")
+UNCERTAIN_POLICIES = ("keep", "ignore", "ones", "zeros")  # zeros = U-Zeros: uncertain -> -1
+SQUARE_MODES = ("resize", "crop")
+STRAY_PREFIX = "CheXpert-v1.0/"  # rows in train2023.csv whose files do not exist
+CACHE_VERSION = 1
+SHARD_SIZE = 1024
+DEMO_ROOT = Path("demo_data")
+IMAGE_MEAN, IMAGE_STD = 0.449, 0.226  # ImageNet's RGB statistics averaged to one gray channel
+
+
+class UserError(Exception):
+    """An error the user caused (bad path, bad value): scripts print it as one line and exit 2."""
+
+
+def run_cli(main: Callable, argv=None) -> int:
+    """Run a script's main(); a UserError becomes one 'error: ...' line on stderr and exit code 2."""
+    warnings.formatwarning = lambda msg, category, *a, **k: f"warning: {msg}\n"
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def slug(name: str, view: str = "all") -> str:
+    """'Pleural Effusion' -> 'pleural_effusion'; a one-view model adds it: 'pleural_effusion_lateral'."""
+    s = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    return s if view == "all" else f"{s}_{view}"
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what SLURM gave this job, not the whole node
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) then rename tmp to path: path is either the old file or the new one, whole.
+    A failed write (disk full, read-only folder) leaves the old file as it was and raises UserError."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {path}: {e.strerror or e}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_torch(obj, path: Path) -> None:
+    import torch
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# CSVs and labels
+
+def _read_csv(csv_path: Path) -> pd.DataFrame:
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise UserError(f"{csv_path}: no such CSV file")
+    try:
+        return pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"{csv_path}: not a readable CSV ({str(e).splitlines()[0]})") from e
+
+
+def _require(df: pd.DataFrame, columns, csv_path) -> None:
+    for c in columns:
+        if c not in df.columns:
+            raise UserError(f"{csv_path}: missing required column '{c}' (has: {', '.join(df.columns)})")
+
+
+def _ids_from_paths(paths: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """Patient ('pid50512' or 'patient00001') and study ('pid50512/study1') from each path."""
+    m = paths.str.extract(r"((?:pid|patient)\d+)/(study\d+)/")
+    fallback = paths.map(lambda p: "/".join(Path(p).parts[-3:-1]))
+    patient = m[0].fillna(fallback.map(lambda s: s.split("/")[0]))
+    study = (m[0] + "/" + m[1]).fillna(fallback)
+    return patient, study
+
+
+def view_from_filename(paths: pd.Series) -> pd.Series:
+    """'…/view1_frontal.jpg' -> 'frontal' (test CSVs have no view column)."""
+    v = paths.str.extract(r"_(frontal|lateral)\.\w+$", flags=re.IGNORECASE)[0].str.lower()
+    return v.fillna("frontal")
+
+
+def read_train_csv(csv_path: Path, uncertain: str = "keep") -> pd.DataFrame:
+    """Read a CS 156b train2023.csv or a Stanford CheXpert train.csv/valid.csv.
+
+    Returns one row per image with columns path, patient, study, view and one float32 column per
+    label (those after 'AP/PA' in the header) on [-1, 1], NaN = blank (never filled). The uncertain
+    policy maps label 0: keep (0), ignore (NaN), ones (1), zeros (-1). df.attrs['labels'] lists the
+    label columns. Stray 'CheXpert-v1.0/…' rows are dropped with one warning."""
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise UserError(f"unknown uncertain policy {uncertain!r} (choose from {', '.join(UNCERTAIN_POLICIES)})")
+    raw = _read_csv(csv_path)
+    _require(raw, ["Path", "AP/PA"], csv_path)
+    labels = list(raw.columns[raw.columns.get_loc("AP/PA") + 1:])
+    if not labels:
+        raise UserError(f"{csv_path}: no label columns after 'AP/PA'")
+    line = pd.Series(np.arange(len(raw)) + 2, index=raw.index)  # header is line 1
+
+    stray = raw["Path"].str.startswith(STRAY_PREFIX)
+    if stray.any():
+        warnings.warn(f"{csv_path}: dropped {int(stray.sum())} stray rows whose path starts "
+                      f"'{STRAY_PREFIX}' (no such files)", stacklevel=2)
+    raw, line = raw[~stray], line[~stray]
+
+    out = pd.DataFrame({"path": raw["Path"].str.strip()})
+    out["patient"], out["study"] = _ids_from_paths(out["path"])
+    if "Frontal/Lateral" in raw.columns:
+        out["view"] = raw["Frontal/Lateral"].str.strip().str.lower()
+        bad = ~out["view"].isin(VIEWS)
+        out.loc[bad, "view"] = view_from_filename(out.loc[bad, "path"])
+    else:
+        out["view"] = view_from_filename(out["path"])
+    mapping = {"keep": 0.0, "ignore": np.nan, "ones": 1.0, "zeros": -1.0}[uncertain]
+    for col in labels:
+        text = raw[col].str.strip()
+        values = pd.to_numeric(text, errors="coerce")
+        bad = (text != "") & ~values.isin([-1.0, 0.0, 1.0])
+        if bad.any():
+            i = bad.idxmax()
+            raise UserError(f"{csv_path}: line {line[i]}, column '{col}': invalid label {raw[col][i]!r} "
+                            f"(expected 1, 0, -1 or blank)")
+        values = values.where(values != 0.0, mapping) if uncertain != "keep" else values
+        out[col] = values.astype(np.float32)
+    out = out.reset_index(drop=True)
+    out.attrs["labels"] = labels
+    return out
+
+
+def read_test_csv(csv_path: Path) -> pd.DataFrame:
+    """Read an 'Id, Path' test CSV (test_ids.csv, solution_ids.csv). Returns columns Id (int), path,
+    patient, study, view; the view comes from the file name (viewN_frontal.jpg / viewN_lateral.jpg)."""
+    raw = _read_csv(csv_path)
+    _require(raw, ["Id", "Path"], csv_path)
+    ids = pd.to_numeric(raw["Id"].str.strip(), errors="coerce")
+    bad = ids.isna() | (ids != ids.round())
+    if bad.any():
+        i = bad.idxmax()
+        raise UserError(f"{csv_path}: line {i + 2}, column 'Id': {raw['Id'][i]!r} is not an integer")
+    dup = ids.duplicated()
+    if dup.any():
+        i = dup.idxmax()
+        raise UserError(f"{csv_path}: line {i + 2}: Id {int(ids[i])} appears more than once")
+    out = pd.DataFrame({"Id": ids.astype(np.int64), "path": raw["Path"].str.strip()})
+    out["patient"], out["study"] = _ids_from_paths(out["path"])
+    out["view"] = view_from_filename(out["path"])
+    return out
+
+
+def check_pathologies(names: list[str], available: list[str] | None = None) -> list[str]:
+    """Expand 'all' and check each name; 'all' means the CSV's labels that are known pathologies."""
+    available = list(available) if available is not None else PATHOLOGIES
+    if [n.lower() for n in names] == ["all"]:
+        return [n for n in ALL_LABELS if n in available]
+    by_lower = {n.lower(): n for n in ALL_LABELS}
+    out = []
+    for n in names:
+        canon = by_lower.get(n.lower()) or by_lower.get(n.lower().replace("_", " "))
+        if canon is None:
+            raise UserError(f"unknown pathology {n!r}; valid names: {', '.join(available)} (or 'all')")
+        if canon not in available:
+            raise UserError(f"pathology {canon!r} is not a label column of this CSV; "
+                            f"its labels are: {', '.join(available)}")
+        if canon not in out:
+            out.append(canon)
+    return out
+
+
+def split_by_patient(patients: pd.Series, val_frac: float, seed: int) -> np.ndarray:
+    """Boolean mask, True = validation. Whole patients go to one side; the same seed and patients
+    give the same split whatever the row order (patients are sorted before the shuffle)."""
+    if not 0.0 < val_frac < 1.0:
+        raise UserError(f"--val-frac must be between 0 and 1, got {val_frac}")
+    unique = np.array(sorted(patients.unique()))
+    rng = np.random.default_rng(seed)
+    n_val = max(1, int(round(val_frac * len(unique)))) if len(unique) > 1 else 0
+    val_patients = set(rng.permutation(unique)[:n_val])
+    return patients.isin(val_patients).to_numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Image decoding and the cache
+
+def load_image(path: Path, size: int, square: str = "resize") -> np.ndarray:
+    """Decode one image to uint8 (size, size) grayscale.
+
+    JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT, to the smallest scale
+    that keeps both sides >= size; a 2300 x 2750 X-ray at 256 px decodes at 1/8, about 20x faster
+    than a full decode. Non-square images are made square by `square`: 'resize' squashes the whole
+    image to size x size (aspect ratio not kept, nothing cut off: the default, as in the original);
+    'crop' takes the central square of side min(w, h), then resizes."""
+    with Image.open(path) as im:
+        im.draft("L", (size, size))
+        im = im.convert("L")
+        w, h = im.size
+        box = None
+        if square == "crop":
+            s = min(w, h)
+            box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+        im = im.resize((size, size), Image.Resampling.BILINEAR, box=box)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _decode_chunk(task):
+    """Worker: decode one chunk. Returns (start, uint8 (n, S, S), ok (n,), errors [str])."""
+    start, paths, size, square = task
+    images = np.zeros((len(paths), size, size), dtype=np.uint8)
+    ok = np.zeros(len(paths), dtype=bool)
+    errors = [""] * len(paths)
+    for i, p in enumerate(paths):
+        try:
+            images[i] = load_image(p, size, square)
+            ok[i] = True
+        except FileNotFoundError:
+            errors[i] = "missing"
+        except Exception as e:  # truncated JPEG, random bytes, empty file, not an image
+            errors[i] = f"unreadable ({type(e).__name__}: {e})"[:200]
+    return start, images, ok, errors
+
+
+class ImageCache:
+    """A built image cache: get(slots) -> uint8 (B, 1, S, S). Shards load lazily, memory-mapped, so
+    a DataLoader worker or another rank shares the OS page cache rather than a copy."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        meta = json.loads((self.folder / "meta.json").read_text())
+        self.meta = meta
+        self.paths: list[str] = meta["paths"]
+        self.size: int = meta["size"]
+        self.square: str = meta["square"]
+        self.shard_size: int = meta["shard_size"]
+        self._shards: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def n_shards(self) -> int:
+        return -(-len(self.paths) // self.shard_size)
+
+    def shard_path(self, k: int) -> Path:
+        return self.folder / f"shard_{k:05d}.pt"
+
+    def missing_shards(self) -> list[int]:
+        return [k for k in range(self.n_shards) if not self.shard_path(k).is_file()]
+
+    def shard(self, k: int) -> dict:
+        if k not in self._shards:
+            import torch
+            try:
+                self._shards[k] = torch.load(self.shard_path(k), mmap=True, weights_only=True)
+            except FileNotFoundError as e:
+                raise UserError(f"{self.shard_path(k)}: cache shard missing; rerun dataset.py to finish the cache") from e
+            except Exception as e:
+                raise UserError(f"{self.shard_path(k)}: corrupt cache shard ({e}); delete it and rerun dataset.py") from e
+        return self._shards[k]
+
+    def status(self) -> tuple[np.ndarray, list[str]]:
+        """ok (N,) bool and the error text of each slot ('' when ok); reads no pixels."""
+        ok, errors = [], []
+        for k in range(self.n_shards):
+            s = json.loads(self.shard_path(k).with_suffix(".json").read_text())
+            ok += s["ok"]
+            errors += s["errors"]
+        return np.array(ok, dtype=bool), errors
+
+    def get(self, slots) -> "torch.Tensor":
+        """uint8 (B, 1, S, S) for the given slot numbers."""
+        import torch
+        slots = np.asarray(slots, dtype=np.int64)
+        out = torch.empty((len(slots), 1, self.size, self.size), dtype=torch.uint8)
+        shard_of = slots // self.shard_size
+        for k in np.unique(shard_of):
+            sel = np.nonzero(shard_of == k)[0]
+            out[torch.from_numpy(sel), 0] = self.shard(int(k))["images"][torch.from_numpy(slots[sel] % self.shard_size)]
+        return out
+
+
+def cache_folder(cache_dir: Path, name: str, data_root: Path, paths: list[str], size: int,
+                 square: str) -> tuple[Path, dict]:
+    """The cache folder for these inputs, and the meta that keys it."""
+    meta = {"version": CACHE_VERSION, "data_root": str(Path(data_root).resolve()), "size": int(size),
+            "square": square, "shard_size": SHARD_SIZE, "paths": list(paths)}
+    key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{name}-{size}px-{key}", meta
+
+
+def _write_shards(cache: ImageCache, chunks, n_images: int, desc: str, progress: bool) -> None:
+    """Assemble ordered (start, images, ok, errors) chunks into shards; save each one as it fills."""
+    import torch
+    buf: dict[int, list] = {}
+    with tqdm(total=n_images, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for start, images, ok, errors in chunks:
+            k = start // cache.shard_size
+            buf.setdefault(k, []).append((images, ok, errors))
+            bar.update(len(ok))
+            n_k = min(cache.shard_size, len(cache) - k * cache.shard_size)
+            if sum(len(o) for _, o, _ in buf[k]) == n_k:
+                parts = buf.pop(k)
+                status = {"ok": [bool(o) for p in parts for o in p[1]], "errors": [e for p in parts for e in p[2]]}
+                _save_shard(cache, k, torch.from_numpy(np.concatenate([p[0] for p in parts])), status)
+
+
+def _save_shard(cache: ImageCache, k: int, images, status: dict) -> None:
+    """Status first, pixels second: a shard whose .pt exists is complete, with its status."""
+    write_text(cache.shard_path(k).with_suffix(".json"), json.dumps(status))
+    save_torch({"images": images}, cache.shard_path(k))
+
+
+def build_cache(paths: list[str], data_root: Path, size: int, cache_dir: Path, name: str = "images",
+                square: str = "resize", workers: int | None = None, progress: bool = True,
+                chunk: int = 32) -> ImageCache:
+    """Build, or finish, the cache of `paths` (relative to data_root). Returns it complete.
+
+    Only the shards that are missing are decoded, in parallel over `workers` processes; a killed
+    build therefore keeps every shard it finished. Nothing is written under data_root."""
+    if size < 8:
+        raise UserError(f"--image-size must be at least 8, got {size}")
+    if square not in SQUARE_MODES:
+        raise UserError(f"unknown square mode {square!r} (choose from {', '.join(SQUARE_MODES)})")
+    data_root = Path(data_root)
+    folder, meta = cache_folder(cache_dir, name, data_root, paths, size, square)
+    _refuse_inside(folder, data_root)
+    if not (folder / "meta.json").is_file():
+        write_text(folder / "meta.json", json.dumps(meta))
+    cache = ImageCache(folder)
+    todo = cache.missing_shards()
+    if not todo:
+        return cache
+    tasks = []
+    for k in todo:
+        lo, hi = k * SHARD_SIZE, min((k + 1) * SHARD_SIZE, len(paths))
+        for s in range(lo, hi, chunk):
+            tasks.append((s, [data_root / p for p in paths[s:min(s + chunk, hi)]], size, square))
+    n_images = sum(len(t[1]) for t in tasks)
+    workers = max(1, min(workers or default_workers(), len(tasks)))
+    desc = f"caching {name} at {size}px"
+    if workers == 1:
+        _write_shards(cache, map(_decode_chunk, tasks), n_images, desc, progress)
+    else:
+        import multiprocessing as mp
+        # fork: workers start at once and need nothing pickled but the task (paths, size).
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ctx.Pool(workers) as pool:
+            _write_shards(cache, pool.imap(_decode_chunk, tasks), n_images, desc, progress)
+    return cache
+
+
+def derive_cache(base: ImageCache, name: str, transform: Callable, progress: bool = True) -> ImageCache:
+    """Build, or finish, an augmented copy of `base`: slot i is transform(base slot i).
+    `transform` maps uint8 (n, S, S) -> uint8 (n, S, S). It lives beside base as <folder>+<name>."""
+    import torch
+    folder = base.folder.with_name(f"{base.folder.name}+{name}")
+    if not (folder / "meta.json").is_file():
+        write_text(folder / "meta.json", json.dumps({**base.meta, "transform": name, "base": base.folder.name}))
+    cache = ImageCache(folder)
+    todo = cache.missing_shards()
+    for k in tqdm(todo, desc=f"building {name} copies", unit="shard", disable=not progress):
+        images = transform(base.shard(k)["images"].clone()).to(torch.uint8).contiguous()
+        status = json.loads(base.shard_path(k).with_suffix(".json").read_text())
+        _save_shard(cache, k, images, status)
+    return cache
+
+
+def find_augmented(base: ImageCache, name: str) -> ImageCache:
+    """The built augmented copy 'name' of base ('flip', 'contrast' or an exact 'contrast1.5')."""
+    exact = base.folder.with_name(f"{base.folder.name}+{name}")
+    found = [exact] if exact.is_dir() else sorted(base.folder.parent.glob(f"{base.folder.name}+{name}*"))
+    if len(found) > 1:
+        raise UserError(f"several '{name}' copies are built ({', '.join(f.name.split('+')[-1] for f in found)}); "
+                        f"name one exactly, e.g. --augmented {found[0].name.split('+')[-1]}")
+    if not found or ImageCache(found[0]).missing_shards():
+        raise UserError(f"augmented copy '{name}' is not built for {base.folder}; run "
+                        f"python experiments/{name.rstrip('0123456789.')}_images.py with the same "
+                        f"--data-root, --csv, --image-size and --cache-dir")
+    return ImageCache(found[0])
+
+
+def _refuse_inside(folder: Path, data_root: Path) -> None:
+    f, r = Path(folder).resolve(), Path(data_root).resolve()
+    if f == r or r in f.parents:
+        raise UserError(f"--cache-dir {folder.parent} is inside the data root {data_root}; "
+                        f"nothing is ever written there: choose another --cache-dir")
+
+
+def flip_images(x):
+    """Horizontal flip of uint8 (..., S, S)."""
+    return x.flip(-1)
+
+
+def adjust_contrast(x, factor: float):
+    """Scale contrast by `factor` around each image's mean, clipped to [0, 255]; uint8 (..., S, S)."""
+    import torch
+    f = x.float()
+    mean = f.mean(dim=(-2, -1), keepdim=True)
+    return ((f - mean) * factor + mean).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def attach_cache(df: pd.DataFrame, cache: ImageCache, on_bad: str = "drop", what: str = "image") -> pd.DataFrame:
+    """Add the 'slot' column (row -> cache slot). Rows whose image was missing or unreadable are
+    dropped with one warning (count and first paths), or, with on_bad='error', are an error."""
+    slot_of = {p: i for i, p in enumerate(cache.paths)}
+    df = df.copy()
+    df["slot"] = df["path"].map(slot_of).astype(np.int64)
+    ok, errors = cache.status()
+    bad = ~ok[df["slot"].to_numpy()]
+    if bad.any():
+        first = [f"{p} ({errors[s]})" for p, s in zip(df["path"][bad][:3], df["slot"][bad][:3])]
+        if on_bad == "error":
+            raise UserError(f"{int(bad.sum())} {what}(s) missing or unreadable under {cache.meta['data_root']}: "
+                            + "; ".join(first))
+        warnings.warn(f"dropped {int(bad.sum())} rows whose image is missing or unreadable: "
+                      + "; ".join(first) + (" ..." if bad.sum() > 3 else ""), stacklevel=2)
+    df = df[~bad].reset_index(drop=True)
+    df.attrs["n_bad_images"] = int(bad.sum())
+    return df
+
+
+def cached_table(df: pd.DataFrame, data_root: Path, size: int, cache_dir: Path, name: str,
+                 square: str = "resize", workers: int | None = None, on_bad: str = "drop",
+                 progress: bool = True) -> tuple[pd.DataFrame, ImageCache]:
+    """Cache the images of a table read by read_train_csv/read_test_csv; return (table with 'slot', cache)."""
+    attrs = dict(df.attrs)
+    paths = list(dict.fromkeys(df["path"]))
+    cache = build_cache(paths, data_root, size, cache_dir, name, square, workers, progress)
+    out = attach_cache(df, cache, on_bad)
+    out.attrs = {**attrs, **out.attrs}
+    return out, cache
+
+
+class XrayDataset:
+    """Serves batches from one or more caches (the base cache first, augmented copies after).
+
+    ds[i] -> (uint8 (1, S, S), target float32 (K,), mask bool (K,)); ds[list] -> the same batched
+    (B, 1, S, S), (B, K), (B, K). Index i reads source i // n at row i % n, so an augmented copy of
+    row r is row r again with the copy's pixels: it inherits labels and patient. Targets are on
+    [-1, 1] with NaN (blank) replaced by 0 and mask False there. Float conversion and normalisation
+    happen on the training device, not here."""
+
+    def __init__(self, sources: list[ImageCache], slots: np.ndarray, targets: np.ndarray):
+        import torch
+        self.sources = sources
+        self.slots = np.asarray(slots, dtype=np.int64)
+        targets = np.asarray(targets, dtype=np.float32).reshape(len(self.slots), -1)
+        self.mask = torch.from_numpy(~np.isnan(targets))
+        self.targets = torch.from_numpy(np.nan_to_num(targets, nan=0.0))
+
+    def __len__(self) -> int:
+        return len(self.sources) * len(self.slots)
+
+    def __getitem__(self, index):
+        import torch
+        single = np.ndim(index) == 0
+        idx = np.atleast_1d(np.asarray(index, dtype=np.int64))
+        src, row = idx // len(self.slots), idx % len(self.slots)
+        images = torch.empty((len(idx), 1, self.sources[0].size, self.sources[0].size), dtype=torch.uint8)
+        for s in np.unique(src):
+            sel = np.nonzero(src == s)[0]
+            images[torch.from_numpy(sel)] = self.sources[int(s)].get(self.slots[row[sel]])
+        rows = torch.from_numpy(row)
+        out = images, self.targets[rows], self.mask[rows]
+        return tuple(t[0] for t in out) if single else out
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo dataset
+
+def _ellipse(yy, xx, cy, cx, ry, rx):
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+
+
+def _line(img, yy, xx, y0, x0, y1, x1, width, value):
+    """Add `value` along the segment (y0, x0)-(y1, x1), `width` pixels wide."""
+    dy, dx = y1 - y0, x1 - x0
+    t = np.clip(((yy - y0) * dy + (xx - x0) * dx) / (dy * dy + dx * dx), 0, 1)
+    d = np.hypot(yy - (y0 + t * dy), xx - (x0 + t * dx))
+    img += value * (d <= width / 2)
+
+
+def _demo_image(rng, view: str, signal: dict, h: int = 384, w: int = 320) -> np.ndarray:
+    """One synthetic radiograph, uint8 (h, w). signal[name] in [0, 1] is how strongly each finding
+    is drawn (1 positive, 0.5 uncertain, 0 absent). Lateral views have their own anatomy and their
+    own places for each finding."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.full((h, w), 0.08, np.float32)
+    jx, jy = rng.normal(0, 0.02 * w), rng.normal(0, 0.02 * h)
+    s = lambda name: float(signal.get(name, 0.0))
+    if view == "frontal":
+        img += 0.30 * _ellipse(yy, xx, 0.55 * h + jy, 0.5 * w + jx, 0.45 * h, 0.46 * w)
+        for side in (-1, 1):  # lungs
+            img -= 0.18 * _ellipse(yy, xx, 0.48 * h + jy, (0.5 + side * 0.2) * w + jx, 0.30 * h, 0.15 * w)
+        img += 0.20 * ((np.abs(xx - 0.5 * w - jx) < 0.035 * w) & (yy > 0.1 * h))  # spine
+        med = 0.05 + 0.07 * s("Enlarged Cardiomediastinum")
+        img += 0.28 * ((np.abs(xx - 0.5 * w - jx) < med * w) & (yy > 0.18 * h) & (yy < 0.5 * h))
+        heart = 1.0 + 0.6 * s("Cardiomegaly")
+        img += 0.30 * _ellipse(yy, xx, 0.64 * h + jy, 0.55 * w + jx, 0.10 * h * heart, 0.13 * w * heart)
+        side = rng.choice([-1, 1])
+        lung_x = (0.5 + side * 0.2) * w + jx
+        if s("Lung Opacity"):
+            cy, cx = rng.uniform(0.35, 0.6) * h, lung_x + rng.normal(0, 0.03 * w)
+            img += 0.35 * s("Lung Opacity") * np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (0.06 * w) ** 2)))
+        if s("Pneumonia"):
+            patch = _ellipse(yy, xx, 0.62 * h + jy, (0.5 - side * 0.2) * w + jx, 0.09 * h, 0.10 * w)
+            img += 0.35 * s("Pneumonia") * patch * (rng.random((h, w)) > 0.45)
+        if s("Pleural Effusion"):  # bright lung bases with a meniscus
+            for sd in (-1, 1):
+                cx = (0.5 + sd * 0.2) * w + jx
+                base = _ellipse(yy, xx, 0.48 * h + jy, cx, 0.30 * h, 0.15 * w) & (yy > 0.62 * h + 0.05 * h * np.cos((xx - cx) / (0.15 * w) * np.pi / 2))
+                img += 0.40 * s("Pleural Effusion") * base
+        if s("Pleural Other"):
+            img += 0.40 * s("Pleural Other") * ((np.abs(xx - (0.5 + side * 0.345) * w - jx) < 4) & (yy > 0.25 * h) & (yy < 0.65 * h))
+        if s("Fracture"):
+            cy = rng.uniform(0.3, 0.6) * h
+            for k in range(3):
+                _line(img, yy, xx, cy + 10 * k, (0.5 + side * 0.38) * w, cy + 10 * k + 12, (0.5 + side * 0.30) * w, 3, 0.5 * s("Fracture"))
+        if s("Support Devices"):
+            _line(img, yy, xx, 0.0, 0.47 * w + jx, 0.55 * h, 0.52 * w + jx, 4, 0.6 * s("Support Devices"))
+            img += 0.5 * s("Support Devices") * _ellipse(yy, xx, 0.22 * h, (0.5 - side * 0.28) * w, 10, 10)
+    else:  # lateral: one lung field, spine on the right (posterior), heart anterior (left)
+        img += 0.30 * _ellipse(yy, xx, 0.55 * h + jy, 0.5 * w + jx, 0.44 * h, 0.42 * w)
+        img -= 0.18 * _ellipse(yy, xx, 0.48 * h + jy, 0.52 * w + jx, 0.32 * h, 0.28 * w)
+        img += 0.25 * ((np.abs(xx - 0.80 * w - jx) < 0.05 * w) & (yy > 0.1 * h))
+        heart = 1.0 + 0.6 * s("Cardiomegaly")
+        img += 0.30 * _ellipse(yy, xx, 0.65 * h + jy, 0.32 * w + jx, 0.11 * h * heart, 0.11 * w * heart)
+        med = 0.06 + 0.07 * s("Enlarged Cardiomediastinum")
+        img += 0.25 * ((np.abs(xx - 0.45 * w - jx) < med * w) & (yy > 0.15 * h) & (yy < 0.45 * h))
+        if s("Lung Opacity"):
+            cy, cx = rng.uniform(0.35, 0.6) * h, rng.uniform(0.4, 0.65) * w
+            img += 0.35 * s("Lung Opacity") * np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (0.06 * w) ** 2)))
+        if s("Pneumonia"):
+            patch = _ellipse(yy, xx, 0.60 * h + jy, 0.62 * w + jx, 0.10 * h, 0.10 * w)
+            img += 0.35 * s("Pneumonia") * patch * (rng.random((h, w)) > 0.45)
+        if s("Pleural Effusion"):  # posterior costophrenic angle
+            img += 0.40 * s("Pleural Effusion") * (_ellipse(yy, xx, 0.48 * h + jy, 0.52 * w + jx, 0.32 * h, 0.28 * w) & (yy > 0.68 * h) & (xx > 0.5 * w))
+        if s("Pleural Other"):
+            img += 0.40 * s("Pleural Other") * ((np.abs(yy - 0.2 * h - jy) < 4) & (xx > 0.3 * w) & (xx < 0.7 * w))
+        if s("Fracture"):
+            cy = rng.uniform(0.3, 0.6) * h
+            for k in range(3):
+                _line(img, yy, xx, cy + 10 * k, 0.70 * w, cy + 10 * k + 12, 0.76 * w, 3, 0.5 * s("Fracture"))
+        if s("Support Devices"):
+            _line(img, yy, xx, 0.0, 0.40 * w + jx, 0.55 * h, 0.45 * w + jx, 4, 0.6 * s("Support Devices"))
+    img += rng.normal(0, 0.035, (h, w)).astype(np.float32)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+# (prevalence of positive, uncertain, negative; the rest is blank) per finding in the demo
+_DEMO_RATES = {
+    "Enlarged Cardiomediastinum": (0.25, 0.10, 0.45), "Cardiomegaly": (0.35, 0.08, 0.45),
+    "Lung Opacity": (0.35, 0.08, 0.40), "Pneumonia": (0.20, 0.10, 0.45),
+    "Pleural Effusion": (0.35, 0.10, 0.45), "Pleural Other": (0.10, 0.05, 0.60),
+    "Fracture": (0.08, 0.03, 0.60), "Support Devices": (0.40, 0.03, 0.45),
+}
+
+
+def _demo_study_labels(rng) -> dict:
+    labels = {}
+    for name, (p, u, n) in _DEMO_RATES.items():
+        r = rng.random()
+        labels[name] = 1.0 if r < p else 0.0 if r < p + u else -1.0 if r < p + u + n else np.nan
+    positive = any(v == 1.0 for v in labels.values())
+    labels["No Finding"] = -1.0 if positive else (1.0 if rng.random() < 0.85 else np.nan)
+    return labels
+
+
+def _demo_signal(rng, labels: dict) -> dict:
+    """How strongly each finding is drawn: positive 1, uncertain 0.5, blank (unmentioned) by chance."""
+    return {k: 1.0 if v == 1.0 else 0.5 if v == 0.0 else float(rng.random() < 0.15) if np.isnan(v) else 0.0
+            for k, v in labels.items() if k != "No Finding"}
+
+
+def make_demo(root: Path, n_train_patients: int = 250, n_test_patients: int = 40, seed: int = 0,
+              progress: bool = True) -> Path:
+    """Write a small CS 156b-layout dataset under root and return root.
+
+    root/train/pidN/studyM/viewK_{frontal,lateral}.jpg (320 x 384 JPEGs), root/test/…,
+    root/student_labels/train2023.csv, test_ids.csv, solution_ids.csv, and test_labels.csv (the
+    test images' true labels, which the real course data does not give, for measuring on unseen
+    data). Every finding has a planted, learnable signal; the CSV has blanks, uncertain labels,
+    lateral views, 4 stray 'CheXpert-v1.0/' rows, 3 rows whose file is missing and 1 unreadable file."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    rows, test_rows = [], []
+    n_total = n_train_patients + n_test_patients
+    with tqdm(total=n_total, desc="making demo dataset", unit="patient", disable=not progress) as bar:
+        for p in range(n_total):
+            is_test = p >= n_train_patients
+            pid = f"pid{(90000 if is_test else 10000) + p * 7}"
+            for st in range(1 + int(rng.random() < 0.4)):
+                labels = _demo_study_labels(rng)
+                views = ["frontal"] + (["lateral"] if rng.random() < 0.35 else [])
+                for v_i, view in enumerate(views):
+                    rel = f"{'test' if is_test else 'train'}/{pid}/study{st + 1}/view{v_i + 1}_{view}.jpg"
+                    img = _demo_image(rng, view, _demo_signal(rng, labels))
+                    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(img).save(root / rel, quality=90)
+                    (test_rows if is_test else rows).append(
+                        {"Path": rel, "Sex": rng.choice(["Male", "Female"]), "Age": int(rng.integers(20, 90)),
+                         "Frontal/Lateral": view.capitalize(), "AP/PA": "AP" if view == "frontal" else "",
+                         **labels})
+            bar.update()
+    # the faults the real data has, so every code path runs on the demo
+    for k in range(4):
+        rows.append({**rows[k], "Path": f"CheXpert-v1.0/train/patient{k:05d}/study1/view1_frontal.jpg"})
+    for k in range(3):
+        rows.append({**rows[5 + k], "Path": f"train/pid{80000 + k}/study1/view1_frontal.jpg"})
+    bad = "train/pid85000/study1/view1_frontal.jpg"
+    (root / bad).parent.mkdir(parents=True, exist_ok=True)
+    (root / bad).write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
+    rows.append({**rows[9], "Path": bad})
+
+    labels_dir = root / "student_labels"
+    labels_dir.mkdir(parents=True, exist_ok=True)
+    train = pd.DataFrame(rows)[["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] + PATHOLOGIES]
+    train.insert(0, "Unnamed: 0", np.arange(len(train)))
+    train.insert(0, "Unnamed: 0.1", np.arange(len(train)))
+    train.to_csv(labels_dir / "train2023.csv", index=False)
+    test = pd.DataFrame(test_rows)
+    test.insert(0, "Id", 3 * np.arange(len(test)) + 1001)  # integers, not contiguous
+    half = len(test) // 2
+    test[["Id", "Path"]][:half].to_csv(labels_dir / "test_ids.csv", index=False)
+    test[["Id", "Path"]][half:].to_csv(labels_dir / "solution_ids.csv", index=False)
+    test[["Id", "Path"] + PATHOLOGIES].to_csv(labels_dir / "test_labels.csv", index=False)
+    (root / "README.txt").write_text("Synthetic demo data made by dataset.py (make_demo). Not real X-rays.\n")
+    return root
+
+
+def ensure_demo(root: Path = DEMO_ROOT, progress: bool = True) -> Path:
+    """The demo dataset's root, made on first use (atomically: built beside it, then renamed)."""
+    root = Path(root)
+    if (root / "student_labels" / "train2023.csv").is_file():
+        return root
+    tmp = root.with_name(f".{root.name}.tmp{os.getpid()}")
+    make_demo(tmp, progress=progress)
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process made it first
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Build (or finish) the grayscale uint8 image cache for one CSV.")
+    p.add_argument("--data-root", type=Path, help="dataset root (default: the demo dataset in ./demo_data)")
+    p.add_argument("--csv", type=Path, help="CSV to cache (default: DATA_ROOT/student_labels/train2023.csv); "
+                   "a train CSV or an 'Id, Path' test CSV")
+    p.add_argument("--image-size", type=int, default=224, help="side of the square cached images, px")
+    p.add_argument("--square", choices=SQUARE_MODES, default="resize",
+                   help="how non-square images become square: resize (squash) or crop (central square)")
+    p.add_argument("--cache-dir", type=Path, default=Path("cache"), help="where caches live (never under the data root)")
+    p.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
+    args = p.parse_args(argv)
+    if args.image_size < 8:
+        p.error(f"--image-size must be at least 8, got {args.image_size}")
+    if args.workers < 1:
+        p.error(f"--workers must be at least 1, got {args.workers}")
+    return args
+
+
+def resolve_data(data_root: Path | None, csv: Path | None, default_csv: str) -> tuple[Path, Path]:
+    """(data root, CSV): the demo dataset when data_root is None; errors name a missing path."""
+    root = ensure_demo() if data_root is None else Path(data_root)
+    if not root.is_dir():
+        raise UserError(f"--data-root {root}: no such directory")
+    csv = Path(csv) if csv is not None else root / "student_labels" / default_csv
+    if not csv.is_file():
+        raise UserError(f"{csv}: no such CSV file")
+    return root, csv
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    root, csv = resolve_data(args.data_root, args.csv, "train2023.csv")
+    header = _read_csv(csv).columns
+    df = read_test_csv(csv) if "Id" in header and "AP/PA" not in header else read_train_csv(csv)
+    paths = list(dict.fromkeys(df["path"]))
+    cache = build_cache(paths, root, args.image_size, args.cache_dir, csv.stem, args.square, args.workers)
+    ok, errors = cache.status()
+    bad = [f"{p} ({e})" for p, e, o in zip(cache.paths, errors, ok) if not o]
+    if bad:
+        warnings.warn(f"{len(bad)} images missing or unreadable (rows using them are dropped when training): "
+                      + "; ".join(bad[:3]) + (" ..." if len(bad) > 3 else ""))
+    nbytes = sum(cache.shard_path(k).stat().st_size for k in range(cache.n_shards))
+    print(f"{'cache':<10} {cache.folder}\n{'csv':<10} {csv}\n{'images':<10} {len(cache)} ({int(ok.sum())} ok, "
+          f"{len(bad)} missing or unreadable)\n{'size':<10} {cache.size} x {cache.size} px, uint8, {cache.square}\n"
+          f"{'bytes':<10} {nbytes / 1e6:.1f} MB in {cache.n_shards} shards\n{'seconds':<10} {time.time() - t0:.2f}")
+    return cache
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
