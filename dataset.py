@@ -70,6 +70,9 @@ def run_cli(main: Callable, argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -77,6 +80,19 @@ def slug(name: str, view: str = "all") -> str:
     """'Pleural Effusion' -> 'pleural_effusion'; a one-view model adds it: 'pleural_effusion_lateral'."""
     s = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
     return s if view == "all" else f"{s}_{view}"
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain text table; floats get 4 decimals, NaN/None print as '-'."""
+    def cell(v):
+        if v is None or (isinstance(v, float) and v != v):
+            return "-"
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
 
 
 def default_workers() -> int:
@@ -169,6 +185,7 @@ def read_train_csv(csv_path: Path, uncertain: str = "keep") -> pd.DataFrame:
         warnings.warn(f"{csv_path}: dropped {int(stray.sum())} stray rows whose path starts "
                       f"'{STRAY_PREFIX}' (no such files)", stacklevel=2)
     raw, line = raw[~stray], line[~stray]
+    n_stray = int(stray.sum())
 
     out = pd.DataFrame({"path": raw["Path"].str.strip()})
     out["patient"], out["study"] = _ids_from_paths(out["path"])
@@ -190,7 +207,7 @@ def read_train_csv(csv_path: Path, uncertain: str = "keep") -> pd.DataFrame:
         values = values.where(values != 0.0, mapping) if uncertain != "keep" else values
         out[col] = values.astype(np.float32)
     out = out.reset_index(drop=True)
-    out.attrs["labels"] = labels
+    out.attrs.update(labels=labels, n_stray=n_stray)
     return out
 
 
