@@ -78,12 +78,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, help="epochs (default 10; 3 on the demo data)")
     g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    g.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--schedule", choices=["cosine", "plateau"], default="cosine",
                    help="after warm-up: cosine decay per step, or halve on a validation-loss plateau")
     g.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warm-up length, in epochs")
-    g.add_argument("--freeze", type=int, default=2, help=f"backbone stages frozen at the start (0-{N_STAGES}: stem, layer1..4)")
+    g.add_argument("--freeze", type=int, help=f"backbone stages frozen at the start (0-{N_STAGES}: stem, layer1..4; "
+                   "default 2 with pretrained weights, 0 with --weights none: frozen random filters learn nothing)")
     g.add_argument("--unfreeze-epoch", type=int, default=1, help="epoch (0-based) from which every stage trains")
     g.add_argument("--sampler", action=argparse.BooleanOptionalAction, default=True,
                    help="WeightedRandomSampler with inverse-frequency weights over the label values")
@@ -105,6 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.freeze is None:
+        args.freeze = 0 if args.weights == "none" else 2
     checks = [(args.epochs < 1, f"--epochs must be at least 1, got {args.epochs}"),
               (args.image_size < 32, f"--image-size must be at least 32 (ResNet-50 downsamples 32x), got {args.image_size}"),
               (args.batch_size < 1, f"--batch-size must be at least 1, got {args.batch_size}"),

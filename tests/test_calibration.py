@@ -1,0 +1,98 @@
+"""Calibration maps (model.py) and the metrics that report them (train.py)."""
+import numpy as np
+import pytest
+
+import train
+from model import apply_calibration, fit_calibration, pav
+
+
+def test_affine_fit_recovers_known_slope_and_intercept():
+    rng = np.random.default_rng(0)
+    y = rng.uniform(-1, 1, 20000)
+    t = 0.6 * y - 0.3 + rng.normal(0, 0.05, y.shape)
+    cal = fit_calibration("affine", y, t)
+    assert cal["kind"] == "affine"
+    assert cal["a"] == pytest.approx(0.6, abs=0.01) and cal["b"] == pytest.approx(-0.3, abs=0.01)
+
+
+def test_affine_slope_stays_positive_when_the_fit_wants_it_negative():
+    y = np.linspace(-1, 1, 50)
+    cal = fit_calibration("affine", y, -y)
+    assert cal["a"] > 0
+    out = apply_calibration(cal, y)
+    assert np.all(np.diff(out) > 0)
+
+
+def test_pav_matches_known_answers():
+    assert np.allclose(pav([1, 3, 2, 4]), [1, 2.5, 2.5, 4])
+    assert np.allclose(pav([3, 2, 1]), [2, 2, 2])
+    assert np.allclose(pav([-1, -1, 1, 0, 1]), [-1, -1, 0.5, 0.5, 1])
+    assert np.allclose(pav([1, 2, 3]), [1, 2, 3])
+
+
+def test_isotonic_output_is_monotone_and_fits_the_step_on_sorted_inputs():
+    rng = np.random.default_rng(1)
+    y = np.sort(rng.uniform(-1, 1, 400))
+    t = np.where(rng.random(400) < (y + 1) / 2, 1.0, -1.0)
+    cal = fit_calibration("isotonic", y, t)
+    out = apply_calibration(cal, y)
+    inside = (out[:-1] > -1) & (out[1:] < 1)  # clipping to [-1, 1] is the only source of ties
+    assert np.all(np.diff(out)[inside] > 0) and inside.sum() > 300
+    w = cal["w"]
+    affine = cal["a"] * y + cal["b"]
+    assert np.allclose(out, np.clip(w * pav(t) + (1 - w) * affine, -1, 1))
+    grid = np.linspace(-2, 2, 1000)
+    assert np.all(np.diff(apply_calibration(cal, grid)) >= 0)
+
+
+@pytest.mark.parametrize("kind", ["affine", "isotonic"])
+def test_calibration_never_changes_the_ranking(kind):
+    rng = np.random.default_rng(2)
+    y = rng.normal(0, 0.5, 300)
+    t = np.clip(np.round(y + rng.normal(0, 0.7, 300)), -1, 1)
+    out = apply_calibration(fit_calibration(kind, y, t), y)
+    assert np.array_equal(np.argsort(y, kind="stable"), np.argsort(out, kind="stable"))
+    assert train.auc(out, t) == pytest.approx(train.auc(y, t))
+
+
+def balanced_model_outputs(rng, t):
+    """What a model trained on balanced batches outputs: unsure, so centred near 0 whatever the prior."""
+    return np.clip(0.35 * t + rng.normal(0, 0.35, t.shape), -1, 1)
+
+
+def test_rare_positives_sampler_alone_loses_to_the_constant_and_calibration_wins():
+    rng = np.random.default_rng(3)
+    t_train = np.where(rng.random(5000) < 0.03, 1.0, -1.0)
+    t_val = np.where(rng.random(3000) < 0.03, 1.0, -1.0)
+    t_test = np.where(rng.random(3000) < 0.03, 1.0, -1.0)  # held out: never used to fit
+    y_val, y_test = balanced_model_outputs(rng, t_val), balanced_model_outputs(rng, t_test)
+    for kind in ("affine", "isotonic"):
+        cal = fit_calibration(kind, y_val, t_val)
+        for y, t in ((y_val, t_val), (y_test, t_test)):
+            m = train.pathology_metrics(y, t, float(t_train.mean()), cal)
+            assert m["val_mse"] > m["const_mse"]          # raw outputs lose to the constant
+            assert m["val_mse_cal"] <= m["const_mse"]     # calibrated ones do not
+            assert m["val_auc"] > 0.8
+
+
+@pytest.mark.parametrize("kind", ["affine", "isotonic"])
+def test_calibrated_mse_is_at_most_the_constant_even_on_tiny_noisy_sets(kind):
+    rng = np.random.default_rng(4)
+    for n in (2, 5, 12, 40):
+        y = rng.uniform(-1, 1, n)
+        t = rng.choice([-1.0, 0.0, 1.0], n)
+        m = train.pathology_metrics(y, t, float(t.mean()), fit_calibration(kind, y, t))
+        assert m["val_mse_cal"] <= m["const_mse"] + 1e-5  # MIN_SLOPE costs at most ~1e-6
+
+
+def test_none_and_too_few_rows_mean_no_map():
+    assert fit_calibration("none", np.zeros(10), np.ones(10)) is None
+    assert fit_calibration("affine", np.zeros(1), np.ones(1)) is None
+    assert np.array_equal(apply_calibration(None, np.array([-3.0, 0.2, 3.0])), [-1.0, 0.2, 1.0])
+
+
+def test_auc_counts_ties_as_half_and_ignores_uncertain_and_blank():
+    t = np.array([1, -1, 1, -1, 0, np.nan])
+    assert train.auc(np.array([0.9, 0.1, 0.8, 0.2, 5.0, 5.0]), t) == 1.0
+    assert train.auc(np.array([0.5, 0.5, 0.5, 0.5, 0.0, 0.0]), t) == 0.5
+    assert np.isnan(train.auc(np.array([0.1, 0.2]), np.array([1.0, 1.0])))

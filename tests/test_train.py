@@ -1,0 +1,301 @@
+"""train.py and model.py: loss, sampler, freezing, checkpoints, and whole tiny runs."""
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from dataset import PATHOLOGIES, UserError
+from model import (build_model, load_checkpoint, model_config, read_checkpoint, save_checkpoint, set_frozen)
+from tests.conftest import ROOT
+
+SPEC_HISTORY = ["epoch", "train_loss", "val_loss", "val_mse", "val_auc", "lr", "seconds"]
+
+
+def test_masked_mse_counts_only_labelled_entries_and_masks_gradient():
+    pred = torch.tensor([[0.5, -0.2], [0.1, 0.9], [-1.0, 0.0]], requires_grad=True)
+    target = torch.tensor([[1.0, 0.0], [0.0, -1.0], [-1.0, 1.0]])
+    mask = torch.tensor([[True, False], [True, True], [False, True]])
+    loss = train.masked_mse(pred, target, mask)
+    labelled = [(0.5 - 1.0) ** 2, (0.1 - 0.0) ** 2, (0.9 + 1.0) ** 2, (0.0 - 1.0) ** 2]
+    assert loss.item() == pytest.approx(np.mean(labelled))
+    loss.backward()
+    assert pred.grad[0, 1] == 0 and pred.grad[2, 0] == 0
+    assert (pred.grad[mask] != 0).all()
+    # nothing labelled: zero loss, zero gradient, no NaN
+    assert train.masked_mse(pred, target, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_sample_weights_are_inverse_frequency_and_balance_each_value():
+    t = np.array([1, -1, -1, -1, 0, np.nan], dtype=np.float32)[:, None]
+    w = train.sample_weights(t)
+    # 5 labelled rows, 3 values: weight = 5 / (3 * count)
+    assert w[0] == pytest.approx(5 / 3) and w[1] == pytest.approx(5 / 9) and w[4] == pytest.approx(5 / 3)
+    assert w[5] == 0.0  # a blank row is never drawn
+    totals = {v: w[t[:, 0] == v].sum() for v in (-1, 0, 1)}
+    assert totals[-1] == pytest.approx(totals[0]) == pytest.approx(totals[1])
+    # several pathologies: the mean of the row's weights over its labelled pathologies
+    t2 = np.array([[1, np.nan], [-1, 1], [-1, -1], [-1, np.nan]], dtype=np.float32)
+    w2 = train.sample_weights(t2)
+    assert w2[1] == pytest.approx((4 / (2 * 3) + 2 / (2 * 1)) / 2)
+
+
+def test_epoch_sampler_draws_the_weighted_sample_and_splits_it_across_ranks():
+    w = np.array([0.0, 1.0, 0.0, 1.0])
+    one = train.EpochSampler(w, 40, 8, seed=1)
+    idx = [i for b in one for i in b]
+    assert len(idx) == 40 and set(idx) <= {1, 3}
+    ranks = [list(train.EpochSampler(w, 40, 8, seed=1, rank=r, world=2)) for r in range(2)]
+    assert ranks[0] + ranks[1] != [] and sorted(map(tuple, ranks[0] + ranks[1])) == sorted(map(tuple, list(one)[:4]))
+    assert len(ranks[0]) == len(ranks[1])  # ranks stay in step
+    one.set_epoch(1)
+    assert [i for b in one for i in b] != idx  # a new draw each epoch
+
+
+def test_freeze_and_unfreeze_toggle_requires_grad_and_batchnorm_mode():
+    model = build_model(model_config(["Cardiomegaly"], hidden=16))
+    set_frozen(model, 2)
+    model.train()
+    assert not any(p.requires_grad for p in model.backbone.conv1.parameters())
+    assert not any(p.requires_grad for p in model.backbone.layer1.parameters())
+    assert all(p.requires_grad for p in model.backbone.layer2.parameters())
+    assert not model.backbone.bn1.training and model.backbone.layer2[0].bn1.training
+    set_frozen(model, 0)
+    assert all(p.requires_grad for p in model.parameters()) and model.backbone.bn1.training
+
+
+def test_fracture_gets_the_regularized_head():
+    cfg = model_config(["Fracture", "Cardiomegaly"], head="auto", hidden=512, dropout=0.2)
+    assert cfg["heads"][0] == {"pathology": "Fracture", "variant": "regularized", "hidden": 128, "dropout": 0.5}
+    assert cfg["heads"][1]["variant"] == "mlp" and cfg["heads"][1]["hidden"] == 512
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(model_config(["Cardiomegaly", "Fracture"], hidden=32)).eval()
+    meta = {"view": "lateral", "epoch": 3, "metrics": {"val_mse": 0.5}, "train_config": {"lr": 1e-3},
+            "preprocess": {"image_size": 32, "square": "resize", "mean": 0.449, "std": 0.226, "uncertain": "keep"},
+            "calibration": {"Cardiomegaly": {"kind": "affine", "a": 0.5, "b": -0.2, "n": 10}, "Fracture": None}}
+    save_checkpoint(tmp_path / "m.pt", model, meta)
+    loaded, ckpt = load_checkpoint(tmp_path / "m.pt")
+    x = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert ckpt["pathologies"] == ["Cardiomegaly", "Fracture"] and ckpt["view"] == "lateral"
+    assert ckpt["calibration"]["Fracture"] is None and ckpt["calibration"]["Cardiomegaly"]["a"] == 0.5
+    torch.load(tmp_path / "m.pt", weights_only=True)  # loads with weights_only, per SPEC
+
+
+def test_corrupt_checkpoint_is_an_error_naming_the_file(tmp_path):
+    model = build_model(model_config(["Cardiomegaly"], hidden=8))
+    meta = {"view": "all", "epoch": 1, "metrics": {}, "train_config": {}, "calibration": {},
+            "preprocess": {"image_size": 32, "square": "resize", "mean": 0.449, "std": 0.226, "uncertain": "keep"}}
+    save_checkpoint(tmp_path / "best.pt", model, meta)
+    data = (tmp_path / "best.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="cut.pt: corrupt or truncated"):
+        read_checkpoint(tmp_path / "cut.pt")
+    save_checkpoint(tmp_path / "odd.pt", model, {**meta, "preprocess": {**meta["preprocess"], "square": "fisheye"}})
+    with pytest.raises(UserError, match="odd.pt: made for preprocessing"):
+        read_checkpoint(tmp_path / "odd.pt")
+
+
+def test_a_tiny_batch_can_be_overfit():
+    torch.manual_seed(0)
+    model = build_model(model_config(["Cardiomegaly"], hidden=32, dropout=0.0))
+    x = torch.randint(0, 256, (8, 1, 32, 32), dtype=torch.uint8)
+    y = torch.tensor([1, -1, 0, 1, -1, -1, 1, 0], dtype=torch.float32)[:, None]
+    mask = torch.ones_like(y, dtype=torch.bool)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    model.train()
+    for _ in range(40):
+        loss = train.masked_mse(model(x), y, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.02
+
+
+def read_csv_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_full_tiny_run_writes_the_four_files(tiny_args, tmp_path):
+    summaries = train.main(tiny_args("--pathology", "Cardiomegaly", "--epochs", "2"))
+    out = tmp_path / "ckpt" / "cardiomegaly"
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "history.csv", "last.pt", "summary.json"]
+    rows = read_csv_rows(out / "history.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert set(SPEC_HISTORY) <= set(rows[0]) and {"val_mse_cal", "const_mse"} <= set(rows[0])
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("pathology", "n_train", "n_val", "best_epoch", "val_loss", "val_mse", "val_auc", "config"):
+        assert key in summary
+    assert summary["pathology"] == "Cardiomegaly" and summary["n_train"] > 0 and summary["n_val"] > 0
+    assert summary["config"]["epochs"] == 2 and summaries[0]["best_epoch"] == summary["best_epoch"]
+    best = read_checkpoint(out / "best.pt")
+    assert best["epoch"] == summary["best_epoch"] and best["preprocess"]["image_size"] == 32
+    assert best["pathologies"] == ["Cardiomegaly"] and "Cardiomegaly" in best["calibration"]
+    assert read_checkpoint(out / "last.pt")["epoch"] == 2
+
+
+def test_early_stopping_stops(tiny_args, tmp_path, monkeypatch):
+    losses = iter([0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    real = train.evaluate
+
+    def worse_each_epoch(*a, **k):
+        return {**real(*a, **k), "val_loss": next(losses)}
+    monkeypatch.setattr(train, "evaluate", worse_each_epoch)
+    [s] = train.main(tiny_args("--pathology", "Cardiomegaly", "--epochs", "6", "--patience", "2"))
+    assert s["epochs_run"] == 3 and s["best_epoch"] == 1 and s["early_stopped"]
+    assert len(read_csv_rows(tmp_path / "ckpt" / "cardiomegaly" / "history.csv")) == 3
+
+
+def test_unknown_pathology_is_a_clear_error(tiny_args, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_args("--pathology", "Cardiomegally"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown pathology 'Cardiomegally'" in err and "Cardiomegaly" in err and "Support Devices" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "-1"], "--epochs must be at least 1"),
+    (["--image-size", "0"], "--image-size must be at least 32"),
+    (["--weights", "resnet"], "--weights 'resnet' is not imagenet, none or an existing file"),
+    (["--freeze", "7"], "--freeze must be between 0 and 5"),
+])
+def test_bad_arguments_are_rejected_before_any_work(tiny_args, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_args("--pathology", "Cardiomegaly", *flags))
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_view_filters_rows_and_names_the_folder(tiny_args, tmp_path, demo_root):
+    [s] = train.main(tiny_args("--pathology", "Cardiomegaly", "--view", "lateral"))
+    out = tmp_path / "ckpt" / "cardiomegaly_lateral"
+    assert (out / "best.pt").is_file() and read_checkpoint(out / "best.pt")["view"] == "lateral"
+    import pandas as pd
+    df = pd.read_csv(demo_root / "student_labels" / "train2023.csv")
+    lateral = df[(df["Frontal/Lateral"] == "Lateral") & df["Cardiomegaly"].notna()]
+    assert 0 < s["n_train"] + s["n_val"] <= len(lateral)
+
+
+def test_multi_head_writes_one_checkpoint_for_all_its_pathologies(tiny_args, tmp_path):
+    names = ["Cardiomegaly", "Pleural Effusion", "Fracture"]
+    [s] = train.main(tiny_args("--pathology", *names, "--multi-head"))
+    ckpt = read_checkpoint(tmp_path / "ckpt" / "multi_head" / "best.pt")
+    assert ckpt["pathologies"] == names and set(ckpt["calibration"]) == set(names)
+    assert set(s["per_pathology"]) == set(names)
+    assert all(s["per_pathology"][n]["n"] > 0 for n in names)
+
+
+def test_resume_equals_continuing(tiny_args, tmp_path, monkeypatch):
+    args = tiny_args("--pathology", "Cardiomegaly", "--epochs", "2", "--dropout", "0.3")
+    straight = args + ["--out-dir", str(tmp_path / "straight")]
+    train.main(straight)
+
+    real, calls = train.train_one_epoch, []
+
+    def die_in_second_epoch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(train, "train_one_epoch", die_in_second_epoch)
+    split = args + ["--out-dir", str(tmp_path / "split")]
+    with pytest.raises(SystemExit) as e:
+        train.main(split)
+    assert e.value.code == 130
+    last = read_checkpoint(tmp_path / "split" / "cardiomegaly" / "last.pt")
+    assert last["epoch"] == 1 and last["interrupted"]  # Ctrl-C leaves a loadable last.pt
+    monkeypatch.setattr(train, "train_one_epoch", real)
+    train.main(split + ["--resume"])
+
+    a = read_checkpoint(tmp_path / "straight" / "cardiomegaly" / "last.pt")
+    b = read_checkpoint(tmp_path / "split" / "cardiomegaly" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for k in a["state_dict"]:
+        assert torch.allclose(a["state_dict"][k].float(), b["state_dict"][k].float(), atol=1e-5), k
+    ha = read_csv_rows(tmp_path / "straight" / "cardiomegaly" / "history.csv")
+    hb = read_csv_rows(tmp_path / "split" / "cardiomegaly" / "history.csv")
+    assert [r["epoch"] for r in hb] == ["1", "2"]  # no repeated epochs
+    assert float(ha[1]["val_loss"]) == pytest.approx(float(hb[1]["val_loss"]), abs=1e-4)
+
+
+def test_resume_of_a_finished_run_does_nothing(tiny_args, tmp_path):
+    train.main(tiny_args("--pathology", "Cardiomegaly"))
+    best = tmp_path / "ckpt" / "cardiomegaly" / "best.pt"
+    before = best.stat().st_mtime_ns
+    [s] = train.main(tiny_args("--pathology", "Cardiomegaly", "--resume"))
+    assert best.stat().st_mtime_ns == before and s["epochs_run"] == 1
+
+
+def run_cli(args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def wait_for(path, proc, timeout=120):
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig, code", [(9, -9), (15, 130)])
+def test_killed_training_resumes_and_checkpoints_always_load(tiny_args, tmp_path, sig, code):
+    args = ["train.py", *tiny_args("--pathology", "Cardiomegaly", "--epochs", "30", "--patience", "0")]
+    proc = run_cli(args)
+    out = tmp_path / "ckpt" / "cardiomegaly"
+    wait_for(out / "history.csv", proc)
+    proc.send_signal(sig)
+    out_text, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    if sig == 15:  # SIGTERM (scancel, SLURM's warning) is handled like Ctrl-C
+        assert "interrupted: saved" in out_text and "Traceback" not in err
+    for name in ("best.pt", "last.pt"):
+        read_checkpoint(out / name)
+    done = read_checkpoint(out / "last.pt")["epoch"]
+    assert done >= 1
+    [s] = train.main(tiny_args("--pathology", "Cardiomegaly", "--epochs", str(done + 1), "--patience", "0", "--resume"))
+    assert s["epochs_run"] == done + 1
+    assert [int(r["epoch"]) for r in read_csv_rows(out / "history.csv")] == list(range(1, done + 2))
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tiny_args, tmp_path, monkeypatch):
+    train.main(tiny_args("--pathology", "Cardiomegaly"))
+    best = tmp_path / "ckpt" / "cardiomegaly" / "best.pt"
+    before = best.read_bytes()
+
+    def disk_full(obj, f, *a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(UserError, match=r"could not write .*\.pt: No space left on device"):
+        train.main(tiny_args("--pathology", "Cardiomegaly", "--epochs", "2"))
+    assert best.read_bytes() == before
+    assert not [p for p in best.parent.iterdir() if ".tmp" in p.name]
+
+
+def test_torchrun_two_processes_write_one_set_of_files(tiny_args, tmp_path):
+    single = tiny_args("--pathology", "Cardiomegaly", "--out-dir", str(tmp_path / "one"))
+    [s1] = train.main(single)
+    ddp = tiny_args("--pathology", "Cardiomegaly", "--out-dir", str(tmp_path / "two"))
+    proc = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "train.py", *ddp])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    folder = tmp_path / "two" / "cardiomegaly"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "history.csv", "last.pt", "summary.json"]
+    s2 = json.loads((folder / "summary.json").read_text())
+    assert (s2["n_train"], s2["n_val"]) == (s1["n_train"], s1["n_val"])
+    assert len(read_csv_rows(folder / "history.csv")) == 1
+    assert out.count("Cardiomegaly epoch 1/1") == 1  # only rank 0 logs
