@@ -8,12 +8,15 @@ the demo dataset, made on first use under ./demo_data.
 
 Cache layout (never under the data root): CACHE_DIR/<csv stem>-<size>px-<key>/
     meta.json            the key's inputs: image paths (row order = slot order), size, square mode
-    shard_00000.pt ...   {"images": uint8 (n, S, S)}, SHARD_SIZE images each, loaded with
-                         torch.load(mmap=True). Written to a temporary name and renamed, so a shard
-                         file that exists is complete.
+    shard_00000.pt ...   {"images": uint8 (n, S, S)}, shard_size images each (default 1024,
+                         --shard-size), loaded with torch.load(mmap=True). Written to a temporary
+                         name and renamed, so a shard file that exists is complete.
     shard_00000.json     {"ok": [bool], "errors": [str]} for that shard, written just before it.
 The key hashes everything that changes pixels: the data root, the ordered image paths, the size, the
-square mode and CACHE_VERSION. Augmented copies (experiments/) live beside it as <folder>+<name>.
+square mode and CACHE_VERSION (not the shard size, which only changes the layout: a cache built with
+any shard size is found by every script). Augmented copies (experiments/) live beside it as
+<folder>+<name>. A build killed mid-write leaves a '.NAME.tmp-HOST-PID' file; the next build on that
+host removes it once that process is gone.
 
 torch is imported inside the functions that need it: `python dataset.py` on a complete cache then
 returns in well under a second, which matters when a SLURM array starts hundreds of jobs.
@@ -25,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import sys
 import time
 import warnings
@@ -54,6 +58,7 @@ SQUARE_MODES = ("resize", "crop")
 STRAY_PREFIX = "CheXpert-v1.0/"  # rows in train2023.csv whose files do not exist
 CACHE_VERSION = 1
 SHARD_SIZE = 1024
+N_NAMED = 10  # bad images named in a warning; the count covers them all
 DEMO_ROOT = Path("demo_data")
 IMAGE_MEAN, IMAGE_STD = 0.449, 0.226  # ImageNet's RGB statistics averaged to one gray channel
 
@@ -106,7 +111,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp) then rename tmp to path: path is either the old file or the new one, whole.
     A failed write (disk full, read-only folder) leaves the old file as it was and raises UserError."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
@@ -114,11 +119,19 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise UserError(f"could not write {path}: {e.strerror or e}") from e
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
+
+
+def _discard(path: Path) -> None:
+    """Remove a temporary file if it is there; never raise (its folder may not even exist)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def save_torch(obj, path: Path) -> None:
@@ -139,6 +152,16 @@ def _read_csv(csv_path: Path) -> pd.DataFrame:
         raise UserError(f"{csv_path}: no such CSV file")
     try:
         return pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"{csv_path}: not a readable CSV ({str(e).splitlines()[0]})") from e
+
+
+def _read_header(csv_path: Path) -> list[str]:
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise UserError(f"{csv_path}: no such CSV file")
+    try:
+        return list(pd.read_csv(csv_path, dtype=str, nrows=0).columns)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise UserError(f"{csv_path}: not a readable CSV ({str(e).splitlines()[0]})") from e
 
@@ -170,7 +193,8 @@ def read_train_csv(csv_path: Path, uncertain: str = "keep") -> pd.DataFrame:
     Returns one row per image with columns path, patient, study, view and one float32 column per
     label (those after 'AP/PA' in the header) on [-1, 1], NaN = blank (never filled). The uncertain
     policy maps label 0: keep (0), ignore (NaN), ones (1), zeros (-1). df.attrs['labels'] lists the
-    label columns. Stray 'CheXpert-v1.0/…' rows are dropped with one warning."""
+    label columns, df.attrs['n_stray'] counts the stray 'CheXpert-v1.0/…' rows of train2023.csv,
+    dropped with one warning (a CSV whose every path starts so, Stanford's full-size set, has none)."""
     if uncertain not in UNCERTAIN_POLICIES:
         raise UserError(f"unknown uncertain policy {uncertain!r} (choose from {', '.join(UNCERTAIN_POLICIES)})")
     raw = _read_csv(csv_path)
@@ -180,7 +204,9 @@ def read_train_csv(csv_path: Path, uncertain: str = "keep") -> pd.DataFrame:
         raise UserError(f"{csv_path}: no label columns after 'AP/PA'")
     line = pd.Series(np.arange(len(raw)) + 2, index=raw.index)  # header is line 1
 
-    stray = raw["Path"].str.startswith(STRAY_PREFIX)
+    stray = raw["Path"].str.strip().str.startswith(STRAY_PREFIX)
+    if stray.all():  # Stanford's full-size CheXpert: every path is under CheXpert-v1.0/, none stray
+        stray[:] = False
     if stray.any():
         warnings.warn(f"{csv_path}: dropped {int(stray.sum())} stray rows whose path starts "
                       f"'{STRAY_PREFIX}' (no such files)", stacklevel=2)
@@ -308,7 +334,11 @@ class ImageCache:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        meta = json.loads((self.folder / "meta.json").read_text())
+        try:
+            meta = json.loads((self.folder / "meta.json").read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{self.folder / 'meta.json'}: unreadable cache index ({e}); delete {self.folder} "
+                            f"and rerun dataset.py") from e
         self.meta = meta
         self.paths: list[str] = meta["paths"]
         self.size: int = meta["size"]
@@ -327,7 +357,8 @@ class ImageCache:
         return self.folder / f"shard_{k:05d}.pt"
 
     def missing_shards(self) -> list[int]:
-        return [k for k in range(self.n_shards) if not self.shard_path(k).is_file()]
+        return [k for k in range(self.n_shards)
+                if not (self.shard_path(k).is_file() and self.shard_path(k).with_suffix(".json").is_file())]
 
     def shard(self, k: int) -> dict:
         if k not in self._shards:
@@ -344,7 +375,7 @@ class ImageCache:
         """ok (N,) bool and the error text of each slot ('' when ok); reads no pixels."""
         ok, errors = [], []
         for k in range(self.n_shards):
-            s = json.loads(self.shard_path(k).with_suffix(".json").read_text())
+            s = _read_status(self, k)
             ok += s["ok"]
             errors += s["errors"]
         return np.array(ok, dtype=bool), errors
@@ -362,12 +393,32 @@ class ImageCache:
 
 
 def cache_folder(cache_dir: Path, name: str, data_root: Path, paths: list[str], size: int,
-                 square: str) -> tuple[Path, dict]:
-    """The cache folder for these inputs, and the meta that keys it."""
+                 square: str, shard_size: int = SHARD_SIZE) -> tuple[Path, dict]:
+    """The cache folder for these inputs, and the meta that keys it (shard_size is recorded, not keyed)."""
     meta = {"version": CACHE_VERSION, "data_root": str(Path(data_root).resolve()), "size": int(size),
-            "square": square, "shard_size": SHARD_SIZE, "paths": list(paths)}
+            "square": square, "paths": list(paths)}
     key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(cache_dir) / f"{name}-{size}px-{key}", meta
+    return Path(cache_dir) / f"{name}-{size}px-{key}", {**meta, "shard_size": int(shard_size)}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_tmp(folder: Path) -> None:
+    """Remove the temporary files that killed writers on this host left in folder (see atomic_write).
+    Another host's are left alone: its process may still be writing (shared cluster filesystem)."""
+    host = socket.gethostname()
+    for f in Path(folder).glob(".*.tmp-*"):
+        h, _, pid = f.name.rsplit(".tmp-", 1)[1].rpartition("-")
+        if h == host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            _discard(f)
 
 
 def _write_shards(cache: ImageCache, chunks, n_images: int, desc: str, progress: bool) -> None:
@@ -394,27 +445,33 @@ def _save_shard(cache: ImageCache, k: int, images, status: dict) -> None:
 
 def build_cache(paths: list[str], data_root: Path, size: int, cache_dir: Path, name: str = "images",
                 square: str = "resize", workers: int | None = None, progress: bool = True,
-                chunk: int = 32) -> ImageCache:
+                chunk: int = 8, shard_size: int | None = None) -> ImageCache:
     """Build, or finish, the cache of `paths` (relative to data_root). Returns it complete.
 
     Only the shards that are missing are decoded, in parallel over `workers` processes; a killed
-    build therefore keeps every shard it finished. Nothing is written under data_root."""
+    build therefore keeps every shard it finished. Nothing is written under data_root. shard_size
+    (images per shard file, default SHARD_SIZE) applies to a new cache; an existing one keeps its own.
+    A complete shard with an image that failed before (missing, unreadable) but decodes now is redone."""
     if size < 8:
         raise UserError(f"--image-size must be at least 8, got {size}")
     if square not in SQUARE_MODES:
         raise UserError(f"unknown square mode {square!r} (choose from {', '.join(SQUARE_MODES)})")
+    if shard_size is not None and shard_size < 1:
+        raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     data_root = Path(data_root)
-    folder, meta = cache_folder(cache_dir, name, data_root, paths, size, square)
+    folder, meta = cache_folder(cache_dir, name, data_root, paths, size, square, shard_size or SHARD_SIZE)
     _refuse_inside(folder, data_root)
     if not (folder / "meta.json").is_file():
         write_text(folder / "meta.json", json.dumps(meta))
     cache = ImageCache(folder)
     todo = cache.missing_shards()
+    todo += _recovered_shards(cache, data_root, skip=todo)
     if not todo:
         return cache
+    _remove_stale_tmp(folder)
     tasks = []
     for k in todo:
-        lo, hi = k * SHARD_SIZE, min((k + 1) * SHARD_SIZE, len(paths))
+        lo, hi = k * cache.shard_size, min((k + 1) * cache.shard_size, len(paths))
         for s in range(lo, hi, chunk):
             tasks.append((s, [data_root / p for p in paths[s:min(s + chunk, hi)]], size, square))
     n_images = sum(len(t[1]) for t in tasks)
@@ -431,6 +488,30 @@ def build_cache(paths: list[str], data_root: Path, size: int, cache_dir: Path, n
     return cache
 
 
+def _read_status(cache: ImageCache, k: int) -> dict:
+    return json.loads(cache.shard_path(k).with_suffix(".json").read_text())
+
+
+def _recovered_shards(cache: ImageCache, data_root: Path, skip: list[int]) -> list[int]:
+    """Complete shards holding an image that failed before but decodes now (a missing file copied
+    in, a broken one replaced): they are redone, so fixing the data needs no cache surgery. Only the
+    failed images are tried, so a rerun on a complete cache stays quick."""
+    redo = []
+    for k in range(cache.n_shards):
+        if k in skip:
+            continue
+        for j, ok in enumerate(_read_status(cache, k)["ok"]):
+            path = Path(data_root) / cache.paths[k * cache.shard_size + j]
+            if not ok and path.is_file():
+                try:
+                    load_image(path, cache.size, cache.square)
+                except Exception:
+                    continue
+                redo.append(k)
+                break
+    return redo
+
+
 def derive_cache(base: ImageCache, name: str, transform: Callable, progress: bool = True) -> ImageCache:
     """Build, or finish, an augmented copy of `base`: slot i is transform(base slot i).
     `transform` maps uint8 (n, S, S) -> uint8 (n, S, S). It lives beside base as <folder>+<name>."""
@@ -440,6 +521,11 @@ def derive_cache(base: ImageCache, name: str, transform: Callable, progress: boo
         write_text(folder / "meta.json", json.dumps({**base.meta, "transform": name, "base": base.folder.name}))
     cache = ImageCache(folder)
     todo = cache.missing_shards()
+    # a base shard redone since (an image that failed before reads now) is redone here too
+    todo += [k for k in range(cache.n_shards) if k not in todo
+             and _read_status(cache, k) != _read_status(base, k)]
+    if todo:
+        _remove_stale_tmp(folder)
     for k in tqdm(todo, desc=f"building {name} copies", unit="shard", disable=not progress):
         images = transform(base.shard(k)["images"].clone()).to(torch.uint8).contiguous()
         status = json.loads(base.shard_path(k).with_suffix(".json").read_text())
@@ -490,12 +576,12 @@ def attach_cache(df: pd.DataFrame, cache: ImageCache, on_bad: str = "drop", what
     ok, errors = cache.status()
     bad = ~ok[df["slot"].to_numpy()]
     if bad.any():
-        first = [f"{p} ({errors[s]})" for p, s in zip(df["path"][bad][:3], df["slot"][bad][:3])]
+        first = [f"{p} ({errors[s]})" for p, s in zip(df["path"][bad][:N_NAMED], df["slot"][bad][:N_NAMED])]
         if on_bad == "error":
             raise UserError(f"{int(bad.sum())} {what}(s) missing or unreadable under {cache.meta['data_root']}: "
                             + "; ".join(first))
         warnings.warn(f"dropped {int(bad.sum())} rows whose image is missing or unreadable: "
-                      + "; ".join(first) + (" ..." if bad.sum() > 3 else ""), stacklevel=2)
+                      + "; ".join(first) + (" ..." if bad.sum() > N_NAMED else ""), stacklevel=2)
     df = df[~bad].reset_index(drop=True)
     df.attrs["n_bad_images"] = int(bad.sum())
     return df
@@ -737,11 +823,15 @@ def parse_args(argv=None):
                    help="how non-square images become square: resize (squash) or crop (central square)")
     p.add_argument("--cache-dir", type=Path, default=Path("cache"), help="where caches live (never under the data root)")
     p.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
+    p.add_argument("--shard-size", type=int, default=SHARD_SIZE,
+                   help="images per shard file of a new cache (only the layout: any size is found by every script)")
     args = p.parse_args(argv)
     if args.image_size < 8:
         p.error(f"--image-size must be at least 8, got {args.image_size}")
     if args.workers < 1:
         p.error(f"--workers must be at least 1, got {args.workers}")
+    if args.shard_size < 1:
+        p.error(f"--shard-size must be at least 1, got {args.shard_size}")
     return args
 
 
@@ -760,15 +850,16 @@ def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
     root, csv = resolve_data(args.data_root, args.csv, "train2023.csv")
-    header = _read_csv(csv).columns
+    header = _read_header(csv)
     df = read_test_csv(csv) if "Id" in header and "AP/PA" not in header else read_train_csv(csv)
     paths = list(dict.fromkeys(df["path"]))
-    cache = build_cache(paths, root, args.image_size, args.cache_dir, csv.stem, args.square, args.workers)
+    cache = build_cache(paths, root, args.image_size, args.cache_dir, csv.stem, args.square, args.workers,
+                        shard_size=args.shard_size)
     ok, errors = cache.status()
     bad = [f"{p} ({e})" for p, e, o in zip(cache.paths, errors, ok) if not o]
     if bad:
         warnings.warn(f"{len(bad)} images missing or unreadable (rows using them are dropped when training): "
-                      + "; ".join(bad[:3]) + (" ..." if len(bad) > 3 else ""))
+                      + "; ".join(bad[:N_NAMED]) + (" ..." if len(bad) > N_NAMED else ""))
     nbytes = sum(cache.shard_path(k).stat().st_size for k in range(cache.n_shards))
     print(f"{'cache':<10} {cache.folder}\n{'csv':<10} {csv}\n{'images':<10} {len(cache)} ({int(ok.sum())} ok, "
           f"{len(bad)} missing or unreadable)\n{'size':<10} {cache.size} x {cache.size} px, uint8, {cache.square}\n"

@@ -39,7 +39,8 @@ from dataset import (IMAGE_MEAN, IMAGE_STD, SQUARE_MODES, UNCERTAIN_POLICIES, AL
 from model import (CALIBRATIONS, HEAD_VARIANTS, N_STAGES, apply_calibration, build_model, fit_calibration,
                    load_pretrained, model_config, read_checkpoint, save_checkpoint, set_frozen)
 
-HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_mse", "val_mse_cal", "const_mse", "val_auc", "lr", "seconds"]
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_mse", "val_mse_cal", "const_mse", "val_auc", "lr", "seconds",
+                   "train_seconds", "train_images_per_s"]
 TABLE_COLUMNS = ["pathology", "view", "n_train", "n_val", "best_epoch", "val_mse", "val_mse_cal", "const_mse", "val_auc"]
 DEMO_DEFAULTS = {"image_size": 64, "epochs": 3, "weights": "none"}
 REAL_DEFAULTS = {"image_size": 224, "epochs": 10, "weights": "imagenet"}
@@ -528,11 +529,14 @@ def train_job(names: list[str], folder: str, table: pd.DataFrame, is_val: np.nda
                 t0 = time.time()
                 train_loss = train_one_epoch(net, loader, optimizer, per_step, scaler, rt, args.online_augment,
                                              f"{label} epoch {epoch + 1}/{args.epochs}")
+                train_seconds = time.time() - t0
                 val = evaluate(model, val_set, val_t, train_means, names, args.calibration, args.batch_size, rt)
                 if args.schedule == "plateau":
                     scheduler.step(val["val_loss"])
                 row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
-                       "seconds": round(time.time() - t0, 2), **{k: v for k, v in val.items() if k in HISTORY_COLUMNS}}
+                       "seconds": round(time.time() - t0, 2), "train_seconds": round(train_seconds, 2),
+                       "train_images_per_s": round(len(train_set) / train_seconds, 1),
+                       **{k: v for k, v in val.items() if k in HISTORY_COLUMNS}}
                 history.append(row)
                 completed = epoch + 1
                 if val["val_loss"] < stop["best_val_loss"]:
