@@ -669,10 +669,10 @@ def _demo_image(rng, view: str, signal: dict, h: int = 384, w: int = 320) -> np.
         lung_x = (0.5 + side * 0.2) * w + jx
         if s("Lung Opacity"):
             cy, cx = rng.uniform(0.35, 0.6) * h, lung_x + rng.normal(0, 0.03 * w)
-            img += 0.35 * s("Lung Opacity") * np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (0.06 * w) ** 2)))
+            img += 0.5 * s("Lung Opacity") * np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (0.09 * w) ** 2)))
         if s("Pneumonia"):
-            patch = _ellipse(yy, xx, 0.62 * h + jy, (0.5 - side * 0.2) * w + jx, 0.09 * h, 0.10 * w)
-            img += 0.35 * s("Pneumonia") * patch * (rng.random((h, w)) > 0.45)
+            patch = _ellipse(yy, xx, 0.62 * h + jy, (0.5 - side * 0.2) * w + jx, 0.12 * h, 0.13 * w)
+            img += 0.5 * s("Pneumonia") * patch * (rng.random((h, w)) > 0.4)
         if s("Pleural Effusion"):  # bright lung bases with a meniscus
             for sd in (-1, 1):
                 cx = (0.5 + sd * 0.2) * w + jx
@@ -697,10 +697,10 @@ def _demo_image(rng, view: str, signal: dict, h: int = 384, w: int = 320) -> np.
         img += 0.25 * ((np.abs(xx - 0.45 * w - jx) < med * w) & (yy > 0.15 * h) & (yy < 0.45 * h))
         if s("Lung Opacity"):
             cy, cx = rng.uniform(0.35, 0.6) * h, rng.uniform(0.4, 0.65) * w
-            img += 0.35 * s("Lung Opacity") * np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (0.06 * w) ** 2)))
+            img += 0.5 * s("Lung Opacity") * np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (0.09 * w) ** 2)))
         if s("Pneumonia"):
-            patch = _ellipse(yy, xx, 0.60 * h + jy, 0.62 * w + jx, 0.10 * h, 0.10 * w)
-            img += 0.35 * s("Pneumonia") * patch * (rng.random((h, w)) > 0.45)
+            patch = _ellipse(yy, xx, 0.60 * h + jy, 0.62 * w + jx, 0.13 * h, 0.13 * w)
+            img += 0.5 * s("Pneumonia") * patch * (rng.random((h, w)) > 0.4)
         if s("Pleural Effusion"):  # posterior costophrenic angle
             img += 0.40 * s("Pleural Effusion") * (_ellipse(yy, xx, 0.48 * h + jy, 0.52 * w + jx, 0.32 * h, 0.28 * w) & (yy > 0.68 * h) & (xx > 0.5 * w))
         if s("Pleural Other"):

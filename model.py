@@ -135,6 +135,7 @@ def load_pretrained(model: XrayNet, weights: str) -> None:
 SHRINK_ROWS = 5        # affine: slope shrunk by n / (n + 5), toward the constant (validation mean)
 ISOTONIC_ROWS = 200    # isotonic: weight n / (n + 200) on the step fit, the rest on the affine map
 MIN_SLOPE = 1e-6       # strictly increasing, so the ranking (and AUC) never changes
+CV_FOLDS = 5           # the over-fitting guard's cross-validation
 
 
 def pav(t: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
@@ -152,20 +153,8 @@ def pav(t: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
     return np.repeat(values, counts)
 
 
-def fit_calibration(kind: str, y: np.ndarray, t: np.ndarray) -> dict | None:
-    """Fit a map raw output y -> target t on labelled validation rows (y, t: (n,), finite).
-
-    affine: t ~ a*y + b by least squares, the slope shrunk by n/(n+SHRINK_ROWS) toward 0 (b
-      recentred), i.e. toward the constant validation-mean predictor, the safe fallback for MSE,
-      and kept >= MIN_SLOPE. The shrinkage is negligible at the thousands of rows a real validation
-      split has and guards tiny ones. In-sample its MSE is never above the constant's.
-    isotonic: PAV step fit blended with that affine map, weight n/(n+ISOTONIC_ROWS) on the step fit.
-    Both are strictly increasing. Returns None for 'none' or when fewer than 2 rows are labelled."""
-    y, t = np.asarray(y, np.float64), np.asarray(t, np.float64)
-    if kind == "none" or len(y) < 2:
-        return None
-    if kind not in CALIBRATIONS:
-        raise ValueError(f"unknown calibration {kind!r}")
+def _fit_map(kind: str, y: np.ndarray, t: np.ndarray) -> dict:
+    """The map itself (see fit_calibration), fitted on all of (y, t)."""
     n = len(y)
     vy = y.var()
     a = ((y - y.mean()) * (t - t.mean())).mean() / vy if vy > 1e-12 else 0.0
@@ -174,12 +163,47 @@ def fit_calibration(kind: str, y: np.ndarray, t: np.ndarray) -> dict | None:
     if kind == "isotonic":
         order = np.argsort(y, kind="stable")
         fitted = pav(t[order])
-        edges = np.flatnonzero(np.diff(fitted)) if n > 1 else np.array([], int)
+        edges = np.flatnonzero(np.diff(fitted))
         right = np.append(y[order][edges], np.inf)  # block j covers y <= right[j]
         cal.update(kind="isotonic", right=[float(v) for v in right[:-1]],
                    values=[float(v) for v in np.append(fitted[edges], fitted[-1])],
                    w=float(n / (n + ISOTONIC_ROWS)))
     return cal
+
+
+def _beats_constant(kind: str, y: np.ndarray, t: np.ndarray, prior: float) -> bool:
+    """Does the map beat the constant `prior` out of sample? CV_FOLDS-fold cross-validation on (y, t)."""
+    fold = np.random.default_rng(0).permutation(len(y)) % CV_FOLDS
+    se_map = se_const = 0.0
+    for f in range(CV_FOLDS):
+        fit, held = fold != f, fold == f
+        if fit.sum() < 2 or not held.any():
+            continue
+        se_map += ((apply_calibration(_fit_map(kind, y[fit], t[fit]), y[held]) - t[held]) ** 2).sum()
+        se_const += ((prior - t[held]) ** 2).sum()
+    return se_map < se_const
+
+
+def fit_calibration(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None = None) -> dict | None:
+    """Fit a map raw output y -> target t on labelled validation rows (y, t: (n,), finite).
+
+    affine: t ~ a*y + b by least squares, the slope shrunk by n/(n+SHRINK_ROWS) toward 0 (b
+      recentred): negligible at the thousands of rows a real validation split has, a pull toward
+      the constant on tiny ones. The slope is kept >= MIN_SLOPE.
+    isotonic: PAV step fit blended with that affine map, weight n/(n+ISOTONIC_ROWS) on the step fit.
+    The guard against over-fitting: given `prior` (the training mean, the constant predictor the
+    metric compares with), the map is kept only if it beats that constant in CV_FOLDS-fold
+    cross-validation on these rows; otherwise the map is the constant itself (slope MIN_SLOPE,
+    marked 'fallback'), so a model with no real signal is never made worse than the constant.
+    Every map is strictly increasing. Returns None for 'none' or when fewer than 2 rows are labelled."""
+    y, t = np.asarray(y, np.float64), np.asarray(t, np.float64)
+    if kind == "none" or len(y) < 2:
+        return None
+    if kind not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {kind!r}")
+    if prior is not None and not _beats_constant(kind, y, t, prior):
+        return {"kind": "affine", "a": MIN_SLOPE, "b": float(prior - MIN_SLOPE * y.mean()), "n": len(y), "fallback": True}
+    return _fit_map(kind, y, t)
 
 
 def apply_calibration(cal: dict | None, y) -> np.ndarray:

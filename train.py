@@ -356,17 +356,19 @@ def predict(model, dataset: XrayDataset, batch_size: int, rt: Runtime) -> np.nda
 
 def evaluate(model, dataset: XrayDataset, targets: np.ndarray, train_means: np.ndarray, names: list[str],
              calibration: str, batch_size: int, rt: Runtime) -> dict:
-    """Validation: loss (masked MSE over all labelled entries), per-pathology metrics with a
-    calibration map fitted on these predictions, and their plain means (macro) over pathologies."""
+    """Validation: per-pathology metrics with a calibration map fitted on these predictions, their
+    plain means over pathologies (macro), and the loss that early stopping watches: the MSE over
+    all labelled entries of what make_submission.py would write (calibrated, clipped outputs)."""
     pred = predict(model, dataset, batch_size, rt)
     mask = ~np.isnan(targets)
-    loss = float(((np.clip(pred, -1, 1) - np.nan_to_num(targets)) ** 2)[mask].mean()) if mask.any() else float("nan")
     per, cals = {}, {}
     for k, name in enumerate(names):
         m = mask[:, k]
-        cals[name] = fit_calibration(calibration, pred[m, k], targets[m, k])
+        cals[name] = fit_calibration(calibration, pred[m, k], targets[m, k], prior=float(train_means[k]))
         per[name] = pathology_metrics(pred[:, k], targets[:, k], float(train_means[k]), cals[name])
-    macro = {key: float(np.nanmean([per[n][key] for n in names])) if any(per[n]["n"] for n in names) else float("nan")
+    n = sum(per[x]["n"] for x in names)
+    loss = sum(per[x]["val_mse_cal"] * per[x]["n"] for x in names if per[x]["n"]) / n if n else float("nan")
+    macro = {key: float(np.nanmean([per[x][key] for x in names])) if n else float("nan")
              for key in ("val_mse", "val_mse_cal", "const_mse", "val_auc")}
     return {"val_loss": loss, **macro, "per_pathology": per, "calibration": cals}
 

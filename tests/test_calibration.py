@@ -96,3 +96,34 @@ def test_auc_counts_ties_as_half_and_ignores_uncertain_and_blank():
     assert train.auc(np.array([0.9, 0.1, 0.8, 0.2, 5.0, 5.0]), t) == 1.0
     assert train.auc(np.array([0.5, 0.5, 0.5, 0.5, 0.0, 0.0]), t) == 0.5
     assert np.isnan(train.auc(np.array([0.1, 0.2]), np.array([1.0, 1.0])))
+
+
+@pytest.mark.parametrize("kind", ["affine", "isotonic"])
+def test_a_model_without_signal_falls_back_to_the_constant(kind):
+    """Outputs unrelated to the labels, 5% positives, 80 validation rows: the cross-validated guard
+    falls back to the constant (the training mean) in most draws; on held-out rows the guarded map
+    then costs at most a little over the constant on average, and less than the unguarded fit."""
+    prior, fallbacks, guarded, unguarded = -0.9, 0, [], []
+    for seed in range(20):
+        r = np.random.default_rng(seed)
+        t_val, t_test = (np.where(r.random(80) < 0.05, 1.0, -1.0) for _ in range(2))
+        y_val, y_test = r.normal(0, 0.4, 80), r.normal(0, 0.4, 80)
+        cal = fit_calibration(kind, y_val, t_val, prior=prior)
+        fallbacks += bool(cal.get("fallback"))
+        m_val = train.pathology_metrics(y_val, t_val, prior, cal)
+        assert m_val["val_mse_cal"] <= m_val["const_mse"] + 1e-5  # in-sample: always
+        m = train.pathology_metrics(y_test, t_test, prior, cal)
+        guarded.append(m["val_mse_cal"] - m["const_mse"])
+        m = train.pathology_metrics(y_test, t_test, prior, fit_calibration(kind, y_val, t_val))
+        unguarded.append(m["val_mse_cal"] - m["const_mse"])
+    assert fallbacks >= 12
+    assert np.mean(guarded) <= 0.005 and np.mean(guarded) < np.mean(unguarded)
+
+
+@pytest.mark.parametrize("kind", ["affine", "isotonic"])
+def test_a_model_with_signal_keeps_its_map(kind):
+    rng = np.random.default_rng(5)
+    y = rng.normal(0, 0.3, 200)
+    t = np.where(y + rng.normal(0, 0.2, 200) > 0.3, 1.0, -1.0)
+    cal = fit_calibration(kind, y, t, prior=float(t.mean()))
+    assert "fallback" not in cal and cal["kind"] == kind
