@@ -818,7 +818,8 @@ def parse_args(argv=None):
     p.add_argument("--data-root", type=Path, help="dataset root (default: the demo dataset in ./demo_data)")
     p.add_argument("--csv", type=Path, help="CSV to cache (default: DATA_ROOT/student_labels/train2023.csv); "
                    "a train CSV or an 'Id, Path' test CSV")
-    p.add_argument("--image-size", type=int, default=224, help="side of the square cached images, px")
+    p.add_argument("--image-size", type=int, help="side of the square cached images, px (default 224; 64 on the "
+                   "demo data, as train.py)")
     p.add_argument("--square", choices=SQUARE_MODES, default="resize",
                    help="how non-square images become square: resize (squash) or crop (central square)")
     p.add_argument("--cache-dir", type=Path, default=Path("cache"), help="where caches live (never under the data root)")
@@ -826,6 +827,8 @@ def parse_args(argv=None):
     p.add_argument("--shard-size", type=int, default=SHARD_SIZE,
                    help="images per shard file of a new cache (only the layout: any size is found by every script)")
     args = p.parse_args(argv)
+    if args.image_size is None:
+        args.image_size = 64 if args.data_root is None else 224
     if args.image_size < 8:
         p.error(f"--image-size must be at least 8, got {args.image_size}")
     if args.workers < 1:
