@@ -171,17 +171,19 @@ def _fit_map(kind: str, y: np.ndarray, t: np.ndarray) -> dict:
     return cal
 
 
-def _beats_constant(kind: str, y: np.ndarray, t: np.ndarray, prior: float) -> bool:
-    """Does the map beat the constant `prior` out of sample? CV_FOLDS-fold cross-validation on (y, t)."""
+def _choose(kind: str, y: np.ndarray, t: np.ndarray, prior: float) -> str:
+    """'map', 'identity' or 'constant': the lowest squared error in CV_FOLDS-fold cross-validation
+    on (y, t), the map being refitted on each fold's complement (ties go to the simpler choice)."""
     fold = np.random.default_rng(0).permutation(len(y)) % CV_FOLDS
-    se_map = se_const = 0.0
+    se = {"constant": 0.0, "identity": 0.0, "map": 0.0}
     for f in range(CV_FOLDS):
         fit, held = fold != f, fold == f
         if fit.sum() < 2 or not held.any():
             continue
-        se_map += ((apply_calibration(_fit_map(kind, y[fit], t[fit]), y[held]) - t[held]) ** 2).sum()
-        se_const += ((prior - t[held]) ** 2).sum()
-    return se_map < se_const
+        se["map"] += ((apply_calibration(_fit_map(kind, y[fit], t[fit]), y[held]) - t[held]) ** 2).sum()
+        se["identity"] += ((np.clip(y[held], -1, 1) - t[held]) ** 2).sum()
+        se["constant"] += ((prior - t[held]) ** 2).sum()
+    return min(se, key=lambda k: (se[k], ["constant", "identity", "map"].index(k)))
 
 
 def fit_calibration(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None = None) -> dict | None:
@@ -192,18 +194,21 @@ def fit_calibration(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None
       the constant on tiny ones. The slope is kept >= MIN_SLOPE.
     isotonic: PAV step fit blended with that affine map, weight n/(n+ISOTONIC_ROWS) on the step fit.
     The guard against over-fitting: given `prior` (the training mean, the constant predictor the
-    metric compares with), the map is kept only if it beats that constant in CV_FOLDS-fold
-    cross-validation on these rows; otherwise the map is the constant itself (slope MIN_SLOPE,
-    marked 'fallback'), so a model with no real signal is never made worse than the constant.
-    Every map is strictly increasing. Returns None for 'none' or when fewer than 2 rows are labelled."""
+    metric compares with), CV_FOLDS-fold cross-validation on these rows picks the best of the
+    fitted map, the raw output (identity) and the constant prior (slope MIN_SLOPE); 'chosen' says
+    which. So a model with no real signal falls back to the constant, and a well-calibrated one is
+    left alone. Every map is strictly increasing. Returns None for 'none' or fewer than 2 rows."""
     y, t = np.asarray(y, np.float64), np.asarray(t, np.float64)
     if kind == "none" or len(y) < 2:
         return None
     if kind not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {kind!r}")
-    if prior is not None and not _beats_constant(kind, y, t, prior):
-        return {"kind": "affine", "a": MIN_SLOPE, "b": float(prior - MIN_SLOPE * y.mean()), "n": len(y), "fallback": True}
-    return _fit_map(kind, y, t)
+    chosen = "map" if prior is None else _choose(kind, y, t, prior)
+    if chosen == "constant":
+        return {"kind": "affine", "a": MIN_SLOPE, "b": float(prior - MIN_SLOPE * y.mean()), "n": len(y), "chosen": chosen}
+    if chosen == "identity":
+        return {"kind": "affine", "a": 1.0, "b": 0.0, "n": len(y), "chosen": chosen}
+    return {**_fit_map(kind, y, t), "chosen": chosen}
 
 
 def apply_calibration(cal: dict | None, y) -> np.ndarray:

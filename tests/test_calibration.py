@@ -109,7 +109,7 @@ def test_a_model_without_signal_falls_back_to_the_constant(kind):
         t_val, t_test = (np.where(r.random(80) < 0.05, 1.0, -1.0) for _ in range(2))
         y_val, y_test = r.normal(0, 0.4, 80), r.normal(0, 0.4, 80)
         cal = fit_calibration(kind, y_val, t_val, prior=prior)
-        fallbacks += bool(cal.get("fallback"))
+        fallbacks += cal["chosen"] == "constant"
         m_val = train.pathology_metrics(y_val, t_val, prior, cal)
         assert m_val["val_mse_cal"] <= m_val["const_mse"] + 1e-5  # in-sample: always
         m = train.pathology_metrics(y_test, t_test, prior, cal)
@@ -126,4 +126,11 @@ def test_a_model_with_signal_keeps_its_map(kind):
     y = rng.normal(0, 0.3, 200)
     t = np.where(y + rng.normal(0, 0.2, 200) > 0.3, 1.0, -1.0)
     cal = fit_calibration(kind, y, t, prior=float(t.mean()))
-    assert "fallback" not in cal and cal["kind"] == kind
+    assert cal["chosen"] == "map" and cal["kind"] == kind
+
+
+def test_already_calibrated_outputs_are_left_alone():
+    rng = np.random.default_rng(6)
+    t = rng.choice([-1.0, 0.0, 1.0], 60)
+    cal = fit_calibration("affine", t, t, prior=0.0)  # perfect predictions: the shrunk map would cost
+    assert cal["chosen"] == "identity" and np.array_equal(apply_calibration(cal, t), t)
