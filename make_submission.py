@@ -332,7 +332,7 @@ def main(argv=None) -> dict:
     test = read_test_csv(csv_path)
     if len(test) == 0:
         raise UserError(f"{csv_path}: no test rows")
-    rt = setup_runtime(args)
+    rt = setup_runtime(args, distributed=False)
     sources = load_sources(paths, args.checkpoints, rt)
     routes = route(sources, args.combine, args.ensemble)
     check_coverage(routes, sources, test, args.fill_missing, args.study_fusion, args.checkpoints)

@@ -167,10 +167,12 @@ class Runtime:
             print(*a, flush=True)
 
 
-def setup_runtime(args) -> Runtime:
-    """Pick the device; under torchrun (WORLD_SIZE > 1) join the process group: nccl on GPU, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+def setup_runtime(args, distributed: bool = True) -> Runtime:
+    """Pick the device; under torchrun (WORLD_SIZE > 1) join the process group: nccl on GPU, gloo
+    on CPU. distributed=False (make_submission.py) stays a single process whatever the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
+    rank = int(os.environ.get("RANK", "0")) if distributed else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if distributed else 0
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible (try --device cpu)")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

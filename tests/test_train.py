@@ -299,3 +299,25 @@ def test_torchrun_two_processes_write_one_set_of_files(tiny_args, tmp_path):
     assert (s2["n_train"], s2["n_val"]) == (s1["n_train"], s1["n_val"])
     assert len(read_csv_rows(folder / "history.csv")) == 1
     assert out.count("Cardiomegaly epoch 1/1") == 1  # only rank 0 logs
+
+
+def test_imagenet_weights_that_cannot_be_downloaded_are_one_clear_error(monkeypatch):
+    import torchvision
+
+    def offline(self, *a, **k):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+    monkeypatch.setattr(torchvision.models.ResNet50_Weights, "get_state_dict", offline)
+    from model import load_pretrained
+    with pytest.raises(UserError, match=r"could not download the ImageNet ResNet-50 weights .*--weights PATH .*--weights none"):
+        load_pretrained(build_model(model_config(["Cardiomegaly"], hidden=8)), "imagenet")
+
+
+def test_weights_path_loads_a_torchvision_state_dict_with_conv1_summed_over_colour(tmp_path):
+    import torchvision
+    from model import load_pretrained
+    reference = torchvision.models.resnet50(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "resnet50.pth")
+    model = build_model(model_config(["Cardiomegaly"], hidden=8))
+    load_pretrained(model, str(tmp_path / "resnet50.pth"))
+    assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight.sum(dim=1, keepdim=True))
+    assert torch.equal(model.backbone.layer4[2].conv3.weight, reference.layer4[2].conv3.weight)
