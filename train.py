@@ -42,8 +42,8 @@ from model import (CALIBRATIONS, HEAD_VARIANTS, N_STAGES, apply_calibration, bui
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_mse", "val_mse_cal", "const_mse", "val_auc", "lr", "seconds",
                    "train_seconds", "train_images_per_s"]
 TABLE_COLUMNS = ["pathology", "view", "n_train", "n_val", "best_epoch", "val_mse", "val_mse_cal", "const_mse", "val_auc"]
-DEMO_DEFAULTS = {"image_size": 64, "epochs": 3, "weights": "none"}
-REAL_DEFAULTS = {"image_size": 224, "epochs": 10, "weights": "imagenet"}
+DEMO_DEFAULTS = {"image_size": 64, "epochs": 3, "weights": "none", "batch_size": 16}
+REAL_DEFAULTS = {"image_size": 224, "epochs": 10, "weights": "imagenet", "batch_size": 32}
 ONLINE_AUGMENTS = ("flip", "contrast")
 
 
@@ -78,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="one shared backbone with a head per pathology, trained in one pass")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, help="epochs (default 10; 3 on the demo data)")
-    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--batch-size", type=int, help="per process (default 32; 16 on the demo data, for more steps)")
     g.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--schedule", choices=["cosine", "plateau"], default="cosine",
@@ -609,7 +609,7 @@ def main(argv=None) -> list[dict]:
         root, csv_path = resolve_data(args.data_root, args.train_csv, "train2023.csv")
         if args.data_root is None:
             rt.log(f"no --data-root: using the demo dataset in {root} ({args.image_size}px, {args.epochs} epochs, "
-                   f"--weights {args.weights}); see README to train on real data")
+                   f"batch {args.batch_size}, --weights {args.weights}); see README to train on real data")
         table = read_train_csv(csv_path, args.uncertain)
         names = check_pathologies(args.pathology, table.attrs["labels"])
         # rank 0 builds the cache; the others then find it complete
