@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import io
 import json
 import math
 import os
 import random
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 from tqdm import tqdm
@@ -407,7 +408,6 @@ def jsonable(x):
 
 def write_history(path: Path, rows: list[dict]) -> None:
     def text():
-        import io
         buf = io.StringIO()
         w = csv.DictWriter(buf, HISTORY_COLUMNS, extrasaction="ignore")
         w.writeheader()
@@ -424,25 +424,21 @@ def read_history(path: Path, before_epoch: int) -> list[dict]:
 
 
 class GracefulExit:
-    """SIGTERM (SLURM's warning before a kill, `scancel`) is treated like Ctrl-C: last.pt is saved."""
+    """SIGTERM (SLURM's warning before a kill, `scancel`) is treated like Ctrl-C: last.pt is saved.
+    Signal handlers can only be set from the main thread; elsewhere this does nothing."""
 
     def __enter__(self):
-        self.old = signal.getsignal(signal.SIGTERM)
-        if hasattr(signal, "SIGTERM") and threading_main():
-            signal.signal(signal.SIGTERM, self._raise)
+        self.active = threading.current_thread() is threading.main_thread()
+        if self.active:
+            self.old = signal.signal(signal.SIGTERM, self._raise)
         return self
 
     def _raise(self, signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
     def __exit__(self, *exc):
-        if threading_main():
+        if self.active:
             signal.signal(signal.SIGTERM, self.old)
-
-
-def threading_main() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 def train_job(names: list[str], folder: str, table: pd.DataFrame, is_val: np.ndarray, sources: list, args,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train
-from dataset import PATHOLOGIES, UserError
+from dataset import UserError
 from model import (build_model, load_checkpoint, model_config, read_checkpoint, save_checkpoint, set_frozen)
 from tests.conftest import ROOT
 
