@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from dataset import (PATHOLOGIES, VIEWS, UserError, atomic_write, cached_table, default_workers, flip_images,
                      format_table, read_test_csv, resolve_data, run_cli)
-from model import apply_calibration, load_checkpoint
+from model import Checkpoint, apply_calibration, load_checkpoint
 from train import Runtime, setup_runtime
 
 HEADER = ",".join(["Id", *PATHOLOGIES])
@@ -84,26 +84,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @dataclass
 class Source:
-    """One loaded checkpoint: the model (eval mode, on the device) and its dict."""
+    """One loaded checkpoint: the model (eval mode, on the device) and its Checkpoint."""
     name: str  # path relative to --checkpoints, for messages and the summary table
     model: torch.nn.Module
-    ckpt: dict
+    ckpt: Checkpoint
 
     @property
     def pathologies(self) -> list[str]:
-        return list(self.ckpt["pathologies"])
+        return list(self.ckpt.pathologies)
 
     @property
     def view(self) -> str:
-        return self.ckpt["view"]
+        return self.ckpt.view
 
     @property
     def preprocess_key(self) -> tuple[int, str]:
         """Models with the same key read the same cached pixels, so they share each batch."""
-        return int(self.ckpt["preprocess"]["image_size"]), self.ckpt["preprocess"]["square"]
+        return int(self.ckpt.preprocess["image_size"]), self.ckpt.preprocess["square"]
 
     def metrics(self, pathology: str) -> dict:
-        return (self.ckpt.get("metrics") or {}).get("per_pathology", {}).get(pathology) or {}
+        return (self.ckpt.metrics or {}).get("per_pathology", {}).get(pathology) or {}
 
 
 def find_checkpoints(folder: Path) -> list[Path]:
@@ -123,8 +123,8 @@ def load_sources(paths: list[Path], folder: Path, rt: Runtime) -> list[Source]:
     sources = []
     for path in tqdm(paths, desc="loading checkpoints", unit="ckpt", disable=not rt.progress, dynamic_ncols=True):
         model, ckpt = load_checkpoint(path, rt.device)
-        if ckpt["view"] not in MODEL_VIEWS:
-            raise UserError(f"{path}: unknown view {ckpt['view']!r} (expected one of {', '.join(MODEL_VIEWS)})")
+        if ckpt.view not in MODEL_VIEWS:
+            raise UserError(f"{path}: unknown view {ckpt.view!r} (expected one of {', '.join(MODEL_VIEWS)})")
         if rt.cuda:
             model.to(memory_format=torch.channels_last)
         sources.append(Source(path.relative_to(folder).as_posix(), model, ckpt))
@@ -242,7 +242,7 @@ def assemble(sources: list[Source], raw: list[np.ndarray], routes: Routes, views
         for view, chosen in routes[name].items():
             rows = views == view
             if chosen and rows.any():
-                cal = [apply_calibration((sources[s].ckpt.get("calibration") or {}).get(name), raw[s][rows, k])
+                cal = [apply_calibration((sources[s].ckpt.calibration or {}).get(name), raw[s][rows, k])
                        for s, k in chosen]
                 values[rows, j] = np.mean(cal, axis=0)
     return values, ~np.isnan(values)

@@ -8,6 +8,7 @@ fit_calibration) then moves them to where the MSE metric wants them, still on [-
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import torchvision
 from dataset import IMAGE_MEAN, IMAGE_STD, SQUARE_MODES, UserError, save_torch
 
 CHECKPOINT_FORMAT = "cxr-regression"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: model_config may name another arch or head type; version 1 files still load
 N_STAGES = 5  # stem, layer1, layer2, layer3, layer4: what --freeze N counts
 
 # Head variants. 'regularized' (a smaller head, more dropout) is what the original found best for
@@ -226,54 +227,84 @@ def apply_calibration(cal: dict | None, y) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: the one place that knows their format
 
-def save_checkpoint(path: Path, model: XrayNet, meta: dict, training_state: dict | None = None) -> None:
-    """Write a self-describing checkpoint atomically.
+@dataclass
+class Checkpoint:
+    """One checkpoint file: a model and everything needed to use it without its training run.
 
-    meta: {"view", "preprocess": {"image_size", "square", "mean", "std", "uncertain"}, "epoch",
-    "metrics", "train_config", "calibration": {pathology: map or None}}. training_state (last.pt
-    only): optimizer, scheduler, scaler, early-stopping and RNG state for --resume."""
-    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model_config": model.config,
-            "pathologies": list(model.pathologies), "state_dict": state, **meta}
-    if training_state is not None:
-        ckpt["training_state"] = training_state
-    save_torch(ckpt, path)
+    model_config: what build_model needs (arch, heads, normalisation); pathologies: the output
+    columns, in order; state_dict: the weights (CPU tensors); preprocess: {image_size, square, mean,
+    std, uncertain, label_convention}; view: 'all', 'frontal' or 'lateral'; epoch: complete epochs;
+    metrics: that epoch's validation metrics; calibration: pathology -> map (fit_calibration) or
+    None; train_config: the training flags; split: {seed, val_frac, val_patients_sha1};
+    interrupted: saved on a signal mid-epoch; training_state (last.pt only): optimizer, scheduler,
+    scaler, early-stopping and RNG state for --resume."""
+    model_config: dict
+    pathologies: list[str]
+    state_dict: dict
+    preprocess: dict
+    view: str = "all"
+    epoch: int = 0
+    metrics: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    train_config: dict = field(default_factory=dict)
+    split: dict = field(default_factory=dict)
+    interrupted: bool = False
+    training_state: dict | None = None
+
+    @classmethod
+    def of(cls, model: XrayNet, **values) -> "Checkpoint":
+        """A checkpoint of the model's current weights (copied to the CPU: never a live reference)."""
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        return cls(model_config=model.config, pathologies=list(model.pathologies), state_dict=state, **values)
+
+    def save(self, path: Path) -> None:
+        """Write atomically, as a plain dict that torch.load(..., weights_only=True) reads."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if data["training_state"] is None:
+            del data["training_state"]
+        save_torch({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **data}, path)
+
+    @classmethod
+    def load(cls, path: Path, map_location="cpu") -> "Checkpoint":
+        """Load and check a checkpoint (weights_only). Errors name the file. Files of every earlier
+        version load: fields they lack take their defaults (a config without 'arch' is resnet50)."""
+        path = Path(path)
+        try:
+            data = torch.load(path, map_location=map_location, weights_only=True)
+        except FileNotFoundError as e:
+            raise UserError(f"{path}: no such checkpoint") from e
+        except Exception as e:
+            raise UserError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}); retrain or "
+                            f"restore it") from e
+        if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+            raise UserError(f"{path}: not a checkpoint of this project")
+        if data.get("version", 0) > CHECKPOINT_VERSION:
+            raise UserError(f"{path}: checkpoint version {data['version']} is newer than this code "
+                            f"understands ({CHECKPOINT_VERSION}); update the code")
+        missing = [k for k in REQUIRED_KEYS if k not in data]
+        if missing:
+            raise UserError(f"{path}: checkpoint lacks {', '.join(missing)}")
+        pre = data["preprocess"]
+        if not (isinstance(pre.get("image_size"), int) and pre["image_size"] >= 8
+                and pre.get("square") in SQUARE_MODES and math.isfinite(pre.get("std", float("nan")))):
+            raise UserError(f"{path}: made for preprocessing this code does not support: {pre}")
+        values = {f.name: data[f.name] for f in fields(cls) if f.name in data and data[f.name] is not None}
+        return cls(**values)
+
+    def build(self, device="cpu", path: Path | str = "checkpoint") -> XrayNet:
+        """The model it describes with its weights, in eval mode on device."""
+        model = build_model(self.model_config)
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as e:
+            raise UserError(f"{path}: weights do not match the model it describes ({str(e).splitlines()[0]})") from e
+        return model.to(device).eval()
 
 
 REQUIRED_KEYS = ("model_config", "pathologies", "state_dict", "view", "preprocess", "epoch")
 
 
-def read_checkpoint(path: Path, map_location="cpu") -> dict:
-    """Load and check a checkpoint's dict (weights_only). Errors name the file."""
-    path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError as e:
-        raise UserError(f"{path}: no such checkpoint") from e
-    except Exception as e:
-        raise UserError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}); retrain or "
-                        f"restore it") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: not a checkpoint of this project")
-    if ckpt.get("version", 0) > CHECKPOINT_VERSION:
-        raise UserError(f"{path}: checkpoint version {ckpt['version']} is newer than this code "
-                        f"understands ({CHECKPOINT_VERSION}); update the code")
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-    pre = ckpt.get("preprocess", {})
-    if missing:
-        raise UserError(f"{path}: checkpoint lacks {', '.join(missing)}")
-    if not (isinstance(pre.get("image_size"), int) and pre["image_size"] >= 8
-            and pre.get("square") in SQUARE_MODES and math.isfinite(pre.get("std", float("nan")))):
-        raise UserError(f"{path}: made for preprocessing this code does not support: {pre}")
-    return ckpt
-
-
-def load_checkpoint(path: Path, device="cpu") -> tuple[XrayNet, dict]:
-    """Rebuild the model from the file alone: (model in eval mode on device, checkpoint dict)."""
-    ckpt = read_checkpoint(path)
-    model = build_model(ckpt["model_config"])
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise UserError(f"{path}: weights do not match the model it describes ({str(e).splitlines()[0]})") from e
-    return model.to(device).eval(), ckpt
+def load_checkpoint(path: Path, device="cpu") -> tuple[XrayNet, Checkpoint]:
+    """Rebuild the model from the file alone: (model in eval mode on device, its Checkpoint)."""
+    ckpt = Checkpoint.load(path)
+    return ckpt.build(device, path), ckpt

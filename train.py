@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +37,8 @@ from tqdm import tqdm
 from dataset import (IMAGE_MEAN, IMAGE_STD, SQUARE_MODES, UNCERTAIN_POLICIES, ALL_LABELS, UserError, XrayDataset,
                      adjust_contrast, cached_table, check_pathologies, default_workers, find_augmented, flip_images,
                      format_table, read_train_csv, resolve_data, run_cli, slug, split_by_patient, write_text)
-from model import (CALIBRATIONS, HEAD_VARIANTS, N_STAGES, apply_calibration, build_model, fit_calibration,
-                   load_pretrained, model_config, read_checkpoint, save_checkpoint, set_frozen)
+from model import (CALIBRATIONS, HEAD_VARIANTS, N_STAGES, Checkpoint, apply_calibration, build_model, fit_calibration,
+                   load_pretrained, model_config, set_frozen)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_mse", "val_mse_cal", "const_mse", "val_auc", "lr", "seconds",
                    "train_seconds", "train_images_per_s"]
@@ -441,10 +441,41 @@ class GracefulExit:
             signal.signal(signal.SIGTERM, self.old)
 
 
-def train_job(names: list[str], folder: str, table: pd.DataFrame, is_val: np.ndarray, sources: list, args,
-              rt: Runtime) -> dict | None:
-    """Train one model for `names` on the rows labelled for any of them; returns its summary."""
-    out = args.out_dir / folder
+@dataclass
+class Job:
+    """What one model trains and validates on: its pathologies, rows and loaders."""
+    names: list[str]
+    folder: Path          # OUT_DIR/<slug>
+    label: str            # for messages
+    n_train: int
+    n_val: int
+    train_targets: np.ndarray  # (n_train, K) float32, NaN = blank
+    val_targets: np.ndarray    # (n_val, K)
+    train_means: np.ndarray    # (K,) the constant predictor's values
+    train_set: XrayDataset
+    val_set: XrayDataset
+    sampler: EpochSampler
+    loader: DataLoader
+
+
+@dataclass
+class TrainState:
+    """Everything that changes while a job trains, and that last.pt saves for --resume."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    stop: dict              # best_val_loss, best_epoch, bad_epochs, stopped
+    history: list[dict]     # history.csv rows
+    completed: int = 0      # complete epochs
+    best_cal: dict = field(default_factory=dict)  # calibration of best.pt
+    net: torch.nn.Module | None = None  # the model as trained (compiled, DDP-wrapped)
+
+
+def prepare_job(names: list[str], folder: str, table: pd.DataFrame, is_val: np.ndarray, sources: list, args,
+                rt: Runtime) -> Job | None:
+    """Pick the rows labelled for any of `names` (and --view) on each side of the split and build
+    the loaders; None (with one line) when either side is empty."""
     targets_all = table[names].to_numpy(np.float32)
     labelled = ~np.isnan(targets_all).all(1)
     if args.view != "all":
@@ -464,124 +495,164 @@ def train_job(names: list[str], folder: str, table: pd.DataFrame, is_val: np.nda
     n_workers = args.loader_workers if args.loader_workers is not None else (4 if rt.cuda else 0)
     loader = DataLoader(train_set, batch_size=None, sampler=sampler, num_workers=n_workers, pin_memory=rt.cuda,
                         persistent_workers=n_workers > 0)
+    return Job(names, args.out_dir / folder, label, len(tr), len(va), train_t, val_t, train_means, train_set,
+               val_set, sampler, loader)
 
-    model = build_model(model_config(names, args.head, args.hidden, args.dropout))
-    resume = out / "last.pt" if args.resume and (out / "last.pt").is_file() else None
+
+def build_state(job: Job, args, rt: Runtime) -> TrainState:
+    """A fresh model, optimiser and schedule; or, with --resume and a last.pt, all of them as saved."""
+    model = build_model(model_config(job.names, args.head, args.hidden, args.dropout))
+    resume = job.folder / "last.pt" if args.resume and (job.folder / "last.pt").is_file() else None
     if resume is None:
         load_pretrained(model, args.weights)
     model.to(rt.device)
     if rt.cuda:
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = make_scheduler(optimizer, args, len(sampler))
+    scheduler = make_scheduler(optimizer, args, len(job.sampler))
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    stop = {"best_val_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0, "stopped": False}
-    history, start = [], 0
-    if resume is not None:
-        ckpt = read_checkpoint(resume, map_location=rt.device)
-        if ckpt["pathologies"] != names:
-            raise UserError(f"{resume}: holds {ckpt['pathologies']}, not {names}; use another --out-dir or drop --resume")
-        model.load_state_dict(ckpt["state_dict"])
-        ts = ckpt["training_state"]
-        optimizer.load_state_dict(ts["optimizer"])
-        scheduler.load_state_dict(ts["scheduler"])
-        scaler.load_state_dict(ts["scaler"])
-        stop = ts["early_stopping"]
-        set_rng_state(ts["rng"])
-        start = ckpt["epoch"]
-        history = read_history(out / "history.csv", before_epoch=start)
-        rt.log(f"resuming {label} from {resume} after {start} epochs")
-        if stop["stopped"] or start >= args.epochs:
-            rt.log(f"{label}: already finished ({start} epochs{', early-stopped' if stop['stopped'] else ''})")
-            return json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else None
+    state = TrainState(model, optimizer, scheduler, scaler,
+                       {"best_val_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0, "stopped": False}, [])
+    if resume is None:
+        return state
+    ckpt = Checkpoint.load(resume, map_location=rt.device)
+    if ckpt.pathologies != job.names:
+        raise UserError(f"{resume}: holds {ckpt.pathologies}, not {job.names}; use another --out-dir or drop --resume")
+    model.load_state_dict(ckpt.state_dict)
+    ts = ckpt.training_state
+    optimizer.load_state_dict(ts["optimizer"])
+    scheduler.load_state_dict(ts["scheduler"])
+    scaler.load_state_dict(ts["scaler"])
+    set_rng_state(ts["rng"])
+    state.stop, state.completed = ts["early_stopping"], ckpt.epoch
+    state.history = read_history(job.folder / "history.csv", before_epoch=ckpt.epoch)
+    if (job.folder / "best.pt").is_file():
+        state.best_cal = Checkpoint.load(job.folder / "best.pt").calibration
+    rt.log(f"resuming {job.label} from {resume} after {ckpt.epoch} epochs")
+    return state
 
-    meta = {"view": args.view,
-            "preprocess": {"image_size": args.image_size, "square": args.square, "mean": IMAGE_MEAN,
-                           "std": IMAGE_STD, "uncertain": args.uncertain},
-            "train_config": jsonable(vars(args))}
-    per_step = scheduler if args.schedule == "cosine" else None
-    net = None
-    rt.log(f"training {label} (view {args.view}): {len(tr)} train rows x {len(sources)} sources, {len(va)} val rows, "
-           f"{len(names)} head(s), {rt.device}" + (f" x{rt.world}" if rt.world > 1 else ""))
-    epoch = start
-    completed = start
 
-    def save_last(interrupted=False):
-        if rt.main:
-            save_checkpoint(out / "last.pt", model, {**meta, "epoch": completed, "metrics": history[-1] if history else {},
-                                                     "calibration": best_cal, "interrupted": interrupted},
-                            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "scaler": scaler.state_dict(), "early_stopping": dict(stop), "rng": rng_state()})
+def checkpoint_of(state: TrainState, args, epoch: int, metrics: dict, **values) -> Checkpoint:
+    return Checkpoint.of(state.model, view=args.view, epoch=epoch, metrics=metrics, calibration=state.best_cal,
+                         preprocess={"image_size": args.image_size, "square": args.square, "mean": IMAGE_MEAN,
+                                     "std": IMAGE_STD, "uncertain": args.uncertain},
+                         train_config=jsonable(vars(args)), **values)
 
-    best_cal = {}
-    if resume is not None and (out / "best.pt").is_file():
-        best_cal = read_checkpoint(out / "best.pt").get("calibration", {})
+
+def save_last(job: Job, state: TrainState, args, rt: Runtime, interrupted: bool = False) -> None:
+    """last.pt: the weights after state.completed epochs and everything --resume needs."""
+    if rt.main:
+        training_state = {"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+                          "scaler": state.scaler.state_dict(), "early_stopping": dict(state.stop), "rng": rng_state()}
+        checkpoint_of(state, args, state.completed, state.history[-1] if state.history else {},
+                      interrupted=interrupted, training_state=training_state).save(job.folder / "last.pt")
+
+
+def prepare_epoch(state: TrainState, job: Job, epoch: int, args, rt: Runtime) -> None:
+    """Freeze the stages this epoch keeps frozen; (re)wrap the model when that changes, since DDP
+    registers the trainable parameters when it wraps."""
+    frozen = args.freeze if epoch < args.unfreeze_epoch else 0
+    if state.net is None or frozen != state.model.frozen:
+        set_frozen(state.model, frozen)
+        state.net = torch.compile(state.model) if args.compile else state.model
+        if rt.world > 1:
+            state.net = DDP(state.net, device_ids=[rt.device.index] if rt.cuda else None)
+    job.sampler.set_epoch(epoch)
+
+
+def end_epoch(state: TrainState, job: Job, epoch: int, train_loss: float, train_seconds: float, seconds: float,
+              val: dict, args, rt: Runtime) -> None:
+    """Record the epoch: history row, early-stopping state, best.pt when it improved, last.pt, log line."""
+    if args.schedule == "plateau":
+        state.scheduler.step(val["val_loss"])
+    row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": state.optimizer.param_groups[0]["lr"],
+           "seconds": round(seconds, 2), "train_seconds": round(train_seconds, 2),
+           "train_images_per_s": round(len(job.train_set) / train_seconds, 1),
+           **{k: v for k, v in val.items() if k in HISTORY_COLUMNS}}
+    state.history.append(row)
+    state.completed = epoch + 1
+    stop = state.stop
+    if val["val_loss"] < stop["best_val_loss"]:
+        stop.update(best_val_loss=val["val_loss"], best_epoch=epoch + 1, bad_epochs=0)
+        state.best_cal = val["calibration"]
+        if rt.main:  # written now, from the weights of this epoch: never a live reference
+            checkpoint_of(state, args, epoch + 1, jsonable({**row, "per_pathology": val["per_pathology"]})
+                          ).save(job.folder / "best.pt")
+    else:
+        stop["bad_epochs"] += 1
+    stop["stopped"] = bool(args.patience and stop["bad_epochs"] >= args.patience)
+    save_last(job, state, args, rt)
+    if rt.main:
+        write_history(job.folder / "history.csv", state.history)
+    rt.log(f"{job.label} epoch {epoch + 1}/{args.epochs}: train {train_loss:.4f}  val {val['val_loss']:.4f}  "
+           f"mse {val['val_mse']:.4f} -> cal {val['val_mse_cal']:.4f} (const {val['const_mse']:.4f})  "
+           f"auc {val['val_auc']:.4f}  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
+           + ("  *" if stop["best_epoch"] == epoch + 1 else ""))
+    if stop["stopped"]:
+        rt.log(f"{job.label}: early stop, no improvement for {args.patience} epochs")
+
+
+def run_epochs(state: TrainState, job: Job, args, rt: Runtime) -> None:
+    """Train from state.completed up to --epochs (or an early stop). Ctrl-C or SIGTERM saves last.pt
+    (after the epochs completed so far) and exits 130."""
     try:
         with GracefulExit():
-            for epoch in range(start, args.epochs):
-                frozen = args.freeze if epoch < args.unfreeze_epoch else 0
-                if net is None or frozen != model.frozen:
-                    set_frozen(model, frozen)
-                    net = torch.compile(model) if args.compile else model
-                    if rt.world > 1:  # DDP registers the trainable parameters when it wraps
-                        net = DDP(net, device_ids=[rt.device.index] if rt.cuda else None)
-                sampler.set_epoch(epoch)
+            for epoch in range(state.completed, args.epochs):
+                prepare_epoch(state, job, epoch, args, rt)
                 t0 = time.time()
-                train_loss = train_one_epoch(net, loader, optimizer, per_step, scaler, rt, args.online_augment,
-                                             f"{label} epoch {epoch + 1}/{args.epochs}")
+                train_loss = train_one_epoch(state.net, job.loader, state.optimizer,
+                                             state.scheduler if args.schedule == "cosine" else None, state.scaler,
+                                             rt, args.online_augment, f"{job.label} epoch {epoch + 1}/{args.epochs}")
                 train_seconds = time.time() - t0
-                val = evaluate(model, val_set, val_t, train_means, names, args.calibration, args.batch_size, rt)
-                if args.schedule == "plateau":
-                    scheduler.step(val["val_loss"])
-                row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
-                       "seconds": round(time.time() - t0, 2), "train_seconds": round(train_seconds, 2),
-                       "train_images_per_s": round(len(train_set) / train_seconds, 1),
-                       **{k: v for k, v in val.items() if k in HISTORY_COLUMNS}}
-                history.append(row)
-                completed = epoch + 1
-                if val["val_loss"] < stop["best_val_loss"]:
-                    stop.update(best_val_loss=val["val_loss"], best_epoch=epoch + 1, bad_epochs=0)
-                    best_cal = val["calibration"]
-                    if rt.main:  # written now, from the weights of this epoch: never a live reference
-                        save_checkpoint(out / "best.pt", model, {**meta, "epoch": epoch + 1, "calibration": best_cal,
-                                                                  "metrics": jsonable({**row, "per_pathology": val["per_pathology"]})})
-                else:
-                    stop["bad_epochs"] += 1
-                stop["stopped"] = bool(args.patience and stop["bad_epochs"] >= args.patience)
-                save_last()
-                if rt.main:
-                    write_history(out / "history.csv", history)
-                rt.log(f"{label} epoch {epoch + 1}/{args.epochs}: train {train_loss:.4f}  val {val['val_loss']:.4f}  "
-                       f"mse {val['val_mse']:.4f} -> cal {val['val_mse_cal']:.4f} (const {val['const_mse']:.4f})  "
-                       f"auc {val['val_auc']:.4f}  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
-                       + ("  *" if stop["best_epoch"] == epoch + 1 else ""))
-                if stop["stopped"]:
-                    rt.log(f"{label}: early stop, no improvement for {args.patience} epochs")
+                val = evaluate(state.model, job.val_set, job.val_targets, job.train_means, job.names,
+                               args.calibration, args.batch_size, rt)
+                end_epoch(state, job, epoch, train_loss, train_seconds, time.time() - t0, val, args, rt)
+                if state.stop["stopped"]:
                     break
     except KeyboardInterrupt:
-        save_last(interrupted=True)
-        rt.log(f"\ninterrupted: saved {out / 'last.pt'} after {completed} complete epochs; "
+        save_last(job, state, args, rt, interrupted=True)
+        rt.log(f"\ninterrupted: saved {job.folder / 'last.pt'} after {state.completed} complete epochs; "
                f"continue with the same command and --resume")
         raise SystemExit(130)
 
-    best = read_checkpoint(out / "best.pt") if rt.main else None
+
+def write_summary(state: TrainState, job: Job, table: pd.DataFrame, n_sources: int, args, rt: Runtime) -> dict:
+    """summary.json: sizes, the best epoch's metrics per pathology and the configuration; every rank returns it."""
+    best = Checkpoint.load(job.folder / "best.pt").metrics if rt.main else None
     if rt.world > 1:
-        box = [best["metrics"] if best else None]
+        box = [best]
         dist.broadcast_object_list(box)
-        best_metrics = box[0]
-    else:
-        best_metrics = best["metrics"]
-    summary = {"pathology": names[0] if len(names) == 1 else "multi_head", "pathologies": names, "view": args.view,
-               "folder": folder, "n_train": int(len(tr)), "n_val": int(len(va)), "n_sources": len(sources),
-               "n_stray_rows": table.attrs.get("n_stray", 0), "n_bad_images": table.attrs.get("n_bad_images", 0),
-               "best_epoch": stop["best_epoch"], "epochs_run": completed, "early_stopped": stop["stopped"],
-               **{k: best_metrics.get(k) for k in ("val_loss", "val_mse", "val_mse_cal", "const_mse", "val_auc")},
-               "per_pathology": best_metrics.get("per_pathology", {}), "config": jsonable(vars(args))}
-    for k, name in enumerate(names):
-        summary["per_pathology"].setdefault(name, {})["n_train"] = int((~np.isnan(train_t[:, k])).sum())
+        best = box[0]
+    summary = {"pathology": job.names[0] if len(job.names) == 1 else "multi_head", "pathologies": job.names,
+               "view": args.view, "folder": job.folder.name, "n_train": job.n_train, "n_val": job.n_val,
+               "n_sources": n_sources, "n_stray_rows": table.attrs.get("n_stray", 0),
+               "n_bad_images": table.attrs.get("n_bad_images", 0), "best_epoch": state.stop["best_epoch"],
+               "epochs_run": state.completed, "early_stopped": state.stop["stopped"],
+               **{k: best.get(k) for k in ("val_loss", "val_mse", "val_mse_cal", "const_mse", "val_auc")},
+               "per_pathology": best.get("per_pathology", {}), "config": jsonable(vars(args))}
+    for k, name in enumerate(job.names):
+        summary["per_pathology"].setdefault(name, {})["n_train"] = int((~np.isnan(job.train_targets[:, k])).sum())
     if rt.main:
-        write_text(out / "summary.json", json.dumps(jsonable(summary), indent=2))
+        write_text(job.folder / "summary.json", json.dumps(jsonable(summary), indent=2))
     return summary
+
+
+def train_job(names: list[str], folder: str, table: pd.DataFrame, is_val: np.ndarray, sources: list, args,
+              rt: Runtime) -> dict | None:
+    """Train one model for `names` on the rows labelled for any of them; returns its summary."""
+    job = prepare_job(names, folder, table, is_val, sources, args, rt)
+    if job is None:
+        return None
+    state = build_state(job, args, rt)
+    if state.completed and (state.stop["stopped"] or state.completed >= args.epochs):
+        rt.log(f"{job.label}: already finished ({state.completed} epochs"
+               f"{', early-stopped' if state.stop['stopped'] else ''})")
+        summary = job.folder / "summary.json"
+        return json.loads(summary.read_text()) if summary.is_file() else None
+    rt.log(f"training {job.label} (view {args.view}): {job.n_train} train rows x {len(sources)} sources, "
+           f"{job.n_val} val rows, {len(names)} head(s), {rt.device}" + (f" x{rt.world}" if rt.world > 1 else ""))
+    run_epochs(state, job, args, rt)
+    return write_summary(state, job, table, len(sources), args, rt)
 
 
 def table_rows(summary: dict) -> list[dict]:

@@ -34,13 +34,12 @@ def make_checkpoints(folder: Path, k: int, image_size: int) -> Path:
     """K per-pathology checkpoints (the first K submission columns) under folder/<slug>/best.pt."""
     import torch
     from dataset import IMAGE_MEAN, IMAGE_STD, slug
-    from model import build_model, model_config, save_checkpoint
+    from model import Checkpoint, build_model, model_config
     for i, name in enumerate(PATHOLOGIES[:k]):
         torch.manual_seed(i)
-        save_checkpoint(folder / slug(name) / "best.pt", build_model(model_config([name])),
-                        {"view": "all", "epoch": 1, "metrics": {}, "train_config": {}, "calibration": {},
-                         "preprocess": {"image_size": image_size, "square": "resize", "mean": IMAGE_MEAN,
-                                        "std": IMAGE_STD, "uncertain": "keep"}})
+        Checkpoint.of(build_model(model_config([name])), view="all", epoch=1,
+                      preprocess={"image_size": image_size, "square": "resize", "mean": IMAGE_MEAN,
+                                  "std": IMAGE_STD, "uncertain": "keep"}).save(folder / slug(name) / "best.pt")
     return folder
 
 

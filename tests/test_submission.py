@@ -22,7 +22,7 @@ import make_submission
 import train
 from dataset import (PATHOLOGIES, UserError, XrayDataset, cached_table, read_train_csv,
                      split_by_patient)
-from model import apply_calibration, build_model, load_checkpoint, model_config, save_checkpoint
+from model import Checkpoint, apply_calibration, build_model, load_checkpoint, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "Id," + ",".join(PATHOLOGIES)
@@ -75,10 +75,10 @@ def ckpt_store(tmp_path_factory):
             metrics = {"per_pathology": {n: {"n": 10, "val_mse": 0.5, "val_mse_cal": 0.25, "const_mse": 0.75,
                                              "val_auc": 0.875} for n in names}}
             made[key] = folder / f"{len(made)}.pt"
-            save_checkpoint(made[key], model, {
+            Checkpoint.of(model, **{
                 "view": view, "epoch": 1, "metrics": metrics, "train_config": {},
                 "preprocess": {"image_size": 32, "square": "resize", "mean": 0.449, "std": 0.226, "uncertain": "keep"},
-                "calibration": {n: (calibration or {}).get(n) for n in names}})
+                "calibration": {n: (calibration or {}).get(n) for n in names}}).save(made[key])
         return made[key]
     return store
 
@@ -315,7 +315,7 @@ def test_trained_multi_head_applies_its_calibration_maps(demo_root, tiny_args, t
     train.main(tiny_args("--pathology", *names, "--multi-head", "--view", "lateral", "--val-frac", "0.5"))
     ckpt_path = tmp_path / "ckpt" / "multi_head_lateral" / "best.pt"
     model, ckpt = load_checkpoint(ckpt_path)
-    assert ckpt["pathologies"] == names and ckpt["view"] == "lateral"
+    assert ckpt.pathologies == names and ckpt.view == "lateral"
 
     # the validation rows exactly as train.py chose them: same table, same patient split
     table, cache = cached_table(read_train_csv(demo_root / "student_labels" / "train2023.csv"), demo_root, 32,
@@ -325,8 +325,8 @@ def test_trained_multi_head_applies_its_calibration_maps(demo_root, tiny_args, t
     assert len(val) >= 2
     rt = train.Runtime(torch.device("cpu"), progress=False)
     raw = train.predict(model, XrayDataset([cache], val["slot"].to_numpy(), val[names].to_numpy()), 16, rt)
-    expected = np.stack([apply_calibration(ckpt["calibration"][n], raw[:, k]) for k, n in enumerate(names)], 1)
-    fitted = [n for n in names if ckpt["calibration"][n] is not None]
+    expected = np.stack([apply_calibration(ckpt.calibration[n], raw[:, k]) for k, n in enumerate(names)], 1)
+    fitted = [n for n in names if ckpt.calibration[n] is not None]
     assert fitted, "no head got a calibration map: the test would prove nothing"
     assert any(np.abs(expected[:, names.index(n)] - np.clip(raw[:, names.index(n)], -1, 1)).max() > 1e-3 for n in fitted)
 

@@ -12,7 +12,7 @@ import torch
 
 import train
 from dataset import UserError
-from model import (build_model, load_checkpoint, model_config, read_checkpoint, save_checkpoint, set_frozen)
+from model import (Checkpoint, build_model, load_checkpoint, model_config, set_frozen)
 from tests.conftest import ROOT
 
 SPEC_HISTORY = ["epoch", "train_loss", "val_loss", "val_mse", "val_auc", "lr", "seconds"]
@@ -82,13 +82,13 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     meta = {"view": "lateral", "epoch": 3, "metrics": {"val_mse": 0.5}, "train_config": {"lr": 1e-3},
             "preprocess": {"image_size": 32, "square": "resize", "mean": 0.449, "std": 0.226, "uncertain": "keep"},
             "calibration": {"Cardiomegaly": {"kind": "affine", "a": 0.5, "b": -0.2, "n": 10}, "Fracture": None}}
-    save_checkpoint(tmp_path / "m.pt", model, meta)
+    Checkpoint.of(model, **meta).save(tmp_path / "m.pt")
     loaded, ckpt = load_checkpoint(tmp_path / "m.pt")
     x = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
-    assert ckpt["pathologies"] == ["Cardiomegaly", "Fracture"] and ckpt["view"] == "lateral"
-    assert ckpt["calibration"]["Fracture"] is None and ckpt["calibration"]["Cardiomegaly"]["a"] == 0.5
+    assert ckpt.pathologies == ["Cardiomegaly", "Fracture"] and ckpt.view == "lateral"
+    assert ckpt.calibration["Fracture"] is None and ckpt.calibration["Cardiomegaly"]["a"] == 0.5
     torch.load(tmp_path / "m.pt", weights_only=True)  # loads with weights_only, per SPEC
 
 
@@ -96,14 +96,14 @@ def test_corrupt_checkpoint_is_an_error_naming_the_file(tmp_path):
     model = build_model(model_config(["Cardiomegaly"], hidden=8))
     meta = {"view": "all", "epoch": 1, "metrics": {}, "train_config": {}, "calibration": {},
             "preprocess": {"image_size": 32, "square": "resize", "mean": 0.449, "std": 0.226, "uncertain": "keep"}}
-    save_checkpoint(tmp_path / "best.pt", model, meta)
+    Checkpoint.of(model, **meta).save(tmp_path / "best.pt")
     data = (tmp_path / "best.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="cut.pt: corrupt or truncated"):
-        read_checkpoint(tmp_path / "cut.pt")
-    save_checkpoint(tmp_path / "odd.pt", model, {**meta, "preprocess": {**meta["preprocess"], "square": "fisheye"}})
+        Checkpoint.load(tmp_path / "cut.pt")
+    Checkpoint.of(model, **{**meta, "preprocess": {**meta["preprocess"], "square": "fisheye"}}).save(tmp_path / "odd.pt")
     with pytest.raises(UserError, match="odd.pt: made for preprocessing"):
-        read_checkpoint(tmp_path / "odd.pt")
+        Checkpoint.load(tmp_path / "odd.pt")
 
 
 def test_a_tiny_batch_can_be_overfit():
@@ -139,10 +139,10 @@ def test_full_tiny_run_writes_the_four_files(tiny_args, tmp_path):
         assert key in summary
     assert summary["pathology"] == "Cardiomegaly" and summary["n_train"] > 0 and summary["n_val"] > 0
     assert summary["config"]["epochs"] == 2 and summaries[0]["best_epoch"] == summary["best_epoch"]
-    best = read_checkpoint(out / "best.pt")
-    assert best["epoch"] == summary["best_epoch"] and best["preprocess"]["image_size"] == 32
-    assert best["pathologies"] == ["Cardiomegaly"] and "Cardiomegaly" in best["calibration"]
-    assert read_checkpoint(out / "last.pt")["epoch"] == 2
+    best = Checkpoint.load(out / "best.pt")
+    assert best.epoch == summary["best_epoch"] and best.preprocess["image_size"] == 32
+    assert best.pathologies == ["Cardiomegaly"] and "Cardiomegaly" in best.calibration
+    assert Checkpoint.load(out / "last.pt").epoch == 2
 
 
 def test_early_stopping_stops(tiny_args, tmp_path, monkeypatch):
@@ -181,7 +181,7 @@ def test_bad_arguments_are_rejected_before_any_work(tiny_args, tmp_path, capsys,
 def test_view_filters_rows_and_names_the_folder(tiny_args, tmp_path, demo_root):
     [s] = train.main(tiny_args("--pathology", "Cardiomegaly", "--view", "lateral"))
     out = tmp_path / "ckpt" / "cardiomegaly_lateral"
-    assert (out / "best.pt").is_file() and read_checkpoint(out / "best.pt")["view"] == "lateral"
+    assert (out / "best.pt").is_file() and Checkpoint.load(out / "best.pt").view == "lateral"
     import pandas as pd
     df = pd.read_csv(demo_root / "student_labels" / "train2023.csv")
     lateral = df[(df["Frontal/Lateral"] == "Lateral") & df["Cardiomegaly"].notna()]
@@ -191,8 +191,8 @@ def test_view_filters_rows_and_names_the_folder(tiny_args, tmp_path, demo_root):
 def test_multi_head_writes_one_checkpoint_for_all_its_pathologies(tiny_args, tmp_path):
     names = ["Cardiomegaly", "Pleural Effusion", "Fracture"]
     [s] = train.main(tiny_args("--pathology", *names, "--multi-head"))
-    ckpt = read_checkpoint(tmp_path / "ckpt" / "multi_head" / "best.pt")
-    assert ckpt["pathologies"] == names and set(ckpt["calibration"]) == set(names)
+    ckpt = Checkpoint.load(tmp_path / "ckpt" / "multi_head" / "best.pt")
+    assert ckpt.pathologies == names and set(ckpt.calibration) == set(names)
     assert set(s["per_pathology"]) == set(names)
     assert all(s["per_pathology"][n]["n"] > 0 for n in names)
 
@@ -214,16 +214,16 @@ def test_resume_equals_continuing(tiny_args, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         train.main(split)
     assert e.value.code == 130
-    last = read_checkpoint(tmp_path / "split" / "cardiomegaly" / "last.pt")
-    assert last["epoch"] == 1 and last["interrupted"]  # Ctrl-C leaves a loadable last.pt
+    last = Checkpoint.load(tmp_path / "split" / "cardiomegaly" / "last.pt")
+    assert last.epoch == 1 and last.interrupted  # Ctrl-C leaves a loadable last.pt
     monkeypatch.setattr(train, "train_one_epoch", real)
     train.main(split + ["--resume"])
 
-    a = read_checkpoint(tmp_path / "straight" / "cardiomegaly" / "last.pt")
-    b = read_checkpoint(tmp_path / "split" / "cardiomegaly" / "last.pt")
-    assert a["epoch"] == b["epoch"] == 2
-    for k in a["state_dict"]:
-        assert torch.allclose(a["state_dict"][k].float(), b["state_dict"][k].float(), atol=1e-5), k
+    a = Checkpoint.load(tmp_path / "straight" / "cardiomegaly" / "last.pt")
+    b = Checkpoint.load(tmp_path / "split" / "cardiomegaly" / "last.pt")
+    assert a.epoch == b.epoch == 2
+    for k in a.state_dict:
+        assert torch.allclose(a.state_dict[k].float(), b.state_dict[k].float(), atol=1e-5), k
     ha = read_csv_rows(tmp_path / "straight" / "cardiomegaly" / "history.csv")
     hb = read_csv_rows(tmp_path / "split" / "cardiomegaly" / "history.csv")
     assert [r["epoch"] for r in hb] == ["1", "2"]  # no repeated epochs
@@ -264,8 +264,8 @@ def test_killed_training_resumes_and_checkpoints_always_load(tiny_args, tmp_path
     if sig == 15:  # SIGTERM (scancel, SLURM's warning) is handled like Ctrl-C
         assert "interrupted: saved" in out_text and "Traceback" not in err
     for name in ("best.pt", "last.pt"):
-        read_checkpoint(out / name)
-    done = read_checkpoint(out / "last.pt")["epoch"]
+        Checkpoint.load(out / name)
+    done = Checkpoint.load(out / "last.pt").epoch
     assert done >= 1
     [s] = train.main(tiny_args("--pathology", "Cardiomegaly", "--epochs", str(done + 1), "--patience", "0", "--resume"))
     assert s["epochs_run"] == done + 1
@@ -308,7 +308,7 @@ def test_torchrun_two_processes_write_one_set_of_files(tiny_args, tmp_path, demo
     targets = table.loc[rows, ["Cardiomegaly"]].to_numpy()
     model, ckpt = load_checkpoint(folder / "best.pt")
     pred = train.predict(model, XrayDataset([cache], table["slot"][rows], targets), 16, train.Runtime(torch.device("cpu")))
-    m = train.pathology_metrics(pred[:, 0], targets[:, 0], 0.0, ckpt["calibration"]["Cardiomegaly"])
+    m = train.pathology_metrics(pred[:, 0], targets[:, 0], 0.0, ckpt.calibration["Cardiomegaly"])
     gathered = s2["per_pathology"]["Cardiomegaly"]
     assert m["n"] == gathered["n"] == s2["n_val"]
     for key in ("val_mse", "val_mse_cal", "val_auc"):
@@ -335,3 +335,38 @@ def test_weights_path_loads_a_torchvision_state_dict_with_conv1_summed_over_colo
     load_pretrained(model, str(tmp_path / "resnet50.pth"))
     assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight.sum(dim=1, keepdim=True))
     assert torch.equal(model.backbone.layer4[2].conv3.weight, reference.layer4[2].conv3.weight)
+
+
+def test_a_version_1_checkpoint_still_loads(tmp_path):
+    """Files written before the Checkpoint type (a plain dict, version 1, no 'split') keep loading."""
+    torch.manual_seed(0)
+    model = build_model(model_config(["Cardiomegaly"], hidden=8)).eval()
+    old = {"format": "cxr-regression", "version": 1, "model_config": {k: v for k, v in model.config.items() if k != "arch"},
+           "pathologies": ["Cardiomegaly"], "state_dict": model.state_dict(), "view": "all", "epoch": 4,
+           "preprocess": {"image_size": 32, "square": "resize", "mean": 0.449, "std": 0.226, "uncertain": "keep"},
+           "metrics": {"val_loss": 0.5}, "train_config": {}, "calibration": {"Cardiomegaly": None}}
+    torch.save(old, tmp_path / "old.pt")
+    loaded, ckpt = load_checkpoint(tmp_path / "old.pt")
+    x = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert ckpt.epoch == 4 and ckpt.split == {} and ckpt.training_state is None and not ckpt.interrupted
+
+
+def test_resume_state_is_rebuilt_from_last_pt_alone(tiny_args, tmp_path):
+    """build_state with --resume restores weights, optimiser state and the epoch count from last.pt."""
+    argv = tiny_args("--pathology", "Cardiomegaly", "--epochs", "1")
+    train.main(argv)
+    args = train.parse_args(argv + ["--epochs", "3", "--resume"])
+    rt = train.Runtime(torch.device("cpu"), progress=False)
+    from dataset import cached_table, read_train_csv, split_by_patient
+    table, cache = cached_table(read_train_csv(args.data_root / "student_labels" / "train2023.csv"), args.data_root,
+                                32, args.cache_dir, "train2023", workers=1, progress=False)
+    job = train.prepare_job(["Cardiomegaly"], "cardiomegaly", table, split_by_patient(table["patient"], 0.2, 0),
+                            [cache], args, rt)
+    state = train.build_state(job, args, rt)
+    last = Checkpoint.load(tmp_path / "ckpt" / "cardiomegaly" / "last.pt")
+    assert state.completed == 1 and len(state.history) == 1
+    for k, v in last.state_dict.items():
+        assert torch.equal(state.model.state_dict()[k], v), k
+    assert state.optimizer.state_dict()["state"], "optimiser moments restored"
