@@ -41,8 +41,8 @@ from train import Runtime, setup_runtime
 
 HEADER = ",".join(["Id", *PATHOLOGIES])
 MODEL_VIEWS = ("all", *VIEWS)
-TABLE_COLUMNS = ["pathology", "view", "source", "trained_on", "images", "val_mse", "val_mse_cal", "const_mse",
-                 "val_auc", "mean", "min", "max"]
+TABLE_COLUMNS = ["pathology", "view", "source", "trained_on", "images", "val_mse", "val_mse_cv", "val_mse_cal",
+                 "const_mse", "val_auc", "mean", "min", "max"]
 FLOAT_FORMAT = "%.6f"
 
 
@@ -310,7 +310,7 @@ def summary_rows(sources: list[Source], routes: Routes, values: np.ndarray, cove
             for s, _ in routes[name][view]:
                 m = sources[s].metrics(name)
                 rows.append({"pathology": name, "view": view, "source": sources[s].name, "trained_on": sources[s].view,
-                             "images": n_model, **{k: m.get(k) for k in TABLE_COLUMNS[5:9]}, **stats})
+                             "images": n_model, **{k: m.get(k) for k in TABLE_COLUMNS[5:10]}, **stats})
             n_fused = int((covered[here, j]).sum()) - n_model
             if n_fused:
                 rows.append({"pathology": name, "view": view, "source": "study fusion", "images": n_fused, **stats})

@@ -172,19 +172,25 @@ def _fit_map(kind: str, y: np.ndarray, t: np.ndarray) -> dict:
     return cal
 
 
-def _choose(kind: str, y: np.ndarray, t: np.ndarray, prior: float) -> str:
-    """'map', 'identity' or 'constant': the lowest squared error in CV_FOLDS-fold cross-validation
-    on (y, t), the map being refitted on each fold's complement (ties go to the simpler choice)."""
+def _cross_validate(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None) -> dict[str, float]:
+    """Mean squared error of each choice ('map', 'identity', and 'constant' when prior is given) in
+    CV_FOLDS-fold cross-validation on (y, t), the map refitted on each fold's complement: every
+    row is scored by a map that did not see it."""
     fold = np.random.default_rng(0).permutation(len(y)) % CV_FOLDS
     se = {"constant": 0.0, "identity": 0.0, "map": 0.0}
+    n = 0
     for f in range(CV_FOLDS):
         fit, held = fold != f, fold == f
         if fit.sum() < 2 or not held.any():
             continue
         se["map"] += ((apply_calibration(_fit_map(kind, y[fit], t[fit]), y[held]) - t[held]) ** 2).sum()
         se["identity"] += ((np.clip(y[held], -1, 1) - t[held]) ** 2).sum()
-        se["constant"] += ((prior - t[held]) ** 2).sum()
-    return min(se, key=lambda k: (se[k], ["constant", "identity", "map"].index(k)))
+        se["constant"] += (((prior if prior is not None else 0.0) - t[held]) ** 2).sum()
+        n += int(held.sum())
+    out = {k: v / n if n else float("nan") for k, v in se.items()}
+    if prior is None:
+        del out["constant"]
+    return out
 
 
 def fit_calibration(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None = None) -> dict | None:
@@ -197,19 +203,24 @@ def fit_calibration(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None
     The guard against over-fitting: given `prior` (the training mean, the constant predictor the
     metric compares with), CV_FOLDS-fold cross-validation on these rows picks the best of the
     fitted map, the raw output (identity) and the constant prior (slope MIN_SLOPE); 'chosen' says
-    which. So a model with no real signal falls back to the constant, and a well-calibrated one is
-    left alone. Every map is strictly increasing. Returns None for 'none' or fewer than 2 rows."""
+    which, and 'cv_mse' is the chosen option's cross-validated MSE: an out-of-sample estimate of
+    what the map scores on rows it was not fitted on (the MSE of the final map on these same rows
+    is in-sample, and optimistic). Every map is strictly increasing. Returns None for 'none' or
+    fewer than 2 rows."""
     y, t = np.asarray(y, np.float64), np.asarray(t, np.float64)
     if kind == "none" or len(y) < 2:
         return None
     if kind not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {kind!r}")
-    chosen = "map" if prior is None else _choose(kind, y, t, prior)
+    cv = _cross_validate(kind, y, t, prior)
+    order = ["constant", "identity", "map"]  # ties go to the simpler choice
+    chosen = "map" if prior is None else min(cv, key=lambda k: (cv[k], order.index(k)))
+    common = {"n": len(y), "chosen": chosen, "cv_mse": float(cv[chosen])}
     if chosen == "constant":
-        return {"kind": "affine", "a": MIN_SLOPE, "b": float(prior - MIN_SLOPE * y.mean()), "n": len(y), "chosen": chosen}
+        return {"kind": "affine", "a": MIN_SLOPE, "b": float(prior - MIN_SLOPE * y.mean()), **common}
     if chosen == "identity":
-        return {"kind": "affine", "a": 1.0, "b": 0.0, "n": len(y), "chosen": chosen}
-    return {**_fit_map(kind, y, t), "chosen": chosen}
+        return {"kind": "affine", "a": 1.0, "b": 0.0, **common}
+    return {**_fit_map(kind, y, t), **common}
 
 
 def apply_calibration(cal: dict | None, y) -> np.ndarray:

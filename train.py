@@ -40,12 +40,16 @@ from dataset import (IMAGE_MEAN, IMAGE_STD, SQUARE_MODES, UNCERTAIN_POLICIES, AL
 from model import (CALIBRATIONS, HEAD_VARIANTS, N_STAGES, Checkpoint, apply_calibration, build_model, fit_calibration,
                    load_pretrained, model_config, set_frozen)
 
-HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_mse", "val_mse_cal", "const_mse", "val_auc", "lr", "seconds",
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_mse", "val_mse_cv", "val_mse_cal", "const_mse", "val_auc", "lr",
+                   "seconds",
                    "train_seconds", "train_images_per_s"]
-TABLE_COLUMNS = ["pathology", "view", "n_train", "n_val", "best_epoch", "val_mse", "val_mse_cal", "const_mse", "val_auc"]
+TABLE_COLUMNS = ["pathology", "view", "n_train", "n_val", "best_epoch", "val_mse", "val_mse_cv", "val_mse_cal", "const_mse",
+                 "val_auc"]
+METRIC_KEYS = ("val_mse", "val_mse_cv", "val_mse_cal", "const_mse", "val_auc")
 DEMO_DEFAULTS = {"image_size": 64, "epochs": 3, "weights": "none", "batch_size": 16}
 REAL_DEFAULTS = {"image_size": 224, "epochs": 10, "weights": "imagenet", "batch_size": 32}
 ONLINE_AUGMENTS = ("flip", "contrast")
+SAMPLER_CAP = 5.0  # see sample_weights and README's sampler measurement
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--unfreeze-epoch", type=int, default=1, help="epoch (0-based) from which every stage trains")
     g.add_argument("--sampler", action=argparse.BooleanOptionalAction, default=True,
                    help="WeightedRandomSampler with inverse-frequency weights over the label values")
+    g.add_argument("--sampler-cap", type=float, default=SAMPLER_CAP,
+                   help="no row is drawn more than this many times as often as a uniform draw would (0: no bound)")
     g.add_argument("--calibration", choices=CALIBRATIONS, default="affine",
                    help="monotone map fitted on the validation split after each epoch, stored in the checkpoint")
     g.add_argument("--patience", type=int, default=3, help="early stopping on validation loss; 0 turns it off")
@@ -119,6 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
               (not 0 <= args.freeze <= N_STAGES, f"--freeze must be between 0 and {N_STAGES}, got {args.freeze}"),
               (args.unfreeze_epoch < 0, f"--unfreeze-epoch must be >= 0, got {args.unfreeze_epoch}"),
               (args.patience < 0, f"--patience must be >= 0, got {args.patience}"),
+              (not args.sampler_cap >= 0, f"--sampler-cap must be >= 0 (0: no bound), got {args.sampler_cap}"),
               (args.warmup_epochs < 0, f"--warmup-epochs must be >= 0, got {args.warmup_epochs}"),
               (not 0 < args.val_frac < 1, f"--val-frac must be between 0 and 1, got {args.val_frac}"),
               (args.workers < 1, f"--workers must be at least 1, got {args.workers}"),
@@ -221,12 +228,15 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return sq.sum() / mask.sum().clamp(min=1)
 
 
-def sample_weights(targets: np.ndarray) -> np.ndarray:
-    """Inverse-frequency row weights over the label values (-1, 0, 1). targets (N, K), NaN = blank.
+def sample_weights(targets: np.ndarray, cap: float = 0.0) -> np.ndarray:
+    """Inverse-frequency row weights over the label values (-1, 0, 1), bounded. targets (N, K), NaN = blank.
 
     For pathology k, a row with value v gets N_k / (L_k * count_k(v)): N_k labelled rows, L_k values
-    present. Each present value then carries the same total weight and the mean weight is 1. A row
-    labelled for several pathologies (--multi-head) gets the mean of its weights over them."""
+    present. Each present value then carries the same total weight and the mean weight is 1 (a
+    uniform draw gives every row 1). A row labelled for several pathologies (--multi-head) gets the
+    mean of its weights over them. cap > 0 bounds the over-sampling: no row weighs more than cap
+    times uniform (the weights are capped and the rest rescaled to mean 1 again, until both hold),
+    so a value that is 0.5% of the rows is drawn about cap times per epoch per row, not 67 times."""
     targets = np.asarray(targets, dtype=np.float64).reshape(len(targets), -1)
     w = np.zeros_like(targets)
     for k in range(targets.shape[1]):
@@ -236,7 +246,15 @@ def sample_weights(targets: np.ndarray) -> np.ndarray:
         for v, c in zip(values, counts):
             w[col == v, k] = labelled.sum() / (len(values) * c)
     n = (~np.isnan(targets)).sum(1)
-    return np.where(n > 0, w.sum(1) / np.maximum(n, 1), 0.0)
+    w = np.where(n > 0, w.sum(1) / np.maximum(n, 1), 0.0)
+    if cap > 0 and (n > 0).any():
+        cap = max(cap, 1.0)  # below uniform no weighting can stay at mean 1
+        for _ in range(100):  # water-filling: converges in a few rounds
+            w = np.minimum(w, cap)
+            w *= (n > 0).sum() / w.sum()
+            if w.max() <= cap * (1 + 1e-9):
+                break
+    return w
 
 
 class EpochSampler(Sampler):
@@ -280,12 +298,17 @@ def auc(score: np.ndarray, target: np.ndarray) -> float:
 
 
 def pathology_metrics(pred: np.ndarray, target: np.ndarray, train_mean: float, cal: dict | None) -> dict:
-    """Metrics on one pathology's labelled validation rows. pred, target (N,), target NaN = blank."""
+    """Metrics on one pathology's labelled validation rows. pred, target (N,), target NaN = blank.
+
+    val_mse: raw outputs; val_mse_cv: calibrated, out of sample (each row scored by a map fitted on
+    the other folds: cal['cv_mse']); val_mse_cal: calibrated by the map fitted on these same rows
+    (in-sample, optimistic: for reading, never for choosing); const_mse: the training mean."""
     m = ~np.isnan(target)
     p, t = pred[m].astype(np.float64), target[m].astype(np.float64)
     if len(t) == 0:
-        return {"n": 0, "val_mse": float("nan"), "val_mse_cal": float("nan"), "const_mse": float("nan"), "val_auc": float("nan")}
-    return {"n": int(len(t)), "val_mse": float(np.mean((np.clip(p, -1, 1) - t) ** 2)),
+        return {"n": 0, **{k: float("nan") for k in METRIC_KEYS}}
+    raw = float(np.mean((np.clip(p, -1, 1) - t) ** 2))
+    return {"n": int(len(t)), "val_mse": raw, "val_mse_cv": float(cal["cv_mse"]) if cal else raw,
             "val_mse_cal": float(np.mean((apply_calibration(cal, p) - t) ** 2)),
             "const_mse": float(np.mean((train_mean - t) ** 2)), "val_auc": auc(p, t)}
 
@@ -360,8 +383,9 @@ def predict(model, dataset: XrayDataset, batch_size: int, rt: Runtime) -> np.nda
 def evaluate(model, dataset: XrayDataset, targets: np.ndarray, train_means: np.ndarray, names: list[str],
              calibration: str, batch_size: int, rt: Runtime) -> dict:
     """Validation: per-pathology metrics with a calibration map fitted on these predictions, their
-    plain means over pathologies (macro), and the loss that early stopping watches: the MSE over
-    all labelled entries of what make_submission.py would write (calibrated, clipped outputs)."""
+    plain means over pathologies (macro), and the loss that picks best.pt and early stopping
+    watches: the out-of-sample (cross-validated) MSE of the calibrated outputs, the kind of values
+    make_submission.py writes, over all labelled entries."""
     pred = predict(model, dataset, batch_size, rt)
     mask = ~np.isnan(targets)
     per, cals = {}, {}
@@ -370,9 +394,8 @@ def evaluate(model, dataset: XrayDataset, targets: np.ndarray, train_means: np.n
         cals[name] = fit_calibration(calibration, pred[m, k], targets[m, k], prior=float(train_means[k]))
         per[name] = pathology_metrics(pred[:, k], targets[:, k], float(train_means[k]), cals[name])
     n = sum(per[x]["n"] for x in names)
-    loss = sum(per[x]["val_mse_cal"] * per[x]["n"] for x in names if per[x]["n"]) / n if n else float("nan")
-    macro = {key: float(np.nanmean([per[x][key] for x in names])) if n else float("nan")
-             for key in ("val_mse", "val_mse_cal", "const_mse", "val_auc")}
+    loss = sum(per[x]["val_mse_cv"] * per[x]["n"] for x in names if per[x]["n"]) / n if n else float("nan")
+    macro = {key: float(np.nanmean([per[x][key] for x in names])) if n else float("nan") for key in METRIC_KEYS}
     return {"val_loss": loss, **macro, "per_pathology": per, "calibration": cals}
 
 
@@ -490,7 +513,7 @@ def prepare_job(names: list[str], folder: str, table: pd.DataFrame, is_val: np.n
                             for k in range(len(names))])
     train_set = XrayDataset(sources, table["slot"].to_numpy()[tr], train_t)
     val_set = XrayDataset(sources[:1], table["slot"].to_numpy()[va], val_t)
-    weights = np.tile(sample_weights(train_t), len(sources)) if args.sampler else None
+    weights = np.tile(sample_weights(train_t, args.sampler_cap), len(sources)) if args.sampler else None
     sampler = EpochSampler(weights, len(train_set), args.batch_size, args.seed, rt.rank, rt.world)
     n_workers = args.loader_workers if args.loader_workers is not None else (4 if rt.cuda else 0)
     loader = DataLoader(train_set, batch_size=None, sampler=sampler, num_workers=n_workers, pin_memory=rt.cuda,
@@ -585,7 +608,8 @@ def end_epoch(state: TrainState, job: Job, epoch: int, train_loss: float, train_
     if rt.main:
         write_history(job.folder / "history.csv", state.history)
     rt.log(f"{job.label} epoch {epoch + 1}/{args.epochs}: train {train_loss:.4f}  val {val['val_loss']:.4f}  "
-           f"mse {val['val_mse']:.4f} -> cal {val['val_mse_cal']:.4f} (const {val['const_mse']:.4f})  "
+           f"mse {val['val_mse']:.4f} -> cal {val['val_mse_cv']:.4f} out of sample, {val['val_mse_cal']:.4f} in "
+           f"(const {val['const_mse']:.4f})  "
            f"auc {val['val_auc']:.4f}  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
            + ("  *" if stop["best_epoch"] == epoch + 1 else ""))
     if stop["stopped"]:
@@ -628,7 +652,7 @@ def write_summary(state: TrainState, job: Job, table: pd.DataFrame, n_sources: i
                "n_sources": n_sources, "n_stray_rows": table.attrs.get("n_stray", 0),
                "n_bad_images": table.attrs.get("n_bad_images", 0), "best_epoch": state.stop["best_epoch"],
                "epochs_run": state.completed, "early_stopped": state.stop["stopped"],
-               **{k: best.get(k) for k in ("val_loss", "val_mse", "val_mse_cal", "const_mse", "val_auc")},
+               **{k: best.get(k) for k in ("val_loss", *METRIC_KEYS)},
                "per_pathology": best.get("per_pathology", {}), "config": jsonable(vars(args))}
     for k, name in enumerate(job.names):
         summary["per_pathology"].setdefault(name, {})["n_train"] = int((~np.isnan(job.train_targets[:, k])).sum())

@@ -34,9 +34,9 @@ from tqdm import tqdm
 from dataset import ALL_LABELS, UserError, check_pathologies, format_table, run_cli, write_text
 
 DEFAULT_HIDDEN, DEFAULT_FREEZE, DEFAULT_LR = [256, 512], [3, 5], [5e-4, 1e-4]  # the original project's grid
-RESULT_COLUMNS = ["pathology", "hidden", "freeze", "lr", "val_loss", "val_mse", "val_mse_cal", "const_mse", "val_auc",
+RESULT_COLUMNS = ["pathology", "hidden", "freeze", "lr", "val_loss", "val_mse", "val_mse_cv", "val_mse_cal", "const_mse", "val_auc",
                   "best_epoch", "epochs_run", "seconds", "config"]
-TABLE_COLUMNS = ["hidden", "freeze", "lr", "val_loss", "val_mse", "val_mse_cal", "val_auc", "best_epoch", "seconds"]
+TABLE_COLUMNS = ["hidden", "freeze", "lr", "val_loss", "val_mse", "val_mse_cv", "val_auc", "best_epoch", "seconds"]
 CONFIG_DIR = re.compile(r"hidden\d+_freeze\d+_lr\S+")
 
 
@@ -126,7 +126,7 @@ def collect_results(out_dir: Path) -> list[dict]:
             continue
         c = s.get("config", {})
         rows.append({"pathology": s.get("pathology"), "hidden": c.get("hidden"), "freeze": c.get("freeze"),
-                     "lr": c.get("lr"), **{k: s.get(k) for k in RESULT_COLUMNS[4:11]},
+                     "lr": c.get("lr"), **{k: s.get(k) for k in RESULT_COLUMNS[4:12]},
                      "seconds": history_seconds(summary_path.parent / "history.csv"),
                      "config": f"{summary_path.parent.parent.name}/{summary_path.parent.name}"})
     rows.sort(key=lambda r: (r["val_loss"] is None, r["val_loss"] if r["val_loss"] is not None else 0.0, r["config"]))

@@ -370,3 +370,41 @@ def test_resume_state_is_rebuilt_from_last_pt_alone(tiny_args, tmp_path):
     for k, v in last.state_dict.items():
         assert torch.equal(state.model.state_dict()[k], v), k
     assert state.optimizer.state_dict()["state"], "optimiser moments restored"
+
+
+def test_sampler_cap_bounds_how_often_a_rare_value_is_drawn():
+    # 1 uncertain row in 200: inverse frequency would draw it 200 / (3 * 1) = 67 times a uniform draw
+    t = np.array([0.0] + [1.0] * 60 + [-1.0] * 139, dtype=np.float32)[:, None]
+    old = train.sample_weights(t)
+    assert old[0] == pytest.approx(200 / 3)
+    w = train.sample_weights(t, cap=5.0)
+    assert w.max() == pytest.approx(5.0) and w[0] == pytest.approx(5.0)
+    assert w.mean() == pytest.approx(1.0)  # still a re-weighting of a uniform draw
+    assert w[1] > w[61]  # the ordering of the rest is kept: positives (30%) still outweigh negatives
+    assert np.array_equal(train.sample_weights(t, cap=0.0), old)  # 0: the old, unbounded rule
+
+
+def test_out_of_sample_score_is_cross_validated_not_refitted_on_the_same_rows():
+    """Pure-noise outputs: the map fitted on the validation rows looks better in-sample than it is;
+    the cross-validated score (what picks best.pt) must not beat the constant predictor by luck."""
+    from model import fit_calibration
+    rng = np.random.default_rng(3)
+    y = rng.uniform(-1, 1, 40)
+    t = rng.choice([-1.0, 1.0], 40)
+    prior = 0.0
+    cal = fit_calibration("isotonic", y, t, prior=prior)
+    m = train.pathology_metrics(y, t, prior, cal)
+    assert m["val_mse_cv"] == pytest.approx(cal["cv_mse"])
+    assert m["val_mse_cv"] >= m["val_mse_cal"] - 1e-12  # in-sample is the optimistic one
+    refit = fit_calibration("isotonic", y, t)  # no guard: the map itself, scored on its own rows
+    in_sample = float(np.mean((np.clip(refit["a"] * y + refit["b"], -1, 1) - t) ** 2))
+    assert refit["cv_mse"] > in_sample  # the in-sample score of a noise fit is optimistic
+
+
+def test_history_and_summary_report_in_and_out_of_sample_scores(tiny_args, tmp_path):
+    [s] = train.main(tiny_args("--pathology", "Cardiomegaly"))
+    rows = read_csv_rows(tmp_path / "ckpt" / "cardiomegaly" / "history.csv")
+    assert {"val_mse_cv", "val_mse_cal"} <= set(rows[0])
+    best = Checkpoint.load(tmp_path / "ckpt" / "cardiomegaly" / "best.pt")
+    assert float(rows[0]["val_loss"]) == pytest.approx(best.calibration["Cardiomegaly"]["cv_mse"], abs=1e-6)
+    assert s["val_loss"] == pytest.approx(s["per_pathology"]["Cardiomegaly"]["val_mse_cv"])
