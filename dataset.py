@@ -903,7 +903,7 @@ def parse_args(argv=None):
     p.add_argument("--label-convention", choices=LABEL_CONVENTIONS, default="auto",
                    help="how the train CSV writes labels: cs156b (1 positive, 0 uncertain, -1 negative), chexpert "
                    "(Stanford's: 1 positive, 0 negative, -1 uncertain), or auto: detected from the layout")
-    p.add_argument("--labels-only", action="store_true",
+    p.add_argument("--labels-only", action=argparse.BooleanOptionalAction, default=False,
                    help="only read the train CSV and print its per-label counts (no images read, no cache): "
                    "inspect a CSV whose images are elsewhere")
     args = p.parse_args(argv)
