@@ -229,7 +229,7 @@ def apply_calibration(cal: dict | None, y) -> np.ndarray:
 def save_checkpoint(path: Path, model: XrayNet, meta: dict, training_state: dict | None = None) -> None:
     """Write a self-describing checkpoint atomically.
 
-    meta: {"view", "preprocess": {"image_size", "square", "mean", "std", "uncertain"}, "epoch",
+    meta: {"view", "preprocess": {"image_size", "square", "mean", "std", "uncertain", "label_convention"}, "epoch",
     "metrics", "train_config", "calibration": {pathology: map or None}}. training_state (last.pt
     only): optimizer, scheduler, scaler, early-stopping and RNG state for --resume."""
     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
