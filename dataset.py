@@ -2,9 +2,12 @@
 dataset and the Dataset that serves training batches.
 
     python dataset.py --data-root DIR [--csv FILE] [--image-size N] [--cache-dir DIR] [--workers N]
+    python dataset.py --csv FILE --labels-only [--label-convention auto|cs156b|chexpert]
 
-builds (or finishes) the image cache for one CSV and prints a summary. With no --data-root it uses
-the demo dataset, made on first use under ./demo_data.
+builds (or finishes) the image cache for one CSV and prints a summary, ending, for a train CSV, with
+the per-label counts (positive, uncertain, negative, blank on the project's scale) and the label
+convention it was read with. --labels-only prints just those counts and reads no image. With no
+--data-root it uses the demo dataset, made on first use under ./demo_data.
 
 Cache layout (never under the data root): CACHE_DIR/<csv stem>-<size>px-<key>/
     meta.json            the key's inputs: image paths (row order = slot order), size, square mode
@@ -54,6 +57,8 @@ CHEXPERT_LABELS = [
 ALL_LABELS = PATHOLOGIES + [n for n in CHEXPERT_LABELS if n not in PATHOLOGIES]
 VIEWS = ("frontal", "lateral")
 UNCERTAIN_POLICIES = ("keep", "ignore", "ones", "zeros")  # zeros = U-Zeros: uncertain -> -1
+LABEL_CONVENTIONS = ("auto", "cs156b", "chexpert")  # how a source CSV writes its labels (see detect_convention)
+LABEL_COUNT_COLUMNS = ["label", "positive", "uncertain", "negative", "blank"]
 SQUARE_MODES = ("resize", "crop")
 STRAY_PREFIX = "CheXpert-v1.0/"  # rows in train2023.csv whose files do not exist
 CACHE_VERSION = 1
@@ -187,17 +192,85 @@ def view_from_filename(paths: pd.Series) -> pd.Series:
     return v.fillna("frontal")
 
 
-def read_train_csv(csv_path: Path, uncertain: str = "keep") -> pd.DataFrame:
+_CONVENTION_TEXT = {"cs156b": "CS 156b (1 positive, 0 uncertain, -1 negative",
+                    "chexpert": "Stanford CheXpert (1 positive, 0 negative, -1 uncertain"}
+_CONVENTION_HOW = {"given": "set by --label-convention", "detected": "detected from the layout",
+                   "default": "the layout does not tell, so assumed: "
+                              "pass --label-convention chexpert if this is a Stanford CSV"}
+
+
+def detect_convention(columns, paths) -> str | None:
+    """The label convention a CSV's layout implies, or None when it cannot tell.
+
+    Columns first: any 'Unnamed: …' index column means CS 156b ('cs156b'; Stanford's CSVs have
+    none). Otherwise the majority of paths: 'train/pid50512/…' is CS 156b, 'CheXpert-v1.0…/' or
+    'patient00001/…' is Stanford ('chexpert'). A few stray 'CheXpert-v1.0/' rows in a CS 156b file
+    do not outvote its own; no paths, or as many of each, is None."""
+    if any(str(c).startswith("Unnamed") for c in columns):
+        return "cs156b"
+    paths = pd.Series(list(paths), dtype=object).astype(str).str.strip()
+    n_cs156b = int(paths.str.contains(r"(?:^|/)pid\d+/").sum())
+    n_chexpert = int(paths.str.contains(r"^CheXpert-v1\.0|(?:^|/)patient\d+/").sum())
+    if n_cs156b == n_chexpert:
+        return None
+    return "cs156b" if n_cs156b > n_chexpert else "chexpert"
+
+
+def choose_convention(convention: str, columns, paths) -> tuple[str, str]:
+    """(name, how) for a CSV: an explicit 'cs156b' / 'chexpert' wins (how 'given'); 'auto' detects
+    it from the layout ('detected'), falling back to 'cs156b' when the layout cannot tell ('default')."""
+    if convention not in LABEL_CONVENTIONS:
+        raise UserError(f"unknown label convention {convention!r} (choose from {', '.join(LABEL_CONVENTIONS)})")
+    if convention != "auto":
+        return convention, "given"
+    found = detect_convention(columns, paths)
+    return (found, "detected") if found else ("cs156b", "default")
+
+
+def describe_convention(name: str, how: str = "detected") -> str:
+    """One line for people, e.g. 'labels read as Stanford CheXpert (1 positive, 0 negative,
+    -1 uncertain; detected from the layout)'."""
+    return f"labels read as {_CONVENTION_TEXT[name]}; {_CONVENTION_HOW[how]})"
+
+
+def to_internal_labels(values: np.ndarray, convention: str) -> np.ndarray:
+    """Map a source's label values onto the project's scale: 1 positive, 0 uncertain, -1 negative,
+    NaN blank. 'cs156b' is that scale already; 'chexpert' (1 positive, 0 negative, -1 uncertain)
+    swaps 0 and -1. values: float array of 1, 0, -1, NaN; returns a float64 array of the same shape."""
+    values = np.asarray(values, dtype=np.float64)
+    if convention == "chexpert":
+        return np.where(values == 0.0, -1.0, np.where(values == -1.0, 0.0, values))
+    return values.copy()
+
+
+def label_counts(df: pd.DataFrame) -> list[dict]:
+    """Per label column of a table from read_train_csv (df.attrs['labels']): how many rows are
+    positive (1), uncertain (0), negative (-1) and blank (NaN), on the project's scale, that is
+    after the convention mapping and the uncertain policy. Rows have LABEL_COUNT_COLUMNS."""
+    rows = []
+    for name in df.attrs["labels"]:
+        v = df[name].to_numpy(np.float64)
+        rows.append({"label": name, "positive": int((v == 1).sum()), "uncertain": int((v == 0).sum()),
+                     "negative": int((v == -1).sum()), "blank": int(np.isnan(v).sum())})
+    return rows
+
+
+def read_train_csv(csv_path: Path, uncertain: str = "keep", convention: str = "auto") -> pd.DataFrame:
     """Read a CS 156b train2023.csv or a Stanford CheXpert train.csv/valid.csv.
 
     Returns one row per image with columns path, patient, study, view and one float32 column per
-    label (those after 'AP/PA' in the header) on [-1, 1], NaN = blank (never filled). The uncertain
-    policy maps label 0: keep (0), ignore (NaN), ones (1), zeros (-1). df.attrs['labels'] lists the
-    label columns, df.attrs['n_stray'] counts the stray 'CheXpert-v1.0/…' rows of train2023.csv,
-    dropped with one warning (a CSV whose every path starts so, Stanford's full-size set, has none)."""
+    label (those after 'AP/PA' in the header) on [-1, 1], NaN = blank (never filled). The labels are
+    first mapped onto the project's scale (1 positive, 0 uncertain, -1 negative) from the source's
+    convention: `convention` 'cs156b' or 'chexpert', or 'auto' to detect it (choose_convention).
+    Then the uncertain policy maps the uncertain 0: keep (0), ignore (NaN), ones (1), zeros (-1).
+    df.attrs: 'labels' lists the label columns; 'label_convention' the convention used and
+    'label_convention_how' how it was chosen (describe_convention makes a line of the two);
+    'n_stray' counts the stray 'CheXpert-v1.0/…' rows of train2023.csv, dropped with one warning
+    (a CSV whose every path starts so, Stanford's full-size set, has none)."""
     if uncertain not in UNCERTAIN_POLICIES:
         raise UserError(f"unknown uncertain policy {uncertain!r} (choose from {', '.join(UNCERTAIN_POLICIES)})")
     raw = _read_csv(csv_path)
+    name, how = choose_convention(convention, raw.columns, raw["Path"] if "Path" in raw.columns else [])
     _require(raw, ["Path", "AP/PA"], csv_path)
     labels = list(raw.columns[raw.columns.get_loc("AP/PA") + 1:])
     if not labels:
@@ -230,10 +303,11 @@ def read_train_csv(csv_path: Path, uncertain: str = "keep") -> pd.DataFrame:
             i = bad.idxmax()
             raise UserError(f"{csv_path}: line {line[i]}, column '{col}': invalid label {raw[col][i]!r} "
                             f"(expected 1, 0, -1 or blank)")
-        values = values.where(values != 0.0, mapping) if uncertain != "keep" else values
+        values = to_internal_labels(values.to_numpy(np.float64), name)
+        values = np.where(values == 0.0, mapping, values) if uncertain != "keep" else values
         out[col] = values.astype(np.float32)
     out = out.reset_index(drop=True)
-    out.attrs.update(labels=labels, n_stray=n_stray)
+    out.attrs.update(labels=labels, n_stray=n_stray, label_convention=name, label_convention_how=how)
     return out
 
 
@@ -826,6 +900,12 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
     p.add_argument("--shard-size", type=int, default=SHARD_SIZE,
                    help="images per shard file of a new cache (only the layout: any size is found by every script)")
+    p.add_argument("--label-convention", choices=LABEL_CONVENTIONS, default="auto",
+                   help="how the train CSV writes labels: cs156b (1 positive, 0 uncertain, -1 negative), chexpert "
+                   "(Stanford's: 1 positive, 0 negative, -1 uncertain), or auto: detected from the layout")
+    p.add_argument("--labels-only", action=argparse.BooleanOptionalAction, default=False,
+                   help="only read the train CSV and print its per-label counts (no images read, no cache): "
+                   "inspect a CSV whose images are elsewhere")
     args = p.parse_args(argv)
     if args.image_size is None:
         args.image_size = 64 if args.data_root is None else 224
@@ -849,12 +929,28 @@ def resolve_data(data_root: Path | None, csv: Path | None, default_csv: str) -> 
     return root, csv
 
 
+def print_label_summary(df: pd.DataFrame) -> None:
+    """The per-label table (counts on the project's scale) and the line saying which convention was read."""
+    print(format_table(label_counts(df), LABEL_COUNT_COLUMNS))
+    print(describe_convention(df.attrs["label_convention"], df.attrs["label_convention_how"]))
+
+
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
-    root, csv = resolve_data(args.data_root, args.csv, "train2023.csv")
+    if args.labels_only and args.csv is not None:  # reads no images: needs no data root
+        root, csv = args.data_root, args.csv
+    else:
+        root, csv = resolve_data(args.data_root, args.csv, "train2023.csv")
     header = _read_header(csv)
-    df = read_test_csv(csv) if "Id" in header and "AP/PA" not in header else read_train_csv(csv)
+    is_test = "Id" in header and "AP/PA" not in header
+    if is_test and args.labels_only:
+        raise UserError(f"{csv}: --labels-only needs a train CSV (labels after 'AP/PA'); this is an 'Id, Path' test CSV")
+    df = read_test_csv(csv) if is_test else read_train_csv(csv, convention=args.label_convention)
+    if args.labels_only:
+        print(f"{'csv':<10} {csv}\n{'rows':<10} {len(df)} ({df.attrs['n_stray']} stray rows dropped)\n")
+        print_label_summary(df)
+        return None
     paths = list(dict.fromkeys(df["path"]))
     cache = build_cache(paths, root, args.image_size, args.cache_dir, csv.stem, args.square, args.workers,
                         shard_size=args.shard_size)
@@ -867,6 +963,9 @@ def main(argv=None):
     print(f"{'cache':<10} {cache.folder}\n{'csv':<10} {csv}\n{'images':<10} {len(cache)} ({int(ok.sum())} ok, "
           f"{len(bad)} missing or unreadable)\n{'size':<10} {cache.size} x {cache.size} px, uint8, {cache.square}\n"
           f"{'bytes':<10} {nbytes / 1e6:.1f} MB in {cache.n_shards} shards\n{'seconds':<10} {time.time() - t0:.2f}")
+    if not is_test:
+        print(f"\nlabels of all {len(df)} rows, before rows with a missing or unreadable image are dropped:")
+        print_label_summary(df)
     return cache
 
 

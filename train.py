@@ -34,9 +34,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 from tqdm import tqdm
 
-from dataset import (IMAGE_MEAN, IMAGE_STD, SQUARE_MODES, UNCERTAIN_POLICIES, ALL_LABELS, UserError, XrayDataset,
-                     adjust_contrast, cached_table, check_pathologies, default_workers, find_augmented, flip_images,
-                     format_table, read_train_csv, resolve_data, run_cli, slug, split_by_patient, write_text)
+from dataset import (IMAGE_MEAN, IMAGE_STD, LABEL_CONVENTIONS, SQUARE_MODES, UNCERTAIN_POLICIES, ALL_LABELS, UserError,
+                     XrayDataset, adjust_contrast, cached_table, check_pathologies, default_workers, describe_convention,
+                     find_augmented, flip_images, format_table, read_train_csv, resolve_data, run_cli, slug,
+                     split_by_patient, write_text)
 from model import (CALIBRATIONS, HEAD_VARIANTS, N_STAGES, Checkpoint, apply_calibration, build_model, fit_calibration,
                    load_pretrained, model_config, set_frozen)
 
@@ -67,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--view", choices=["all", "frontal", "lateral"], default="all", help="train on the rows of this view only")
     g.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="keep",
                    help="uncertain labels (0): keep as 0, ignore (mask), ones (-> 1), zeros (-> -1)")
+    g.add_argument("--label-convention", choices=LABEL_CONVENTIONS, default="auto",
+                   help="how the CSV writes labels: cs156b (0 uncertain, -1 negative), chexpert (Stanford's: "
+                   "0 negative, -1 uncertain), or auto: detected from the layout")
     g.add_argument("--val-frac", type=float, default=0.2, help="fraction of patients held out for validation")
     g.add_argument("--augmented", nargs="+", default=[], metavar="NAME",
                    help="add offline-augmented copies built by experiments/ (flip, contrast) as training samples")
@@ -558,7 +562,8 @@ def build_state(job: Job, args, rt: Runtime) -> TrainState:
 def checkpoint_of(state: TrainState, args, epoch: int, metrics: dict, **values) -> Checkpoint:
     return Checkpoint.of(state.model, view=args.view, epoch=epoch, metrics=metrics, calibration=state.best_cal,
                          preprocess={"image_size": args.image_size, "square": args.square, "mean": IMAGE_MEAN,
-                                     "std": IMAGE_STD, "uncertain": args.uncertain},
+                                     "std": IMAGE_STD, "uncertain": args.uncertain,
+                                     "label_convention": args.label_convention},
                          train_config=jsonable(vars(args)), **values)
 
 
@@ -701,7 +706,9 @@ def main(argv=None) -> list[dict]:
         if args.data_root is None:
             rt.log(f"no --data-root: using the demo dataset in {root} ({args.image_size}px, {args.epochs} epochs, "
                    f"batch {args.batch_size}, --weights {args.weights}); see README to train on real data")
-        table = read_train_csv(csv_path, args.uncertain)
+        table = read_train_csv(csv_path, args.uncertain, args.label_convention)
+        args.label_convention = table.attrs["label_convention"]  # what was used, in summary.json and checkpoints
+        rt.log(describe_convention(args.label_convention, table.attrs["label_convention_how"]))
         names = check_pathologies(args.pathology, table.attrs["labels"])
         # rank 0 builds the cache; the others then find it complete
         if rt.main:

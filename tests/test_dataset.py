@@ -62,7 +62,10 @@ def test_stanford_chexpert_layout(tmp_path):
     assert df["patient"].tolist() == ["patient00001", "patient00002"]
     assert df["study"].tolist() == ["patient00001/study1", "patient00002/study2"]
     assert df["view"].tolist() == ["frontal", "lateral"]
-    assert df.loc[0, "Cardiomegaly"] == 0 and df.loc[0, "Edema"] == 1 and df.loc[0, "Pleural Effusion"] == -1
+    # Stanford writes 1 positive, 0 negative, -1 uncertain: read onto the project's scale
+    assert df.attrs["label_convention"] == "chexpert"
+    assert df.loc[0, "Cardiomegaly"] == -1 and df.loc[0, "Edema"] == 1 and df.loc[0, "Pleural Effusion"] == 0
+    assert df.loc[0, "Lung Opacity"] == 0
     assert df.loc[1, CHEXPERT_LABELS].isna().all()
     assert df.attrs["n_stray"] == 0
 
