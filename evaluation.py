@@ -119,11 +119,12 @@ def _bootstrap(pred, target, codes, n_boot: int, seed: int) -> tuple[np.ndarray,
     if n_patients == 0 or n_boot <= 0:
         return mse, aucs
     rng = np.random.default_rng(seed)
-    sums = []
+    sums = []  # per pathology: per-patient squared errors, per-patient label counts, AUC levels
     for k in range(n_path):
         m = ~np.isnan(target[:, k])
         sums.append((np.bincount(codes[m], (pred[m, k] - target[m, k]) ** 2, minlength=n_patients),
-                     np.bincount(codes[m], minlength=n_patients).astype(np.float64), _auc_levels(pred[:, k], target[:, k], codes)))
+                     np.bincount(codes[m], minlength=n_patients).astype(np.float64),
+                     _auc_levels(pred[:, k], target[:, k], codes)))
     for start in range(0, n_boot, BOOT_CHUNK):
         counts = _patient_counts(rng, n_patients, min(BOOT_CHUNK, n_boot - start)).astype(np.float64)
         rows = slice(start, start + len(counts))
@@ -257,7 +258,8 @@ def plot_curves(history: list[dict], path: Path, title: str) -> Path:
            "MSE")
     _lines(ax[1, 0], history, [("val_auc", "validation", {})], "AUC")
     _lines(ax[1, 1], history, [("lr", "learning rate", {})], "learning rate")
-    if (_column(history, "lr")[1] > 0).any() and (_column(history, "lr")[1] > 0).all():
+    lr = _column(history, "lr")[1]
+    if len(lr) and (lr > 0).all():
         ax[1, 1].set_yscale("log")
     fig.suptitle(title)
     return _save(fig, path)
