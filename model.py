@@ -42,7 +42,8 @@ N_CLASSES = 3
 # torchxrayvision's input scale, (2 x/255 - 1) * 1024 in [-1024, 1024], as our (x/255 - mean) / std
 XRV_MEAN, XRV_STD = 0.5, 0.5 / 1024
 # torchvision's DenseNet ImageNet files still use the old 'norm.1' names for what is now 'norm1'
-OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                              r"([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 # Head variants. 'regularized' (a smaller head, more dropout) is what the original found best for
 # Fracture, a rare finding with a faint signal where a wide head over-fits; 'auto' picks it there.

@@ -37,8 +37,8 @@ from tqdm import tqdm
 from dataset import (IMAGE_MEAN, IMAGE_STD, SQUARE_MODES, UNCERTAIN_POLICIES, ALL_LABELS, UserError, XrayDataset,
                      adjust_contrast, cached_table, check_pathologies, default_workers, find_augmented, flip_images,
                      format_table, read_train_csv, resolve_data, run_cli, slug, split_by_patient, write_text)
-from model import (CALIBRATIONS, HEAD_VARIANTS, N_STAGES, apply_calibration, build_model, fit_calibration,
-                   load_pretrained, model_config, read_checkpoint, save_checkpoint, set_frozen)
+from model import (ARCHS, CALIBRATIONS, HEAD_TYPES, HEAD_VARIANTS, N_STAGES, apply_calibration, build_model,
+                   fit_calibration, load_pretrained, model_config, read_checkpoint, save_checkpoint, set_frozen)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_mse", "val_mse_cal", "const_mse", "val_auc", "lr", "seconds",
                    "train_seconds", "train_images_per_s"]
@@ -69,8 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--online-augment", nargs="+", default=[], choices=ONLINE_AUGMENTS,
                    help="apply flip / contrast x1.5 to a random half of each batch on the device instead")
     g = p.add_argument_group("model")
-    g.add_argument("--weights", default=None, help="imagenet, none or PATH to a ResNet-50 state dict "
-                   "(default imagenet; none on the demo data)")
+    g.add_argument("--arch", choices=list(ARCHS), default="resnet50", help="torchvision backbone")
+    g.add_argument("--head-type", choices=HEAD_TYPES, default="regression",
+                   help="regression: tanh output, MSE; three-class: softmax over negative/uncertain/positive, "
+                   "cross-entropy, predicting p(positive) - p(negative)")
+    g.add_argument("--weights", default=None, help="imagenet, none or PATH to a torchvision state dict of --arch, a "
+                   "torchxrayvision DenseNet-121 / ResNet-50 state dict or a checkpoint (default imagenet; none on the demo data)")
     g.add_argument("--hidden", type=int, default=512, help="hidden units of the MLP head")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout in the MLP head")
     g.add_argument("--head", choices=["auto", *HEAD_VARIANTS], default="auto",
@@ -85,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--schedule", choices=["cosine", "plateau"], default="cosine",
                    help="after warm-up: cosine decay per step, or halve on a validation-loss plateau")
     g.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warm-up length, in epochs")
-    g.add_argument("--freeze", type=int, help=f"backbone stages frozen at the start (0-{N_STAGES}: stem, layer1..4; "
+    g.add_argument("--freeze", type=int, help=f"backbone stages frozen at the start (0-{N_STAGES}: stem, then four stages; "
                    "default 2 with pretrained weights, 0 with --weights none: frozen random filters learn nothing)")
     g.add_argument("--unfreeze-epoch", type=int, default=1, help="epoch (0-based) from which every stage trains")
     g.add_argument("--sampler", action=argparse.BooleanOptionalAction, default=True,
@@ -111,7 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.freeze is None:
         args.freeze = 0 if args.weights == "none" else 2
     checks = [(args.epochs < 1, f"--epochs must be at least 1, got {args.epochs}"),
-              (args.image_size < 32, f"--image-size must be at least 32 (ResNet-50 downsamples 32x), got {args.image_size}"),
+              (args.image_size < 32, f"--image-size must be at least 32 (every --arch downsamples 32x), got {args.image_size}"),
               (args.batch_size < 1, f"--batch-size must be at least 1, got {args.batch_size}"),
               (not args.lr > 0, f"--lr must be positive, got {args.lr}"),
               (args.hidden < 1, f"--hidden must be at least 1, got {args.hidden}"),
@@ -221,6 +225,24 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return sq.sum() / mask.sum().clamp(min=1)
 
 
+def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the entries where mask is True; masked entries get no gradient.
+    logits (B, K, 3) over (negative, uncertain, positive); target (B, K) in {-1, 0, 1} (anything,
+    NaN included, where masked); mask (B, K) bool. 0 when nothing is labelled."""
+    cls = torch.where(mask, target, torch.zeros_like(target)).round().clamp(-1, 1).long() + 1
+    ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), cls.flatten(), reduction="none")
+    ce = torch.where(mask, ce.view_as(target), torch.zeros_like(target))
+    return ce.sum() / mask.sum().clamp(min=1)
+
+
+def compute_loss(out: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The training loss of a model's raw outputs: masked MSE for a regression head's (B, K), masked
+    cross-entropy for a three-class head's (B, K, 3) logits (the shape says which)."""
+    if out.dim() == 3:
+        return masked_cross_entropy(out, targets, mask)
+    return masked_mse(out.float(), targets, mask)
+
+
 def sample_weights(targets: np.ndarray) -> np.ndarray:
     """Inverse-frequency row weights over the label values (-1, 0, 1). targets (N, K), NaN = blank.
 
@@ -311,7 +333,7 @@ def augment_batch(images: torch.Tensor, names: list[str]) -> torch.Tensor:
 
 
 def train_one_epoch(net, loader, optimizer, scheduler, scaler, rt: Runtime, augment: list[str], desc: str) -> float:
-    """One pass over the loader; returns the mean masked MSE over labelled entries (all ranks)."""
+    """One pass over the loader; returns the mean loss (compute_loss) over labelled entries (all ranks)."""
     net.train()
     total = torch.zeros(2, device=rt.device)  # sum of squared errors, labelled entries
     for batch in tqdm(loader, desc=desc, leave=False, disable=not rt.progress, dynamic_ncols=True):
@@ -320,7 +342,7 @@ def train_one_epoch(net, loader, optimizer, scheduler, scaler, rt: Runtime, augm
             images = augment_batch(images, augment)
         with rt.autocast():
             pred = net(images)
-        loss = masked_mse(pred.float(), targets, mask)
+        loss = compute_loss(pred, targets, mask)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -345,7 +367,7 @@ def predict(model, dataset: XrayDataset, batch_size: int, rt: Runtime) -> np.nda
     for batch in tqdm(loader, desc="validating", leave=False, disable=not rt.progress, dynamic_ncols=True):
         images, _, _ = to_device(batch, rt)
         with rt.autocast():
-            preds.append(model(images).float().cpu())
+            preds.append(model.score(model(images)).float().cpu())
     out = torch.cat(preds).numpy() if preds else np.zeros((0, len(model.pathologies)), np.float32)
     if rt.world > 1:
         pieces = [None] * rt.world
@@ -465,7 +487,7 @@ def train_job(names: list[str], folder: str, table: pd.DataFrame, is_val: np.nda
     loader = DataLoader(train_set, batch_size=None, sampler=sampler, num_workers=n_workers, pin_memory=rt.cuda,
                         persistent_workers=n_workers > 0)
 
-    model = build_model(model_config(names, args.head, args.hidden, args.dropout))
+    model = build_model(model_config(names, args.head, args.hidden, args.dropout, args.arch, args.head_type))
     resume = out / "last.pt" if args.resume and (out / "last.pt").is_file() else None
     if resume is None:
         load_pretrained(model, args.weights)
