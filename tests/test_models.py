@@ -217,9 +217,10 @@ def test_masked_cross_entropy_ignores_masked_entries():
     assert train.masked_cross_entropy(logits, target, torch.zeros_like(mask)).item() == 0.0
 
 
-def test_three_class_training_run_rebuilds_and_predicts_in_range(tiny_args, tmp_path):
+def test_three_class_training_run_rebuilds_and_predicts_in_range(models, tiny_args, tmp_path):
     train.main(tiny_args("--pathology", "Cardiomegaly", "--head-type", "three-class", "--arch", "resnet18"))
-    model, ckpt = load_checkpoint(tmp_path / "ckpt" / "cardiomegaly" / "best.pt")
+    path = tmp_path / "ckpt" / "cardiomegaly" / "best.pt"
+    model, ckpt = load_checkpoint(path)
     assert ckpt["model_config"]["head_type"] == "three-class" and ckpt["model_config"]["arch"] == "resnet18"
     with torch.no_grad():
         out = model(images(5))
@@ -227,6 +228,12 @@ def test_three_class_training_run_rebuilds_and_predicts_in_range(tiny_args, tmp_
     assert out.shape == (5, 1, 3) and score.shape == (5, 1) and score.abs().max() <= 1
     history = pd.read_csv(tmp_path / "ckpt" / "cardiomegaly" / "history.csv")
     assert np.isfinite(history["train_loss"]).all() and np.isfinite(history["val_mse"]).all()
+
+    start = build_model(model_config(["Fracture"], hidden=8, arch="resnet18"))  # its backbone as --weights
+    assert load_pretrained(start, str(path)) == {"source": "checkpoint", "mean": IMAGE_MEAN, "std": IMAGE_STD}
+    assert torch.equal(start.backbone.layer4[1].conv2.weight, model.backbone.layer4[1].conv2.weight)
+    with pytest.raises(UserError, match=r"best.pt: a checkpoint of a resnet18 model; use --arch resnet18$"):
+        load_pretrained(models("resnet50"), str(path))
 
 
 def test_multi_head_three_class_run_feeds_a_submission(demo_root, tiny_args, tmp_path):
