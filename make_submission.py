@@ -226,9 +226,10 @@ def predict(sources: list[Source], caches: dict, slots: dict, need: np.ndarray, 
                         continue
                     x = images if sel.all() else images[torch.from_numpy(sel).to(rt.device)]
                     with rt.autocast():
-                        out = sources[s].model(x).float()
+                        model = sources[s].model
+                        out = model.score(model(x)).float()
                         if tta == "flip":
-                            out = (out + sources[s].model(flip_images(x)).float()) / 2
+                            out = (out + model.score(model(flip_images(x))).float()) / 2
                     raw[s][batch[sel]] = out.cpu().numpy()  # note: a CPU-GPU sync per model and batch
                 bar.update(len(batch))
     return raw

@@ -34,12 +34,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 from tqdm import tqdm
 
-from dataset import (IMAGE_MEAN, IMAGE_STD, LABEL_CONVENTIONS, SQUARE_MODES, UNCERTAIN_POLICIES, ALL_LABELS, UserError,
+from dataset import (LABEL_CONVENTIONS, SQUARE_MODES, UNCERTAIN_POLICIES, ALL_LABELS, UserError,
                      XrayDataset, adjust_contrast, cached_table, check_pathologies, default_workers, describe_convention,
                      find_augmented, flip_images, format_table, read_train_csv, resolve_data, run_cli, slug,
                      split_by_patient, write_text)
-from model import (CALIBRATIONS, HEAD_VARIANTS, N_STAGES, Checkpoint, apply_calibration, build_model, fit_calibration,
-                   load_pretrained, model_config, set_frozen)
+from model import (ARCHS, CALIBRATIONS, HEAD_TYPES, HEAD_VARIANTS, N_STAGES, Checkpoint, apply_calibration,
+                   build_model, fit_calibration, load_pretrained, model_config, set_frozen)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_mse", "val_mse_cv", "val_mse_cal", "const_mse", "val_auc", "lr",
                    "seconds",
@@ -77,8 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--online-augment", nargs="+", default=[], choices=ONLINE_AUGMENTS,
                    help="apply flip / contrast x1.5 to a random half of each batch on the device instead")
     g = p.add_argument_group("model")
-    g.add_argument("--weights", default=None, help="imagenet, none or PATH to a ResNet-50 state dict "
-                   "(default imagenet; none on the demo data)")
+    g.add_argument("--arch", choices=list(ARCHS), default="resnet50", help="torchvision backbone")
+    g.add_argument("--head-type", choices=HEAD_TYPES, default="regression",
+                   help="regression: tanh output, MSE; three-class: softmax over negative/uncertain/positive, "
+                   "cross-entropy, predicting p(positive) - p(negative)")
+    g.add_argument("--weights", default=None, help="imagenet, none or PATH to a torchvision state dict of --arch, a "
+                   "torchxrayvision DenseNet-121 / ResNet-50 state dict or a checkpoint (default imagenet; none on the demo data)")
     g.add_argument("--hidden", type=int, default=512, help="hidden units of the MLP head")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout in the MLP head")
     g.add_argument("--head", choices=["auto", *HEAD_VARIANTS], default="auto",
@@ -93,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--schedule", choices=["cosine", "plateau"], default="cosine",
                    help="after warm-up: cosine decay per step, or halve on a validation-loss plateau")
     g.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warm-up length, in epochs")
-    g.add_argument("--freeze", type=int, help=f"backbone stages frozen at the start (0-{N_STAGES}: stem, layer1..4; "
+    g.add_argument("--freeze", type=int, help=f"backbone stages frozen at the start (0-{N_STAGES}: stem, then four stages; "
                    "default 2 with pretrained weights, 0 with --weights none: frozen random filters learn nothing)")
     g.add_argument("--unfreeze-epoch", type=int, default=1, help="epoch (0-based) from which every stage trains")
     g.add_argument("--sampler", action=argparse.BooleanOptionalAction, default=True,
@@ -121,7 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.freeze is None:
         args.freeze = 0 if args.weights == "none" else 2
     checks = [(args.epochs < 1, f"--epochs must be at least 1, got {args.epochs}"),
-              (args.image_size < 32, f"--image-size must be at least 32 (ResNet-50 downsamples 32x), got {args.image_size}"),
+              (args.image_size < 32, f"--image-size must be at least 32 (every --arch downsamples 32x), got {args.image_size}"),
               (args.batch_size < 1, f"--batch-size must be at least 1, got {args.batch_size}"),
               (not args.lr > 0, f"--lr must be positive, got {args.lr}"),
               (args.hidden < 1, f"--hidden must be at least 1, got {args.hidden}"),
@@ -232,6 +236,24 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return sq.sum() / mask.sum().clamp(min=1)
 
 
+def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the entries where mask is True; masked entries get no gradient.
+    logits (B, K, 3) over (negative, uncertain, positive); target (B, K) in {-1, 0, 1} (anything,
+    NaN included, where masked); mask (B, K) bool. 0 when nothing is labelled."""
+    cls = torch.where(mask, target, torch.zeros_like(target)).round().clamp(-1, 1).long() + 1
+    ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), cls.flatten(), reduction="none")
+    ce = torch.where(mask, ce.view_as(target), torch.zeros_like(target))
+    return ce.sum() / mask.sum().clamp(min=1)
+
+
+def compute_loss(out: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The training loss of a model's raw outputs: masked MSE for a regression head's (B, K), masked
+    cross-entropy for a three-class head's (B, K, 3) logits (the shape says which)."""
+    if out.dim() == 3:
+        return masked_cross_entropy(out, targets, mask)
+    return masked_mse(out.float(), targets, mask)
+
+
 def sample_weights(targets: np.ndarray, cap: float = 0.0) -> np.ndarray:
     """Inverse-frequency row weights over the label values (-1, 0, 1), bounded. targets (N, K), NaN = blank.
 
@@ -338,7 +360,7 @@ def augment_batch(images: torch.Tensor, names: list[str]) -> torch.Tensor:
 
 
 def train_one_epoch(net, loader, optimizer, scheduler, scaler, rt: Runtime, augment: list[str], desc: str) -> float:
-    """One pass over the loader; returns the mean masked MSE over labelled entries (all ranks)."""
+    """One pass over the loader; returns the mean loss (compute_loss) over labelled entries (all ranks)."""
     net.train()
     total = torch.zeros(2, device=rt.device)  # sum of squared errors, labelled entries
     for batch in tqdm(loader, desc=desc, leave=False, disable=not rt.progress, dynamic_ncols=True):
@@ -347,7 +369,7 @@ def train_one_epoch(net, loader, optimizer, scheduler, scaler, rt: Runtime, augm
             images = augment_batch(images, augment)
         with rt.autocast():
             pred = net(images)
-        loss = masked_mse(pred.float(), targets, mask)
+        loss = compute_loss(pred, targets, mask)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -372,7 +394,7 @@ def predict(model, dataset: XrayDataset, batch_size: int, rt: Runtime) -> np.nda
     for batch in tqdm(loader, desc="validating", leave=False, disable=not rt.progress, dynamic_ncols=True):
         images, _, _ = to_device(batch, rt)
         with rt.autocast():
-            preds.append(model(images).float().cpu())
+            preds.append(model.score(model(images)).float().cpu())
     out = torch.cat(preds).numpy() if preds else np.zeros((0, len(model.pathologies)), np.float32)
     if rt.world > 1:
         pieces = [None] * rt.world
@@ -527,11 +549,20 @@ def prepare_job(names: list[str], folder: str, table: pd.DataFrame, is_val: np.n
 
 
 def build_state(job: Job, args, rt: Runtime) -> TrainState:
-    """A fresh model, optimiser and schedule; or, with --resume and a last.pt, all of them as saved."""
-    model = build_model(model_config(job.names, args.head, args.hidden, args.dropout))
+    """A fresh model, optimiser and schedule; or, with --resume and a last.pt, all of them as saved
+    (the model rebuilt from the checkpoint's own config, so its input normalisation is kept)."""
     resume = job.folder / "last.pt" if args.resume and (job.folder / "last.pt").is_file() else None
-    if resume is None:
-        load_pretrained(model, args.weights)
+    ckpt = Checkpoint.load(resume, map_location=rt.device) if resume else None
+    if ckpt is not None and ckpt.pathologies != job.names:
+        raise UserError(f"{resume}: holds {ckpt.pathologies}, not {job.names}; use another --out-dir or drop --resume")
+    if ckpt is None:
+        model = build_model(model_config(job.names, args.head, args.hidden, args.dropout, args.arch, args.head_type))
+        source = load_pretrained(model, args.weights)
+        rt.log(f"{job.label}: {args.arch}, {args.head_type} head(s), weights {source['source']}"
+               + (f" ({args.weights})" if source["source"] not in ("none", "imagenet") else "")
+               + f", input normalised with mean {source['mean']:.4g}, std {source['std']:.4g}")
+    else:
+        model = ckpt.build(rt.device, resume).train()
     model.to(rt.device)
     if rt.cuda:
         model.to(memory_format=torch.channels_last)
@@ -540,12 +571,8 @@ def build_state(job: Job, args, rt: Runtime) -> TrainState:
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     state = TrainState(model, optimizer, scheduler, scaler,
                        {"best_val_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0, "stopped": False}, [])
-    if resume is None:
+    if ckpt is None:
         return state
-    ckpt = Checkpoint.load(resume, map_location=rt.device)
-    if ckpt.pathologies != job.names:
-        raise UserError(f"{resume}: holds {ckpt.pathologies}, not {job.names}; use another --out-dir or drop --resume")
-    model.load_state_dict(ckpt.state_dict)
     ts = ckpt.training_state
     optimizer.load_state_dict(ts["optimizer"])
     scheduler.load_state_dict(ts["scheduler"])
@@ -561,8 +588,9 @@ def build_state(job: Job, args, rt: Runtime) -> TrainState:
 
 def checkpoint_of(state: TrainState, args, epoch: int, metrics: dict, **values) -> Checkpoint:
     return Checkpoint.of(state.model, view=args.view, epoch=epoch, metrics=metrics, calibration=state.best_cal,
-                         preprocess={"image_size": args.image_size, "square": args.square, "mean": IMAGE_MEAN,
-                                     "std": IMAGE_STD, "uncertain": args.uncertain,
+                         preprocess={"image_size": args.image_size, "square": args.square,
+                                     "mean": state.model.config["mean"], "std": state.model.config["std"],
+                                     "uncertain": args.uncertain,
                                      "label_convention": args.label_convention},
                          train_config=jsonable(vars(args)), **values)
 
