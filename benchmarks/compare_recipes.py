@@ -5,8 +5,10 @@
         --image-size 64 --epochs 6 --seeds 0 1 -- --batch-size 32
 
 Each recipe is a list of train.py flags. Every (recipe, seed) trains one --multi-head model on the
-pathologies the CSV labels (one pass per recipe keeps the comparison affordable; the per-pathology
-default behaves alike), then make_submission.py predicts the held-out test images, and their
+pathologies the CSV labels (one pass per recipe keeps the comparison affordable), or with
+--no-multi-head one model per pathology (needed for the sampler: a multi-head row's weight is the
+mean over its pathologies, which dilutes a rare value's), then make_submission.py predicts the
+held-out test images, and their
 true labels (DATA_ROOT/student_labels/test_labels.csv, which nih_dev and the demo have) give the
 test MSE and AUC with patient-grouped 95% intervals (evaluation.evaluate). Validation numbers are
 the best epoch's: AUC and the out-of-sample calibrated MSE (val_mse_cv). Results are appended to
@@ -54,22 +56,25 @@ def run_one(name: str, flags: list[str], seed: int, args, extra: list[str], name
     out = args.work / "runs" / name.replace("/", "_") / f"seed{seed}"
     argv = ["--data-root", str(args.data_root), "--cache-dir", str(args.work / "cache"), "--out-dir", str(out),
             "--image-size", str(args.image_size), "--epochs", str(args.epochs), "--weights", args.weights,
-            "--seed", str(seed), "--no-progress", "--multi-head", "--pathology", *names, *flags, *extra]
+            "--seed", str(seed), "--no-progress", "--pathology", *names, *flags, *extra]
     t0 = time.time()
-    [summary] = train.main(argv)
+    summaries = train.main(argv + (["--multi-head"] if args.multi_head else []))
     seconds = time.time() - t0
+    per = {n: m for s in summaries for n, m in s["per_pathology"].items()}
+    val = {k: float(np.nanmean([per[n].get(k, np.nan) for n in names])) for k in ("val_auc", "val_mse_cv", "const_mse")}
+    epochs = sum(s["epochs_run"] for s in summaries)
     sub = out / "test_submission.csv"
     make_submission.main(["--data-root", str(args.data_root), "--checkpoints", str(out), "--out", str(sub),
                           "--cache-dir", str(args.work / "cache"), "--fill-missing", "0", "--no-progress"])
     test = read_test_csv(args.data_root / "student_labels" / "test_ids.csv")
     labels = pd.read_csv(args.data_root / "student_labels" / "test_labels.csv").set_index("Id").loc[test["Id"]]
     pred = pd.read_csv(sub).set_index("Id").loc[test["Id"]]
-    const = {n: summary["per_pathology"][n].get("train_mean", np.nan) for n in names}
+    const = {n: per[n].get("train_mean", np.nan) for n in names}
     m = evaluate(pred[names].to_numpy(float), labels[names].to_numpy(float), test["patient"].to_numpy(), names,
                  const, n_boot=args.n_boot, seed=0)
     return {"recipe": name, "seed": seed, "flags": flags, "seconds": round(seconds, 1),
-            "epoch_seconds": round(seconds / max(1, summary["epochs_run"]), 2), "best_epoch": summary["best_epoch"],
-            "val_auc": summary["val_auc"], "val_mse_cv": summary["val_mse_cv"], "const_mse": summary["const_mse"],
+            "epoch_seconds": round(seconds / max(1, epochs), 2), "best_epoch": [s["best_epoch"] for s in summaries],
+            **val,
             "test_mse": m["macro"]["mse"], "test_auc": m["macro"]["auc"],
             "test_mse_ci": [float(np.mean([m["per_pathology"][n]["mse_ci"][i] for n in names])) for i in (0, 1)],
             "per_pathology": m["per_pathology"]}
@@ -104,9 +109,12 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--weights", default="none")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--pathology", nargs="+", help="default: every submission column the CSV labels")
+    p.add_argument("--multi-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="one multi-head model per run (default), or one model per pathology")
     p.add_argument("--n-boot", type=int, default=1000)
     args = p.parse_args(argv)
-    names = labelled_pathologies(args.data_root / "student_labels" / "train2023.csv")
+    names = args.pathology or labelled_pathologies(args.data_root / "student_labels" / "train2023.csv")
     results_path = args.work / "results.jsonl"
     args.work.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.is_file() else []
@@ -128,8 +136,9 @@ def main(argv=None):
     rows = summarise(done, order)
     cols = ["recipe", "seeds", "val_auc", "val_auc_spread", "val_mse_cv", "test_mse", "test_mse_spread", "test_auc",
             "test_auc_spread", "epoch_seconds"]
-    print(f"\n{args.data_root}: {', '.join(names)}; {args.image_size} px, {args.epochs} epochs, --weights "
-          f"{args.weights}, seeds {args.seeds}, extra {extra}\n" + format_table(rows, cols))
+    print(f"\n{args.data_root}: {', '.join(names)}; {'multi-head' if args.multi_head else 'per-pathology'} models, "
+          f"{args.image_size} px, {args.epochs} epochs, --weights {args.weights}, seeds {args.seeds}, extra {extra}\n"
+          + format_table(rows, cols))
     return rows
 
 
