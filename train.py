@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -141,10 +142,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 @dataclass
 class Runtime:
     device: torch.device
-    rank: int = 0
+    rank: int = 0        # global: rank 0 alone writes files and logs
     world: int = 1
     amp_dtype: torch.dtype | None = None
     progress: bool = True
+    local_rank: int = 0  # on this node: picks the GPU
 
     @property
     def main(self) -> bool:
@@ -168,9 +170,10 @@ class Runtime:
             print(*a, flush=True)
 
 
-def setup_runtime(args, distributed: bool = True) -> Runtime:
-    """Pick the device; under torchrun (WORLD_SIZE > 1) join the process group: nccl on GPU, gloo
-    on CPU. distributed=False (make_submission.py) stays a single process whatever the environment."""
+def setup_runtime(args, distributed: bool = True, join: bool = True) -> Runtime:
+    """Pick the device (GPU LOCAL_RANK under torchrun); under torchrun (WORLD_SIZE
+    > 1) join the process group unless join=False (then call join_process_group once the image cache
+    is there). distributed=False (make_submission.py) stays a single process whatever the environment."""
     world = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
     rank = int(os.environ.get("RANK", "0")) if distributed else 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if distributed else 0
@@ -183,12 +186,41 @@ def setup_runtime(args, distributed: bool = True) -> Runtime:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
     amp = None
     if use_cuda and args.amp:
         amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return Runtime(device, rank, world, amp, args.progress and rank == 0)
+    rt = Runtime(device, rank, world, amp, args.progress and rank == 0, local_rank)
+    if join:
+        join_process_group(rt)
+    return rt
+
+
+def join_process_group(rt: Runtime) -> None:
+    """Join torchrun's process group (nccl on GPU, gloo on CPU) once every process is ready.
+
+    The processes first meet in torchrun's rendezvous store, where each one counts itself in and
+    waits for the others with no timeout: a node still building its own cache (node-local
+    --cache-dir) keeps the others waiting there, not inside a collective, whose timeout (10 minutes
+    for nccl) a cache build outlasts. The group itself keeps the usual timeout."""
+    if rt.world == 1 or dist.is_initialized():
+        return
+    store, _, _ = next(dist.rendezvous("env://", rt.rank, rt.world, timeout=timedelta(days=1)))
+    key = f"cxr/ready/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    n = store.add(key, 1)
+    everyone = -(-n // rt.world) * rt.world  # the count once all have arrived (it grows by world per main() call)
+    t0, told = time.time(), False
+    while n < everyone:
+        if not told and time.time() - t0 > 10:
+            print(f"rank {rt.rank} is ready; waiting for {everyone - n} more (a node still building its cache?)",
+                  file=sys.stderr, flush=True)
+            told = True
+        time.sleep(1)
+        n = store.add(key, 0)
+    # tests shorten the timeout to prove that no process waits in a collective while a cache is built
+    timeout = timedelta(seconds=float(os.environ["CXR_PG_TIMEOUT_S"])) if "CXR_PG_TIMEOUT_S" in os.environ else None
+    store.set_timeout(timeout or timedelta(minutes=30))
+    dist.init_process_group("nccl" if rt.cuda else "gloo", store=dist.PrefixStore("default_pg", store),
+                            rank=rt.rank, world_size=rt.world, timeout=timeout)
 
 
 def seed_everything(seed: int) -> None:
@@ -198,17 +230,24 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
+    """The random streams that --resume restores: CPU, Python, and every visible GPU's."""
     s = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
 
 
-def set_rng_state(s: dict) -> None:
+def set_rng_state(s: dict, rank: int | None = None) -> None:
+    """Restore rng_state(). last.pt holds rank 0's streams: rank 0 (default: this process's rank)
+    continues them exactly, every other rank derives its own from them."""
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+    if rank is None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank:
+        seed_everything(int(torch.randint(0, 2**31, ())) + rank)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -667,28 +706,26 @@ def table_rows(summary: dict) -> list[dict]:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    rt = setup_runtime(args)
-    seed_everything(args.seed)
+    rt = setup_runtime(args, join=False)
     try:
-        if rt.main:
-            root, csv_path = resolve_data(args.data_root, args.train_csv, "train2023.csv")
-        rt.barrier()  # rank 0 makes the demo data first
+        # Under torchrun every process gets its data ready on its own, before the process group: the
+        # first one to need the demo data or the cache makes it (with progress), the others wait on
+        # the files, never in a collective whose timeout a long cache build would outlast.
         root, csv_path = resolve_data(args.data_root, args.train_csv, "train2023.csv")
         if args.data_root is None:
             rt.log(f"no --data-root: using the demo dataset in {root} ({args.image_size}px, {args.epochs} epochs, "
                    f"batch {args.batch_size}, --weights {args.weights}); see README to train on real data")
         table = read_train_csv(csv_path, args.uncertain)
         names = check_pathologies(args.pathology, table.attrs["labels"])
-        # rank 0 builds the cache; the others then find it complete
-        if rt.main:
-            table, cache = cached_table(table, root, args.image_size, args.cache_dir, csv_path.stem, args.square,
-                                        args.workers, progress=rt.progress)
-        rt.barrier()
-        if not rt.main:
-            table, cache = cached_table(table, root, args.image_size, args.cache_dir, csv_path.stem, args.square,
-                                        args.workers, progress=False)
+        table, cache = cached_table(table, root, args.image_size, args.cache_dir, csv_path.stem, args.square,
+                                    args.workers, progress=args.progress)
+        join_process_group(rt)
         sources = [cache] + [find_augmented(cache, a) for a in args.augmented]
         is_val = split_by_patient(table["patient"], args.val_frac, args.seed)
+        # One stream per rank (dropout, on-the-fly augmentation); rank 0's is a single process's. The
+        # split and the sampler draw from their own seeded generators, the same on every rank, and
+        # DDP gives every rank rank 0's initial weights.
+        seed_everything(args.seed + rt.rank)
         jobs = ([(names, slug("multi_head", args.view))] if args.multi_head
                 else [([n], slug(n, args.view)) for n in names])
         summaries = [s for s in (train_job(n, f, table, is_val, sources, args, rt) for n, f in jobs) if s]

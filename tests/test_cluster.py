@@ -61,7 +61,63 @@ def only_cache(cache_dir):
 
 
 # ---------------------------------------------------------------------------------------------
+# 1, 8: torchrun on a cold cache whose build outlasts the process group's timeout; a free port
+
+def test_torchrun_on_a_cold_cache_finishes_and_writes_one_set_of_files(tiny_args, tmp_path, demo_root):
+    [s1] = train.main(tiny_args("--pathology", "Cardiomegaly", "--out-dir", str(tmp_path / "one")))
+    ddp = tiny_args("--pathology", "Cardiomegaly", "--out-dir", str(tmp_path / "two"),
+                    "--cache-dir", str(tmp_path / "cold"))
+    t0 = time.time()
+    proc = launch([*torchrun("--nproc-per-node", "2", "--master-port", str(free_port())), *ddp], **SLOW_BUILD)
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, (out + err)[-3000:]
+    assert time.time() - t0 > 15  # the build did outlast the 10 s timeout
+    assert err.count("waiting for the image cache") == 1  # one process built it, the other waited on the files
+    assert not only_cache(tmp_path / "cold").missing_shards()
+    folder = tmp_path / "two" / "cardiomegaly"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "history.csv", "last.pt", "summary.json"]
+    s2 = json.loads((folder / "summary.json").read_text())
+    assert (s2["n_train"], s2["n_val"]) == (s1["n_train"], s1["n_val"])
+    assert len(read_csv_rows(folder / "history.csv")) == 1
+    assert out.count("Cardiomegaly epoch 1/1") == 1  # only rank 0 logs
+
+    # the metrics gathered over both ranks equal one process's on the same weights and rows
+    from dataset import XrayDataset, cached_table, read_train_csv, split_by_patient
+    table, cache = cached_table(read_train_csv(demo_root / "student_labels" / "train2023.csv"), demo_root, 32,
+                                tmp_path / "cache", "train2023", workers=1, progress=False)
+    rows = split_by_patient(table["patient"], 0.2, 0) & table["Cardiomegaly"].notna().to_numpy()
+    targets = table.loc[rows, ["Cardiomegaly"]].to_numpy()
+    model, ckpt = load_checkpoint(folder / "best.pt")
+    pred = train.predict(model, XrayDataset([cache], table["slot"][rows], targets), 16, train.Runtime(torch.device("cpu")))
+    m = train.pathology_metrics(pred[:, 0], targets[:, 0], 0.0, ckpt.calibration["Cardiomegaly"])
+    gathered = s2["per_pathology"]["Cardiomegaly"]
+    assert m["n"] == gathered["n"] == s2["n_val"]
+    for key in ("val_mse", "val_mse_cal", "val_auc"):
+        assert m[key] == pytest.approx(gathered[key], abs=1e-5), key
+
+
+# ---------------------------------------------------------------------------------------------
 # 2: two nodes with node-local caches; one builder per shared cache; the demo data made once
+
+def test_two_nodes_build_their_own_caches_and_only_global_rank_0_writes(tiny_args, tmp_path):
+    """The README's two-"node" recipe: node 1's cache takes longer than the process-group timeout
+    to build, while node 0 (its own cache quickly built) waits for it outside any collective."""
+    port, procs = free_port(), []
+    for node in (0, 1):
+        argv = tiny_args("--pathology", "Cardiomegaly", "--cache-dir", str(tmp_path / f"node{node}_tmpdir"),
+                         "--out-dir", str(tmp_path / f"out{node}"))
+        flags = ("--nnodes", "2", "--node-rank", str(node), "--master-port", str(port), "--nproc-per-node", "1")
+        env = SLOW_BUILD if node == 1 else {"CXR_PG_TIMEOUT_S": SLOW_BUILD["CXR_PG_TIMEOUT_S"]}
+        procs.append(launch([*torchrun(*flags), *argv], log=tmp_path / f"node{node}.log", **env))
+    for node, proc in enumerate(procs):
+        assert proc.wait(timeout=400) == 0, (tmp_path / f"node{node}.log").read_text()[-3000:]
+    for node in (0, 1):
+        assert not only_cache(tmp_path / f"node{node}_tmpdir").missing_shards()
+    folder = tmp_path / "out0" / "cardiomegaly"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "history.csv", "last.pt", "summary.json"]
+    assert not (tmp_path / "out1").exists()  # global rank 1 (node 1's local rank 0) writes nothing
+    assert "Cardiomegaly epoch 1/1" in (tmp_path / "node0.log").read_text()
+
 
 def _in_processes(target, n, *args, timeout=120):
     """Run target(*args) in n forked processes at once; all must end well within timeout."""
@@ -124,3 +180,31 @@ def test_processes_wanting_the_demo_data_at_once_make_it_once(tmp_path, monkeypa
     assert len(log.read_text().splitlines()) == 1
     assert (tmp_path / "demo_data" / "student_labels" / "train2023.csv").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_data", "made.txt"]  # no lock or half-made copy left
+
+
+# ---------------------------------------------------------------------------------------------
+# 6: one random stream per rank
+
+def test_each_rank_draws_its_own_dropout_masks(tiny_args, monkeypatch):
+    draws = {}
+
+    def record(names, folder, table, is_val, sources, args, rt):
+        draws[(rt.world, rt.rank)] = torch.nn.functional.dropout(torch.ones(64), 0.5)
+        return None
+    monkeypatch.setattr(train, "train_job", record)
+    monkeypatch.setattr(train, "join_process_group", lambda rt: None)  # two ranks' view, without a group
+    argv = tiny_args("--pathology", "Cardiomegaly")
+    for world, rank in [(1, 0), (2, 0), (2, 1)]:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        monkeypatch.setenv("RANK", str(rank))
+        with pytest.raises(dataset.UserError, match="nothing to train"):
+            train.main(argv)
+    assert not torch.equal(draws[(2, 0)], draws[(2, 1)])
+    assert torch.equal(draws[(2, 0)], draws[(1, 0)])  # rank 0 draws what a single process draws
+    # resumed: rank 0 continues last.pt's stream exactly, the others derive their own from it
+    saved = train.rng_state()
+    after = {}
+    for rank in (0, 1, 0):
+        train.set_rng_state(saved, rank=rank)
+        after.setdefault(rank, []).append(torch.rand(8))
+    assert torch.equal(after[0][0], after[0][1]) and not torch.equal(after[0][0], after[1][0])
