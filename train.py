@@ -238,12 +238,14 @@ def rng_state() -> dict:
 
 
 def set_rng_state(s: dict, rank: int | None = None) -> None:
-    """Restore rng_state(). last.pt holds rank 0's streams: rank 0 (default: this process's rank)
-    continues them exactly, every other rank derives its own from them."""
+    """Restore rng_state(). Resumed on another GPU count, the GPUs that both runs have get their
+    streams back; the rest keep theirs. last.pt holds rank 0's streams: rank 0 (default: this
+    process's rank) continues them exactly, every other rank derives its own from them."""
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
     if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+        for i in range(min(len(s["cuda"]), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(s["cuda"][i], i)
     if rank is None:
         rank = dist.get_rank() if dist.is_initialized() else 0
     if rank:

@@ -183,6 +183,32 @@ def test_processes_wanting_the_demo_data_at_once_make_it_once(tmp_path, monkeypa
 
 
 # ---------------------------------------------------------------------------------------------
+# 5: resuming on another GPU count
+
+def test_resume_on_fewer_or_more_gpus_restores_the_streams_that_fit(monkeypatch):
+    restored, visible = {}, [1]
+
+    def set_one(state, device="cuda"):  # as torch's: an index past the visible GPUs is an IndexError
+        i = device if isinstance(device, int) else torch.device(device).index or 0
+        if i >= visible[0]:
+            raise IndexError("tuple index out of range")
+        restored[i] = int(state[0])
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible[0])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_one)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [set_one(s, i) for i, s in enumerate(states)])
+    saved = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "cuda": [torch.tensor([10 + i], dtype=torch.uint8) for i in range(4)]}  # a 4-GPU run's last.pt
+    train.set_rng_state(saved)
+    assert restored == {0: 10}
+    restored.clear()
+    visible[0] = 8
+    train.set_rng_state(saved)
+    assert restored == {0: 10, 1: 11, 2: 12, 3: 13}
+
+
+# ---------------------------------------------------------------------------------------------
 # 6: one random stream per rank
 
 def test_each_rank_draws_its_own_dropout_masks(tiny_args, monkeypatch):
