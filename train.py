@@ -170,8 +170,17 @@ class Runtime:
             print(*a, flush=True)
 
 
+def amp_dtype_for(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """Autocast dtype: bf16 where the card computes it natively (compute capability 8.0 and up: A100,
+    H100, RTX 30xx/40xx), fp16 (with a GradScaler) on older cards (V100, T4, P100), None off CUDA or
+    with --no-amp. torch.cuda.is_bf16_supported() is not asked: it counts slow emulated bf16 too."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
 def setup_runtime(args, distributed: bool = True, join: bool = True) -> Runtime:
-    """Pick the device (GPU LOCAL_RANK under torchrun); under torchrun (WORLD_SIZE
+    """Pick the device (GPU LOCAL_RANK under torchrun) and autocast dtype; under torchrun (WORLD_SIZE
     > 1) join the process group unless join=False (then call join_process_group once the image cache
     is there). distributed=False (make_submission.py) stays a single process whatever the environment."""
     world = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
@@ -186,10 +195,7 @@ def setup_runtime(args, distributed: bool = True, join: bool = True) -> Runtime:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    amp = None
-    if use_cuda and args.amp:
-        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    rt = Runtime(device, rank, world, amp, args.progress and rank == 0, local_rank)
+    rt = Runtime(device, rank, world, amp_dtype_for(device, args.amp), args.progress and rank == 0, local_rank)
     if join:
         join_process_group(rt)
     return rt

@@ -183,6 +183,31 @@ def test_processes_wanting_the_demo_data_at_once_make_it_once(tmp_path, monkeypa
 
 
 # ---------------------------------------------------------------------------------------------
+# 3: bf16 only where the card has it
+
+@pytest.mark.parametrize("capability, dtype", [((6, 0), torch.float16), ((7, 0), torch.float16),
+                                               ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                               ((9, 0), torch.bfloat16)])
+def test_autocast_dtype_is_bf16_only_on_cards_that_compute_it_natively(monkeypatch, capability, dtype):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # True on a V100 too: emulation
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    flags = [(torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"),
+             (torch.backends.cuda.matmul, "allow_tf32")]  # what setup_runtime turns on
+    before = [getattr(m, name) for m, name in flags]
+    try:
+        args = train.parse_args(["--pathology", "Cardiomegaly", "--device", "cuda"])
+        rt = train.setup_runtime(args, distributed=False)  # what make_submission.py does
+    finally:
+        for (m, name), value in zip(flags, before):
+            setattr(m, name, value)
+    assert rt.amp_dtype == dtype and rt.device == torch.device("cuda:0")
+    assert train.amp_dtype_for(torch.device("cuda:0"), enabled=False) is None
+    assert train.amp_dtype_for(torch.device("cpu"), enabled=True) is None
+
+
+# ---------------------------------------------------------------------------------------------
 # 5: resuming on another GPU count
 
 def test_resume_on_fewer_or_more_gpus_restores_the_streams_that_fit(monkeypatch):
