@@ -258,6 +258,13 @@ def set_rng_state(s: dict, rank: int | None = None) -> None:
         seed_everything(int(torch.randint(0, 2**31, ())) + rank)
 
 
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader worker_init_fn. SLURM signals every process of a job step, loader workers too: a
+    worker killed by SIGTERM ends the run in a DataLoader error instead of the saved last.pt that the
+    main process writes on SIGTERM (GracefulExit). The workers leave the signal to it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss, sampling, metrics
 
@@ -472,19 +479,24 @@ def read_history(path: Path, before_epoch: int) -> list[dict]:
 
 class GracefulExit:
     """SIGTERM (SLURM's warning before a kill, `scancel`) is treated like Ctrl-C: last.pt is saved.
-    Signal handlers can only be set from the main thread; elsewhere this does nothing."""
+    After the first one, SIGTERM stays ignored until the process ends: under srun torchrun a worker
+    gets it twice (from SLURM, then forwarded by torchrun), and the second must not cut the saving
+    of last.pt short. Signal handlers can only be set from the main thread; elsewhere this does nothing."""
 
     def __enter__(self):
         self.active = threading.current_thread() is threading.main_thread()
+        self.signalled = False
         if self.active:
             self.old = signal.signal(signal.SIGTERM, self._raise)
         return self
 
     def _raise(self, signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.signalled = True
         raise KeyboardInterrupt(f"signal {signum}")
 
     def __exit__(self, *exc):
-        if self.active:
+        if self.active and not self.signalled:
             signal.signal(signal.SIGTERM, self.old)
 
 
@@ -541,7 +553,7 @@ def prepare_job(names: list[str], folder: str, table: pd.DataFrame, is_val: np.n
     sampler = EpochSampler(weights, len(train_set), args.batch_size, args.seed, rt.rank, rt.world)
     n_workers = args.loader_workers if args.loader_workers is not None else (4 if rt.cuda else 0)
     loader = DataLoader(train_set, batch_size=None, sampler=sampler, num_workers=n_workers, pin_memory=rt.cuda,
-                        persistent_workers=n_workers > 0)
+                        persistent_workers=n_workers > 0, worker_init_fn=ignore_sigterm)
     return Job(names, args.out_dir / folder, label, len(tr), len(va), train_t, val_t, train_means, train_set,
                val_set, sampler, loader)
 

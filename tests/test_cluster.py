@@ -208,6 +208,76 @@ def test_autocast_dtype_is_bf16_only_on_cards_that_compute_it_natively(monkeypat
 
 
 # ---------------------------------------------------------------------------------------------
+# 4, 8: SIGTERM / SIGKILL at a fixed point (the first step of epoch 2), with and without loader workers
+
+# train.py with two changes: at the first training step of epoch 2 it says so (a marker file) and
+# sleeps until the test signals it, so the kill point is the same on every run; and when it saves
+# last.pt on an interrupt it says so too (MARKER.saving) and takes 2 s longer, for a second signal.
+PAUSED_TRAIN = """
+import sys, time
+from pathlib import Path
+import train
+marker, epochs = Path(sys.argv[1]), []
+real_epoch, real_loss, real_save = train.train_one_epoch, train.masked_mse, train.save_last
+
+def count_epochs(*a, **k):
+    epochs.append(1)
+    return real_epoch(*a, **k)
+
+def pause_in_epoch_2(*a, **k):
+    if len(epochs) == 2:
+        marker.touch()
+        time.sleep(600)
+    return real_loss(*a, **k)
+
+def slow_save(*a, **k):
+    if k.get("interrupted"):
+        Path(str(marker) + ".saving").touch()
+        time.sleep(2)
+    return real_save(*a, **k)
+
+train.train_one_epoch, train.masked_mse, train.save_last = count_epochs, pause_in_epoch_2, slow_save
+sys.exit(train.run_cli(train.main, sys.argv[2:]))
+"""
+
+
+def wait_for(path, proc, timeout=200):
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig, loader_workers, twice", [(signal.SIGKILL, 0, False), (signal.SIGTERM, 0, False),
+                                                        (signal.SIGTERM, 2, False), (signal.SIGTERM, 0, True)],
+                         ids=["sigkill", "sigterm", "sigterm-with-loader-workers", "sigterm-twice"])
+def test_killed_training_resumes_and_checkpoints_always_load(tiny_args, tmp_path, sig, loader_workers, twice):
+    """Signals go to the whole process group, loader workers included, as SLURM sends them. Under
+    srun torchrun a worker gets SIGTERM twice, from SLURM and then forwarded by torchrun: the second
+    must not cut the saving of last.pt short."""
+    marker, out = tmp_path / "in_epoch_2", tmp_path / "ckpt" / "cardiomegaly"
+    argv = tiny_args("--pathology", "Cardiomegaly", "--epochs", "3", "--patience", "0",
+                     "--loader-workers", str(loader_workers))
+    proc = launch(["-c", PAUSED_TRAIN, str(marker), *argv])
+    wait_for(marker, proc)
+    os.killpg(proc.pid, sig)
+    if twice:
+        wait_for(tmp_path / "in_epoch_2.saving", proc)
+        os.killpg(proc.pid, sig)
+    out_text, err = proc.communicate(timeout=120)
+    assert proc.returncode == (130 if sig == signal.SIGTERM else -sig), err[-3000:]
+    if sig == signal.SIGTERM:  # handled like Ctrl-C: last.pt with the epochs completed so far
+        assert "interrupted: saved" in out_text and "Traceback" not in err, err[-3000:]
+    last = Checkpoint.load(out / "last.pt")
+    assert last.epoch == 1 and Checkpoint.load(out / "best.pt").epoch == 1
+    assert last.interrupted == (sig == signal.SIGTERM)
+    [s] = train.main(tiny_args("--pathology", "Cardiomegaly", "--epochs", "2", "--patience", "0", "--resume"))
+    assert s["epochs_run"] == 2
+    assert [int(r["epoch"]) for r in read_csv_rows(out / "history.csv")] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
 # 5: resuming on another GPU count
 
 def test_resume_on_fewer_or_more_gpus_restores_the_streams_that_fit(monkeypatch):
