@@ -329,3 +329,26 @@ def test_each_rank_draws_its_own_dropout_masks(tiny_args, monkeypatch):
         train.set_rng_state(saved, rank=rank)
         after.setdefault(rank, []).append(torch.rand(8))
     assert torch.equal(after[0][0], after[0][1]) and not torch.equal(after[0][0], after[1][0])
+
+
+# ---------------------------------------------------------------------------------------------
+# 7: the grid's freeze axis
+
+def test_grid_freeze_values_train_different_parameters_for_the_whole_run(tiny_args, tmp_path):
+    grid = tmp_path / "grid"
+    rows = gridsearch.main(["--pathology", "Cardiomegaly", "--hidden", "8", "--freeze", "3", "5", "--lr", "1e-3",
+                            *tiny_args("--epochs", "2"), "--out-dir", str(grid)])
+    by_freeze = {r["freeze"]: r for r in rows}
+    assert by_freeze[3]["trainable_params"] > by_freeze[5]["trainable_params"] > 0
+    assert by_freeze[3]["unfreeze_epoch"] == by_freeze[5]["unfreeze_epoch"] == 2  # frozen for the whole run
+    with open(grid / "results.csv") as f:
+        assert {r["freeze"]: int(r["trainable_params"]) for r in csv.DictReader(f)} == {
+            "3": by_freeze[3]["trainable_params"], "5": by_freeze[5]["trainable_params"]}
+    a, b = (Checkpoint.load(grid / f"hidden8_freeze{f}_lr0.001" / "cardiomegaly" / "last.pt").state_dict
+            for f in (3, 5))
+    stem_to_layer2 = [k for k in a if k.startswith(("backbone.conv1", "backbone.bn1", "backbone.layer1",
+                                                    "backbone.layer2"))]
+    layer3 = [k for k in a if k.startswith("backbone.layer3") and a[k].is_floating_point()]
+    # both start from the same weights (same seed); stem..layer2 are frozen in both for both epochs
+    assert stem_to_layer2 and all(torch.equal(a[k], b[k]) for k in stem_to_layer2)
+    assert any(not torch.equal(a[k], b[k]) for k in layer3)  # layer3 trains with --freeze 3 only
