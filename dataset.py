@@ -63,6 +63,8 @@ SQUARE_MODES = ("resize", "crop")
 STRAY_PREFIX = "CheXpert-v1.0/"  # rows in train2023.csv whose files do not exist
 CACHE_VERSION = 1
 SHARD_SIZE = 1024
+LOCK_STALE_S = 600  # a build lock untouched this long is taken over: its builder hung, or its host died
+LOCK_POLL_S = 1.0   # how often a process waiting on another's build looks again
 N_NAMED = 10  # bad images named in a warning; the count covers them all
 DEMO_ROOT = Path("demo_data")
 IMAGE_MEAN, IMAGE_STD = 0.449, 0.226  # ImageNet's RGB statistics averaged to one gray channel
@@ -388,6 +390,7 @@ def load_image(path: Path, size: int, square: str = "resize") -> np.ndarray:
 def _decode_chunk(task):
     """Worker: decode one chunk. Returns (start, uint8 (n, S, S), ok (n,), errors [str])."""
     start, paths, size, square = task
+    time.sleep(float(os.environ.get("CXR_TEST_DECODE_DELAY", "0")))  # tests: a build slower than a collective's timeout
     images = np.zeros((len(paths), size, size), dtype=np.uint8)
     ok = np.zeros(len(paths), dtype=bool)
     errors = [""] * len(paths)
@@ -485,6 +488,89 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+class BuildLock:
+    """This process's claim, by lock file, to build what other processes wait for (see claim_build).
+    touch() as the work goes on (a heartbeat); release() (or leaving a `with`) removes the file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def touch(self) -> None:
+        try:
+            os.utime(self.path)
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        if _lock_owner(self.path) == _lock_text():  # not a lock that another process has taken over since
+            _discard(self.path)
+
+    def __enter__(self) -> "BuildLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _lock_text() -> str:
+    return f"{socket.gethostname()} {os.getpid()}"
+
+
+def _lock_owner(path: Path) -> str | None:
+    """'HOST PID' from a lock file; None when there is none (or it is not written yet)."""
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _lock_stale(path: Path) -> bool:
+    """A lock whose builder is gone: a dead process on this host, or no heartbeat for LOCK_STALE_S
+    (the builder hung, or its host died: another host's pid cannot be checked)."""
+    owner = _lock_owner(path)
+    try:
+        age = time.time() - Path(path).stat().st_mtime
+    except OSError:
+        return False  # released meanwhile
+    host, _, pid = (owner or "").partition(" ")
+    if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+        return True
+    return age > LOCK_STALE_S
+
+
+def claim_build(lock: Path, done: Callable[[], bool], what: str) -> BuildLock | None:
+    """For work that several processes need at once (torchrun's ranks, the nodes of a job, array
+    tasks): returns None once done() holds, or a BuildLock when this process is to do the work.
+
+    A process that finds the work undone tries to create `lock` (O_CREAT | O_EXCL: exactly one
+    wins, on one host or on many sharing the folder); the others wait on the files, polling with
+    no timeout, never inside a torch.distributed collective (whose timeout a long build outlasts).
+    A dead builder's lock is taken over (see _lock_stale). Correctness never rests on the lock:
+    every file is written atomically, so a second builder could only waste time."""
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    told = False
+    while not done():
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _lock_stale(lock):
+                print(f"taking over {what} from {_lock_owner(lock)}, which is gone", file=sys.stderr, flush=True)
+                _discard(lock)
+                continue
+            if not told:
+                print(f"waiting for {what}, being built by {_lock_owner(lock) or 'another process'}",
+                      file=sys.stderr, flush=True)
+                told = True
+            while lock.exists() and not _lock_stale(lock):
+                time.sleep(LOCK_POLL_S)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(_lock_text() + "\n")
+        return BuildLock(lock)
+    return None
+
+
 def _remove_stale_tmp(folder: Path) -> None:
     """Remove the temporary files that killed writers on this host left in folder (see atomic_write).
     Another host's are left alone: its process may still be writing (shared cluster filesystem)."""
@@ -495,12 +581,15 @@ def _remove_stale_tmp(folder: Path) -> None:
             _discard(f)
 
 
-def _write_shards(cache: ImageCache, chunks, n_images: int, desc: str, progress: bool) -> None:
-    """Assemble ordered (start, images, ok, errors) chunks into shards; save each one as it fills."""
+def _write_shards(cache: ImageCache, chunks, n_images: int, desc: str, progress: bool,
+                  tick: Callable[[], None] = lambda: None) -> None:
+    """Assemble ordered (start, images, ok, errors) chunks into shards; save each one as it fills.
+    tick() after every chunk (the build lock's heartbeat)."""
     import torch
     buf: dict[int, list] = {}
     with tqdm(total=n_images, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for start, images, ok, errors in chunks:
+            tick()
             k = start // cache.shard_size
             buf.setdefault(k, []).append((images, ok, errors))
             bar.update(len(ok))
@@ -538,11 +627,28 @@ def build_cache(paths: list[str], data_root: Path, size: int, cache_dir: Path, n
     if not (folder / "meta.json").is_file():
         write_text(folder / "meta.json", json.dumps(meta))
     cache = ImageCache(folder)
-    todo = cache.missing_shards()
-    todo += _recovered_shards(cache, data_root, skip=todo)
-    if not todo:
+    claim = claim_build(folder / "build.lock", lambda: not _todo(cache, data_root), f"the image cache {folder}")
+    if claim is None:  # complete, or completed meanwhile by another process
         return cache
-    _remove_stale_tmp(folder)
+    with claim:
+        _build_shards(cache, _todo(cache, data_root), data_root, workers, chunk, f"caching {name} at {size}px",
+                      progress, claim.touch)
+    return cache
+
+
+def _todo(cache: ImageCache, data_root: Path) -> list[int]:
+    """The shards to (re)build: missing ones, and complete ones with an image that decodes now."""
+    todo = cache.missing_shards()
+    return todo + _recovered_shards(cache, data_root, skip=todo)
+
+
+def _build_shards(cache: ImageCache, todo: list[int], data_root: Path, workers: int | None, chunk: int, desc: str,
+                  progress: bool, tick: Callable[[], None]) -> None:
+    """Decode the images of shards `todo` over `workers` processes and save each shard as it fills."""
+    if not todo:
+        return
+    paths, size, square = cache.paths, cache.size, cache.square
+    _remove_stale_tmp(cache.folder)
     tasks = []
     for k in todo:
         lo, hi = k * cache.shard_size, min((k + 1) * cache.shard_size, len(paths))
@@ -550,16 +656,14 @@ def build_cache(paths: list[str], data_root: Path, size: int, cache_dir: Path, n
             tasks.append((s, [data_root / p for p in paths[s:min(s + chunk, hi)]], size, square))
     n_images = sum(len(t[1]) for t in tasks)
     workers = max(1, min(workers or default_workers(), len(tasks)))
-    desc = f"caching {name} at {size}px"
     if workers == 1:
-        _write_shards(cache, map(_decode_chunk, tasks), n_images, desc, progress)
+        _write_shards(cache, map(_decode_chunk, tasks), n_images, desc, progress, tick)
     else:
         import multiprocessing as mp
         # fork: workers start at once and need nothing pickled but the task (paths, size).
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with ctx.Pool(workers) as pool:
-            _write_shards(cache, pool.imap(_decode_chunk, tasks), n_images, desc, progress)
-    return cache
+            _write_shards(cache, pool.imap(_decode_chunk, tasks), n_images, desc, progress, tick)
 
 
 def _read_status(cache: ImageCache, k: int) -> dict:
@@ -871,17 +975,21 @@ def make_demo(root: Path, n_train_patients: int = 250, n_test_patients: int = 40
 
 
 def ensure_demo(root: Path = DEMO_ROOT, progress: bool = True) -> Path:
-    """The demo dataset's root, made on first use (atomically: built beside it, then renamed)."""
+    """The demo dataset's root, made on first use (atomically: built beside it, then renamed) by one
+    process; others that want it at the same time (torchrun's ranks) wait for it (claim_build)."""
     root = Path(root)
-    if (root / "student_labels" / "train2023.csv").is_file():
+    claim = claim_build(root.with_name(f".{root.name}.lock"), (root / "student_labels" / "train2023.csv").is_file,
+                        f"the demo dataset {root}")
+    if claim is None:
         return root
-    tmp = root.with_name(f".{root.name}.tmp{os.getpid()}")
-    make_demo(tmp, progress=progress)
-    try:
-        os.replace(tmp, root)
-    except OSError:  # another process made it first
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
+    with claim:
+        tmp = root.with_name(f".{root.name}.tmp{os.getpid()}")
+        make_demo(tmp, progress=progress)
+        try:
+            os.replace(tmp, root)
+        except OSError:  # made meanwhile by a process that took over the lock of one that seemed gone
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -156,10 +157,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 @dataclass
 class Runtime:
     device: torch.device
-    rank: int = 0
+    rank: int = 0        # global: rank 0 alone writes files and logs
     world: int = 1
     amp_dtype: torch.dtype | None = None
     progress: bool = True
+    local_rank: int = 0  # on this node: picks the GPU
 
     @property
     def main(self) -> bool:
@@ -183,9 +185,19 @@ class Runtime:
             print(*a, flush=True)
 
 
-def setup_runtime(args, distributed: bool = True) -> Runtime:
-    """Pick the device; under torchrun (WORLD_SIZE > 1) join the process group: nccl on GPU, gloo
-    on CPU. distributed=False (make_submission.py) stays a single process whatever the environment."""
+def amp_dtype_for(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """Autocast dtype: bf16 where the card computes it natively (compute capability 8.0 and up: A100,
+    H100, RTX 30xx/40xx), fp16 (with a GradScaler) on older cards (V100, T4, P100), None off CUDA or
+    with --no-amp. torch.cuda.is_bf16_supported() is not asked: it counts slow emulated bf16 too."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
+def setup_runtime(args, distributed: bool = True, join: bool = True) -> Runtime:
+    """Pick the device (GPU LOCAL_RANK under torchrun) and autocast dtype; under torchrun (WORLD_SIZE
+    > 1) join the process group unless join=False (then call join_process_group once the image cache
+    is there). distributed=False (make_submission.py) stays a single process whatever the environment."""
     world = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
     rank = int(os.environ.get("RANK", "0")) if distributed else 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if distributed else 0
@@ -198,12 +210,38 @@ def setup_runtime(args, distributed: bool = True) -> Runtime:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    amp = None
-    if use_cuda and args.amp:
-        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return Runtime(device, rank, world, amp, args.progress and rank == 0)
+    rt = Runtime(device, rank, world, amp_dtype_for(device, args.amp), args.progress and rank == 0, local_rank)
+    if join:
+        join_process_group(rt)
+    return rt
+
+
+def join_process_group(rt: Runtime) -> None:
+    """Join torchrun's process group (nccl on GPU, gloo on CPU) once every process is ready.
+
+    The processes first meet in torchrun's rendezvous store, where each one counts itself in and
+    waits for the others with no timeout: a node still building its own cache (node-local
+    --cache-dir) keeps the others waiting there, not inside a collective, whose timeout (10 minutes
+    for nccl) a cache build outlasts. The group itself keeps the usual timeout."""
+    if rt.world == 1 or dist.is_initialized():
+        return
+    store, _, _ = next(dist.rendezvous("env://", rt.rank, rt.world, timeout=timedelta(days=1)))
+    key = f"cxr/ready/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    n = store.add(key, 1)
+    everyone = -(-n // rt.world) * rt.world  # the count once all have arrived (it grows by world per main() call)
+    t0, told = time.time(), False
+    while n < everyone:
+        if not told and time.time() - t0 > 10:
+            print(f"rank {rt.rank} is ready; waiting for {everyone - n} more (a node still building its cache?)",
+                  file=sys.stderr, flush=True)
+            told = True
+        time.sleep(1)
+        n = store.add(key, 0)
+    # tests shorten the timeout to prove that no process waits in a collective while a cache is built
+    timeout = timedelta(seconds=float(os.environ["CXR_PG_TIMEOUT_S"])) if "CXR_PG_TIMEOUT_S" in os.environ else None
+    store.set_timeout(timeout or timedelta(minutes=30))
+    dist.init_process_group("nccl" if rt.cuda else "gloo", store=dist.PrefixStore("default_pg", store),
+                            rank=rt.rank, world_size=rt.world, timeout=timeout)
 
 
 def seed_everything(seed: int) -> None:
@@ -213,17 +251,33 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
+    """The random streams that --resume restores: CPU, Python, and every visible GPU's."""
     s = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
 
 
-def set_rng_state(s: dict) -> None:
+def set_rng_state(s: dict, rank: int | None = None) -> None:
+    """Restore rng_state(). Resumed on another GPU count, the GPUs that both runs have get their
+    streams back; the rest keep theirs. last.pt holds rank 0's streams: rank 0 (default: this
+    process's rank) continues them exactly, every other rank derives its own from them."""
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
     if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+        for i in range(min(len(s["cuda"]), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(s["cuda"][i], i)
+    if rank is None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank:
+        seed_everything(int(torch.randint(0, 2**31, ())) + rank)
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader worker_init_fn. SLURM signals every process of a job step, loader workers too: a
+    worker killed by SIGTERM ends the run in a DataLoader error instead of the saved last.pt that the
+    main process writes on SIGTERM (GracefulExit). The workers leave the signal to it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,19 +528,24 @@ def read_history(path: Path, before_epoch: int) -> list[dict]:
 
 class GracefulExit:
     """SIGTERM (SLURM's warning before a kill, `scancel`) is treated like Ctrl-C: last.pt is saved.
-    Signal handlers can only be set from the main thread; elsewhere this does nothing."""
+    After the first one, SIGTERM stays ignored until the process ends: under srun torchrun a worker
+    gets it twice (from SLURM, then forwarded by torchrun), and the second must not cut the saving
+    of last.pt short. Signal handlers can only be set from the main thread; elsewhere this does nothing."""
 
     def __enter__(self):
         self.active = threading.current_thread() is threading.main_thread()
+        self.signalled = False
         if self.active:
             self.old = signal.signal(signal.SIGTERM, self._raise)
         return self
 
     def _raise(self, signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.signalled = True
         raise KeyboardInterrupt(f"signal {signum}")
 
     def __exit__(self, *exc):
-        if self.active:
+        if self.active and not self.signalled:
             signal.signal(signal.SIGTERM, self.old)
 
 
@@ -543,7 +602,7 @@ def prepare_job(names: list[str], folder: str, table: pd.DataFrame, is_val: np.n
     sampler = EpochSampler(weights, len(train_set), args.batch_size, args.seed, rt.rank, rt.world)
     n_workers = args.loader_workers if args.loader_workers is not None else (4 if rt.cuda else 0)
     loader = DataLoader(train_set, batch_size=None, sampler=sampler, num_workers=n_workers, pin_memory=rt.cuda,
-                        persistent_workers=n_workers > 0)
+                        persistent_workers=n_workers > 0, worker_init_fn=ignore_sigterm)
     return Job(names, args.out_dir / folder, label, len(tr), len(va), train_t, val_t, train_means, train_set,
                val_set, sampler, loader)
 
@@ -724,12 +783,11 @@ def table_rows(summary: dict) -> list[dict]:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    rt = setup_runtime(args)
-    seed_everything(args.seed)
+    rt = setup_runtime(args, join=False)
     try:
-        if rt.main:
-            root, csv_path = resolve_data(args.data_root, args.train_csv, "train2023.csv")
-        rt.barrier()  # rank 0 makes the demo data first
+        # Under torchrun every process gets its data ready on its own, before the process group: the
+        # first one to need the demo data or the cache makes it (with progress), the others wait on
+        # the files, never in a collective whose timeout a long cache build would outlast.
         root, csv_path = resolve_data(args.data_root, args.train_csv, "train2023.csv")
         if args.data_root is None:
             rt.log(f"no --data-root: using the demo dataset in {root} ({args.image_size}px, {args.epochs} epochs, "
@@ -738,16 +796,15 @@ def main(argv=None) -> list[dict]:
         args.label_convention = table.attrs["label_convention"]  # what was used, in summary.json and checkpoints
         rt.log(describe_convention(args.label_convention, table.attrs["label_convention_how"]))
         names = check_pathologies(args.pathology, table.attrs["labels"])
-        # rank 0 builds the cache; the others then find it complete
-        if rt.main:
-            table, cache = cached_table(table, root, args.image_size, args.cache_dir, csv_path.stem, args.square,
-                                        args.workers, progress=rt.progress)
-        rt.barrier()
-        if not rt.main:
-            table, cache = cached_table(table, root, args.image_size, args.cache_dir, csv_path.stem, args.square,
-                                        args.workers, progress=False)
+        table, cache = cached_table(table, root, args.image_size, args.cache_dir, csv_path.stem, args.square,
+                                    args.workers, progress=args.progress)
+        join_process_group(rt)
         sources = [cache] + [find_augmented(cache, a) for a in args.augmented]
         is_val = split_by_patient(table["patient"], args.val_frac, args.seed)
+        # One stream per rank (dropout, on-the-fly augmentation); rank 0's is a single process's. The
+        # split and the sampler draw from their own seeded generators, the same on every rank, and
+        # DDP gives every rank rank 0's initial weights.
+        seed_everything(args.seed + rt.rank)
         jobs = ([(names, slug("multi_head", args.view))] if args.multi_head
                 else [([n], slug(n, args.view)) for n in names])
         summaries = [s for s in (train_job(n, f, table, is_val, sources, args, rt) for n, f in jobs) if s]

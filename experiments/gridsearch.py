@@ -4,7 +4,9 @@
     python experiments/gridsearch.py --pathology "Pleural Effusion" --data-root /data/cs156b \\
         --hidden 256 512 --freeze 3 5 --lr 5e-4 1e-4 --epochs 5 --out-dir runs/grid --shard 2/4
 
-Every flag it does not know (--epochs, --image-size, --data-root, --augmented, ...) goes to
+--freeze N keeps the first N backbone stages (stem, layer1..4) frozen for the whole run while the
+rest trains, as in the original project; --unfreeze-epoch E unfreezes them from epoch E (0-based)
+instead. Every flag it does not know (--epochs, --image-size, --data-root, --augmented, ...) goes to
 train.py unchanged. Each configuration trains through train.main() into its own folder,
 OUT_DIR/hidden256_freeze3_lr0.0005/<slug>/, always with --resume: a finished configuration returns
 its summary without training, one killed mid-way carries on from its last.pt.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import itertools
 import json
@@ -34,9 +37,10 @@ from tqdm import tqdm
 from dataset import ALL_LABELS, UserError, check_pathologies, format_table, run_cli, write_text
 
 DEFAULT_HIDDEN, DEFAULT_FREEZE, DEFAULT_LR = [256, 512], [3, 5], [5e-4, 1e-4]  # the original project's grid
-RESULT_COLUMNS = ["pathology", "hidden", "freeze", "lr", "val_loss", "val_mse", "val_mse_cv", "val_mse_cal", "const_mse", "val_auc",
-                  "best_epoch", "epochs_run", "seconds", "config"]
-TABLE_COLUMNS = ["hidden", "freeze", "lr", "val_loss", "val_mse", "val_mse_cv", "val_auc", "best_epoch", "seconds"]
+RESULT_COLUMNS = ["pathology", "hidden", "freeze", "lr", "val_loss", "val_mse", "val_mse_cv", "val_mse_cal", "const_mse",
+                  "val_auc", "best_epoch", "epochs_run", "seconds", "trainable_params", "unfreeze_epoch", "config"]
+TABLE_COLUMNS = ["hidden", "freeze", "lr", "trainable_params", "val_loss", "val_mse", "val_mse_cv", "val_auc",
+                 "best_epoch", "seconds"]
 CONFIG_DIR = re.compile(r"hidden\d+_freeze\d+_lr\S+")
 
 
@@ -48,9 +52,13 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--hidden", type=int, nargs="+", default=DEFAULT_HIDDEN, metavar="N",
                    help="MLP head sizes (default 256 512)")
     p.add_argument("--freeze", type=int, nargs="+", default=DEFAULT_FREEZE, metavar="N",
-                   help="backbone stages frozen at the start (default 3 5)")
+                   help="backbone stages (stem, layer1..4) kept frozen while the rest trains: for the whole run, "
+                   "or until --unfreeze-epoch (default 3 5)")
     p.add_argument("--lr", type=float, nargs="+", default=DEFAULT_LR, metavar="F",
                    help="peak learning rates (default 5e-4 1e-4)")
+    p.add_argument("--unfreeze-epoch", type=int, metavar="E",
+                   help="epoch (0-based) from which the --freeze stages train too (default: never, i.e. --epochs: "
+                   "frozen for the whole run; train.py alone defaults to 1)")
     p.add_argument("--out-dir", type=Path, required=True, help="one folder per configuration, and results.csv")
     p.add_argument("--shard", metavar="I/N", help="train only the I-th of N slices of the grid (1 <= I <= N)")
     p.add_argument("--collect", action=argparse.BooleanOptionalAction, default=False,
@@ -101,8 +109,9 @@ def shard_of(grid: list[dict], i: int, n: int) -> list[dict]:
 def train_argv(args: argparse.Namespace, passthrough: list[str], cfg: dict) -> list[str]:
     """train.py's argv for one configuration: the pass-through flags first, the grid's own last (so
     they win if a pass-through flag repeats one)."""
+    unfreeze = [] if args.unfreeze_epoch is None else ["--unfreeze-epoch", str(args.unfreeze_epoch)]
     return ["--pathology", args.pathology, *passthrough, "--hidden", str(cfg["hidden"]), "--freeze", str(cfg["freeze"]),
-            "--lr", repr(cfg["lr"]), "--out-dir", str(args.out_dir / config_name(cfg)), "--resume"]
+            *unfreeze, "--lr", repr(cfg["lr"]), "--out-dir", str(args.out_dir / config_name(cfg)), "--resume"]
 
 
 def history_seconds(path: Path) -> float | None:
@@ -111,6 +120,27 @@ def history_seconds(path: Path) -> float | None:
         return None
     with open(path, newline="") as f:
         return round(sum(float(r["seconds"]) for r in csv.DictReader(f) if r.get("seconds")), 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _trainable(pathology: str, head: str, hidden: int, dropout: float, freeze: int) -> int:
+    import torch
+    from model import build_model, model_config, set_frozen
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = build_model(model_config([pathology], head, hidden, dropout))
+    set_frozen(model, freeze)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def trainable_params(pathology: str | None, config: dict) -> int | None:
+    """Parameters a configuration trains while its --freeze stages are frozen (None if its summary
+    lacks the fields). This is what the freeze axis changes: with --hidden 256, 24.0M parameters train
+    with --freeze 0, 22.6M with 3 (stem, layer1, layer2 frozen), 15.5M with 4, the head's 0.5M with 5."""
+    try:
+        return _trainable(pathology, config["head"], int(config["hidden"]), float(config["dropout"]),
+                          int(config["freeze"]))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def collect_results(out_dir: Path) -> list[dict]:
@@ -128,6 +158,8 @@ def collect_results(out_dir: Path) -> list[dict]:
         rows.append({"pathology": s.get("pathology"), "hidden": c.get("hidden"), "freeze": c.get("freeze"),
                      "lr": c.get("lr"), **{k: s.get(k) for k in RESULT_COLUMNS[4:12]},
                      "seconds": history_seconds(summary_path.parent / "history.csv"),
+                     "trainable_params": trainable_params(s.get("pathology"), c),
+                     "unfreeze_epoch": c.get("unfreeze_epoch"),
                      "config": f"{summary_path.parent.parent.name}/{summary_path.parent.name}"})
     rows.sort(key=lambda r: (r["val_loss"] is None, r["val_loss"] if r["val_loss"] is not None else 0.0, r["config"]))
     return rows
@@ -151,6 +183,8 @@ def main(argv=None) -> list[dict]:
     todo = shard_of(grid, i, n)
     if not args.collect:
         import train  # torch loads only after the grid's own flags are checked: a typo there fails at once
+        if args.unfreeze_epoch is None:  # frozen for the whole run: unfreeze after the last epoch
+            args.unfreeze_epoch = train.parse_args(["--pathology", args.pathology, *passthrough]).epochs
         # check every configuration's flags now, so a typo fails before hours of training, not after
         train_args = [train.parse_args(train_argv(args, passthrough, cfg)) for cfg in todo]
         progress = train_args[0].progress if train_args else False

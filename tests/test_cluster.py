@@ -1,0 +1,354 @@
+"""Cluster runs: torchrun on a cold cache, two "nodes", one builder per cache, autocast on older
+GPUs, SIGTERM / SIGKILL at a fixed point of training (with loader workers too), resuming on another
+GPU count, per-rank seeds, and the grid search's freeze axis."""
+import csv
+import json
+import multiprocessing as mp
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import dataset
+import train
+from experiments import gridsearch
+from model import Checkpoint, load_checkpoint
+from tests.conftest import ROOT
+
+# A test-only stretch of the cache build (seconds per chunk of 8 images: the 81 demo images take
+# ~16 s) against a process-group timeout that it outlasts but training's own waits do not.
+SLOW_BUILD = {"CXR_TEST_DECODE_DELAY": "1.5", "CXR_PG_TIMEOUT_S": "10"}
+
+
+def free_port() -> int:
+    """A port nothing listens on now, so concurrent test runs on one machine do not collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, log=None, **env):
+    """python ARGS in the repo, one thread, with extra environment variables; output to pipes or a file."""
+    out = open(log, "w") if log else subprocess.PIPE
+    try:
+        return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT if log else subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env},
+                                start_new_session=True)  # its own process group, to be signalled as SLURM does
+    finally:
+        if log:
+            out.close()
+
+
+def torchrun(*flags):
+    return ["-m", "torch.distributed.run", "--master-addr", "127.0.0.1", *flags, "train.py"]
+
+
+def read_csv_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def only_cache(cache_dir):
+    [folder] = [f for f in cache_dir.iterdir() if f.is_dir()]
+    return dataset.ImageCache(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1, 8: torchrun on a cold cache whose build outlasts the process group's timeout; a free port
+
+def test_torchrun_on_a_cold_cache_finishes_and_writes_one_set_of_files(tiny_args, tmp_path, demo_root):
+    [s1] = train.main(tiny_args("--pathology", "Cardiomegaly", "--out-dir", str(tmp_path / "one")))
+    ddp = tiny_args("--pathology", "Cardiomegaly", "--out-dir", str(tmp_path / "two"),
+                    "--cache-dir", str(tmp_path / "cold"))
+    t0 = time.time()
+    proc = launch([*torchrun("--nproc-per-node", "2", "--master-port", str(free_port())), *ddp], **SLOW_BUILD)
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, (out + err)[-3000:]
+    assert time.time() - t0 > 15  # the build did outlast the 10 s timeout
+    assert err.count("waiting for the image cache") == 1  # one process built it, the other waited on the files
+    assert not only_cache(tmp_path / "cold").missing_shards()
+    folder = tmp_path / "two" / "cardiomegaly"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "history.csv", "last.pt", "summary.json"]
+    s2 = json.loads((folder / "summary.json").read_text())
+    assert (s2["n_train"], s2["n_val"]) == (s1["n_train"], s1["n_val"])
+    assert len(read_csv_rows(folder / "history.csv")) == 1
+    assert out.count("Cardiomegaly epoch 1/1") == 1  # only rank 0 logs
+
+    # the metrics gathered over both ranks equal one process's on the same weights and rows
+    from dataset import XrayDataset, cached_table, read_train_csv, split_by_patient
+    table, cache = cached_table(read_train_csv(demo_root / "student_labels" / "train2023.csv"), demo_root, 32,
+                                tmp_path / "cache", "train2023", workers=1, progress=False)
+    rows = split_by_patient(table["patient"], 0.2, 0) & table["Cardiomegaly"].notna().to_numpy()
+    targets = table.loc[rows, ["Cardiomegaly"]].to_numpy()
+    model, ckpt = load_checkpoint(folder / "best.pt")
+    pred = train.predict(model, XrayDataset([cache], table["slot"][rows], targets), 16, train.Runtime(torch.device("cpu")))
+    m = train.pathology_metrics(pred[:, 0], targets[:, 0], 0.0, ckpt.calibration["Cardiomegaly"])
+    gathered = s2["per_pathology"]["Cardiomegaly"]
+    assert m["n"] == gathered["n"] == s2["n_val"]
+    for key in ("val_mse", "val_mse_cal", "val_auc"):
+        assert m[key] == pytest.approx(gathered[key], abs=1e-5), key
+
+
+# ---------------------------------------------------------------------------------------------
+# 2: two nodes with node-local caches; one builder per shared cache; the demo data made once
+
+def test_two_nodes_build_their_own_caches_and_only_global_rank_0_writes(tiny_args, tmp_path):
+    """The README's two-"node" recipe: node 1's cache takes longer than the process-group timeout
+    to build, while node 0 (its own cache quickly built) waits for it outside any collective."""
+    port, procs = free_port(), []
+    for node in (0, 1):
+        argv = tiny_args("--pathology", "Cardiomegaly", "--cache-dir", str(tmp_path / f"node{node}_tmpdir"),
+                         "--out-dir", str(tmp_path / f"out{node}"))
+        flags = ("--nnodes", "2", "--node-rank", str(node), "--master-port", str(port), "--nproc-per-node", "1")
+        env = SLOW_BUILD if node == 1 else {"CXR_PG_TIMEOUT_S": SLOW_BUILD["CXR_PG_TIMEOUT_S"]}
+        procs.append(launch([*torchrun(*flags), *argv], log=tmp_path / f"node{node}.log", **env))
+    for node, proc in enumerate(procs):
+        assert proc.wait(timeout=400) == 0, (tmp_path / f"node{node}.log").read_text()[-3000:]
+    for node in (0, 1):
+        assert not only_cache(tmp_path / f"node{node}_tmpdir").missing_shards()
+    folder = tmp_path / "out0" / "cardiomegaly"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "history.csv", "last.pt", "summary.json"]
+    assert not (tmp_path / "out1").exists()  # global rank 1 (node 1's local rank 0) writes nothing
+    assert "Cardiomegaly epoch 1/1" in (tmp_path / "node0.log").read_text()
+
+
+def _in_processes(target, n, *args, timeout=120):
+    """Run target(*args) in n forked processes at once; all must end well within timeout."""
+    procs = [mp.get_context("fork").Process(target=target, args=args) for _ in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung and [p.exitcode for p in procs] == [0] * n
+
+
+def test_processes_sharing_a_cache_dir_decode_each_image_once(demo_root, tmp_path, monkeypatch, capfd):
+    paths = list(dict.fromkeys(dataset.read_train_csv(demo_root / "student_labels" / "train2023.csv")["path"]))
+    log, real = tmp_path / "decoded.txt", dataset._decode_chunk
+
+    def counted(task):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {task[0]}\n")
+        time.sleep(0.05)
+        return real(task)
+    monkeypatch.setattr(dataset, "_decode_chunk", counted)
+    _in_processes(dataset.build_cache, 3, paths, demo_root, 32, tmp_path / "cache", "t", "resize", 1, False)
+    decoded = [line.split() for line in log.read_text().splitlines()]
+    assert sorted(int(start) for _, start in decoded) == list(range(0, len(paths), 8))  # every chunk once
+    assert len({pid for pid, _ in decoded}) == 1
+    assert capfd.readouterr().err.count("waiting for the image cache") == 2
+    cache = dataset.build_cache(paths, demo_root, 32, tmp_path / "cache", "t", workers=1, progress=False)
+    assert not cache.missing_shards() and len(log.read_text().splitlines()) == len(decoded)
+    assert not (cache.folder / "build.lock").exists()
+
+
+def test_a_dead_builders_lock_is_taken_over(demo_root, tmp_path, capfd):
+    paths = list(dict.fromkeys(dataset.read_train_csv(demo_root / "student_labels" / "train2023.csv")["path"]))[:8]
+    folder, _ = dataset.cache_folder(tmp_path / "cache", "t", demo_root, paths, 32, "resize")
+    folder.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (folder / "build.lock").write_text(f"{socket.gethostname()} {int(dead.stdout)}\n")  # killed on this host
+    _in_processes(dataset.build_cache, 1, paths, demo_root, 32, tmp_path / "cache", "t", "resize", 1, False, timeout=60)
+    assert "taking over the image cache" in capfd.readouterr().err
+    # another host's builder that stopped touching its lock long ago
+    (folder / "shard_00000.pt").unlink()
+    (folder / "build.lock").write_text("some-other-node 4242\n")
+    os.utime(folder / "build.lock", (time.time() - dataset.LOCK_STALE_S - 5,) * 2)
+    _in_processes(dataset.build_cache, 1, paths, demo_root, 32, tmp_path / "cache", "t", "resize", 1, False, timeout=60)
+    assert not dataset.ImageCache(folder).missing_shards() and not (folder / "build.lock").exists()
+
+
+def test_processes_wanting_the_demo_data_at_once_make_it_once(tmp_path, monkeypatch):
+    log, real = tmp_path / "made.txt", dataset.make_demo
+
+    def small(root, progress=True):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(root, n_train_patients=4, n_test_patients=2, progress=False)
+    monkeypatch.setattr(dataset, "make_demo", small)
+    _in_processes(dataset.ensure_demo, 3, tmp_path / "demo_data", False)
+    assert len(log.read_text().splitlines()) == 1
+    assert (tmp_path / "demo_data" / "student_labels" / "train2023.csv").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_data", "made.txt"]  # no lock or half-made copy left
+
+
+# ---------------------------------------------------------------------------------------------
+# 3: bf16 only where the card has it
+
+@pytest.mark.parametrize("capability, dtype", [((6, 0), torch.float16), ((7, 0), torch.float16),
+                                               ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                               ((9, 0), torch.bfloat16)])
+def test_autocast_dtype_is_bf16_only_on_cards_that_compute_it_natively(monkeypatch, capability, dtype):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # True on a V100 too: emulation
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    flags = [(torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"),
+             (torch.backends.cuda.matmul, "allow_tf32")]  # what setup_runtime turns on
+    before = [getattr(m, name) for m, name in flags]
+    try:
+        args = train.parse_args(["--pathology", "Cardiomegaly", "--device", "cuda"])
+        rt = train.setup_runtime(args, distributed=False)  # what make_submission.py does
+    finally:
+        for (m, name), value in zip(flags, before):
+            setattr(m, name, value)
+    assert rt.amp_dtype == dtype and rt.device == torch.device("cuda:0")
+    assert train.amp_dtype_for(torch.device("cuda:0"), enabled=False) is None
+    assert train.amp_dtype_for(torch.device("cpu"), enabled=True) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# 4, 8: SIGTERM / SIGKILL at a fixed point (the first step of epoch 2), with and without loader workers
+
+# train.py with two changes: at the first training step of epoch 2 it says so (a marker file) and
+# sleeps until the test signals it, so the kill point is the same on every run; and when it saves
+# last.pt on an interrupt it says so too (MARKER.saving) and takes 2 s longer, for a second signal.
+PAUSED_TRAIN = """
+import sys, time
+from pathlib import Path
+import train
+marker, epochs = Path(sys.argv[1]), []
+real_epoch, real_loss, real_save = train.train_one_epoch, train.masked_mse, train.save_last
+
+def count_epochs(*a, **k):
+    epochs.append(1)
+    return real_epoch(*a, **k)
+
+def pause_in_epoch_2(*a, **k):
+    if len(epochs) == 2:
+        marker.touch()
+        time.sleep(600)
+    return real_loss(*a, **k)
+
+def slow_save(*a, **k):
+    if k.get("interrupted"):
+        Path(str(marker) + ".saving").touch()
+        time.sleep(2)
+    return real_save(*a, **k)
+
+train.train_one_epoch, train.masked_mse, train.save_last = count_epochs, pause_in_epoch_2, slow_save
+sys.exit(train.run_cli(train.main, sys.argv[2:]))
+"""
+
+
+def wait_for(path, proc, timeout=200):
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig, loader_workers, twice", [(signal.SIGKILL, 0, False), (signal.SIGTERM, 0, False),
+                                                        (signal.SIGTERM, 2, False), (signal.SIGTERM, 0, True)],
+                         ids=["sigkill", "sigterm", "sigterm-with-loader-workers", "sigterm-twice"])
+def test_killed_training_resumes_and_checkpoints_always_load(tiny_args, tmp_path, sig, loader_workers, twice):
+    """Signals go to the whole process group, loader workers included, as SLURM sends them. Under
+    srun torchrun a worker gets SIGTERM twice, from SLURM and then forwarded by torchrun: the second
+    must not cut the saving of last.pt short."""
+    marker, out = tmp_path / "in_epoch_2", tmp_path / "ckpt" / "cardiomegaly"
+    argv = tiny_args("--pathology", "Cardiomegaly", "--epochs", "3", "--patience", "0",
+                     "--loader-workers", str(loader_workers))
+    proc = launch(["-c", PAUSED_TRAIN, str(marker), *argv])
+    wait_for(marker, proc)
+    os.killpg(proc.pid, sig)
+    if twice:
+        wait_for(tmp_path / "in_epoch_2.saving", proc)
+        os.killpg(proc.pid, sig)
+    out_text, err = proc.communicate(timeout=120)
+    assert proc.returncode == (130 if sig == signal.SIGTERM else -sig), err[-3000:]
+    if sig == signal.SIGTERM:  # handled like Ctrl-C: last.pt with the epochs completed so far
+        assert "interrupted: saved" in out_text and "Traceback" not in err, err[-3000:]
+    last = Checkpoint.load(out / "last.pt")
+    assert last.epoch == 1 and Checkpoint.load(out / "best.pt").epoch == 1
+    assert last.interrupted == (sig == signal.SIGTERM)
+    [s] = train.main(tiny_args("--pathology", "Cardiomegaly", "--epochs", "2", "--patience", "0", "--resume"))
+    assert s["epochs_run"] == 2
+    assert [int(r["epoch"]) for r in read_csv_rows(out / "history.csv")] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# 5: resuming on another GPU count
+
+def test_resume_on_fewer_or_more_gpus_restores_the_streams_that_fit(monkeypatch):
+    restored, visible = {}, [1]
+
+    def set_one(state, device="cuda"):  # as torch's: an index past the visible GPUs is an IndexError
+        i = device if isinstance(device, int) else torch.device(device).index or 0
+        if i >= visible[0]:
+            raise IndexError("tuple index out of range")
+        restored[i] = int(state[0])
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible[0])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_one)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [set_one(s, i) for i, s in enumerate(states)])
+    saved = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "cuda": [torch.tensor([10 + i], dtype=torch.uint8) for i in range(4)]}  # a 4-GPU run's last.pt
+    train.set_rng_state(saved)
+    assert restored == {0: 10}
+    restored.clear()
+    visible[0] = 8
+    train.set_rng_state(saved)
+    assert restored == {0: 10, 1: 11, 2: 12, 3: 13}
+
+
+# ---------------------------------------------------------------------------------------------
+# 6: one random stream per rank
+
+def test_each_rank_draws_its_own_dropout_masks(tiny_args, monkeypatch):
+    draws = {}
+
+    def record(names, folder, table, is_val, sources, args, rt):
+        draws[(rt.world, rt.rank)] = torch.nn.functional.dropout(torch.ones(64), 0.5)
+        return None
+    monkeypatch.setattr(train, "train_job", record)
+    monkeypatch.setattr(train, "join_process_group", lambda rt: None)  # two ranks' view, without a group
+    argv = tiny_args("--pathology", "Cardiomegaly")
+    for world, rank in [(1, 0), (2, 0), (2, 1)]:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        monkeypatch.setenv("RANK", str(rank))
+        with pytest.raises(dataset.UserError, match="nothing to train"):
+            train.main(argv)
+    assert not torch.equal(draws[(2, 0)], draws[(2, 1)])
+    assert torch.equal(draws[(2, 0)], draws[(1, 0)])  # rank 0 draws what a single process draws
+    # resumed: rank 0 continues last.pt's stream exactly, the others derive their own from it
+    saved = train.rng_state()
+    after = {}
+    for rank in (0, 1, 0):
+        train.set_rng_state(saved, rank=rank)
+        after.setdefault(rank, []).append(torch.rand(8))
+    assert torch.equal(after[0][0], after[0][1]) and not torch.equal(after[0][0], after[1][0])
+
+
+# ---------------------------------------------------------------------------------------------
+# 7: the grid's freeze axis
+
+def test_grid_freeze_values_train_different_parameters_for_the_whole_run(tiny_args, tmp_path):
+    grid = tmp_path / "grid"
+    rows = gridsearch.main(["--pathology", "Cardiomegaly", "--hidden", "8", "--freeze", "3", "5", "--lr", "1e-3",
+                            *tiny_args("--epochs", "2"), "--out-dir", str(grid)])
+    by_freeze = {r["freeze"]: r for r in rows}
+    assert by_freeze[3]["trainable_params"] > by_freeze[5]["trainable_params"] > 0
+    assert by_freeze[3]["unfreeze_epoch"] == by_freeze[5]["unfreeze_epoch"] == 2  # frozen for the whole run
+    with open(grid / "results.csv") as f:
+        assert {r["freeze"]: int(r["trainable_params"]) for r in csv.DictReader(f)} == {
+            "3": by_freeze[3]["trainable_params"], "5": by_freeze[5]["trainable_params"]}
+    a, b = (Checkpoint.load(grid / f"hidden8_freeze{f}_lr0.001" / "cardiomegaly" / "last.pt").state_dict
+            for f in (3, 5))
+    stem_to_layer2 = [k for k in a if k.startswith(("backbone.conv1", "backbone.bn1", "backbone.layer1",
+                                                    "backbone.layer2"))]
+    layer3 = [k for k in a if k.startswith("backbone.layer3") and a[k].is_floating_point()]
+    # both start from the same weights (same seed); stem..layer2 are frozen in both for both epochs
+    assert stem_to_layer2 and all(torch.equal(a[k], b[k]) for k in stem_to_layer2)
+    assert any(not torch.equal(a[k], b[k]) for k in layer3)  # layer3 trains with --freeze 3 only
