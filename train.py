@@ -696,9 +696,9 @@ def end_epoch(state: TrainState, job: Job, epoch: int, train_loss: float, train_
     else:
         stop["bad_epochs"] += 1
     stop["stopped"] = bool(args.patience and stop["bad_epochs"] >= args.patience)
-    save_last(job, state, args, rt)
-    if rt.main:
+    if rt.main:  # history first: a kill between the two leaves rows that resume drops, never a gap
         write_history(job.folder / "history.csv", state.history)
+    save_last(job, state, args, rt)
     rt.log(f"{job.label} epoch {epoch + 1}/{args.epochs}: train {train_loss:.4f}  val {val['val_loss']:.4f}  "
            f"mse {val['val_mse']:.4f} -> cal {val['val_mse_cv']:.4f} out of sample, {val['val_mse_cal']:.4f} in "
            f"(const {val['const_mse']:.4f})  "
