@@ -113,12 +113,14 @@ def main(argv=None):
     p.add_argument("--multi-head", action=argparse.BooleanOptionalAction, default=True,
                    help="one multi-head model per run (default), or one model per pathology")
     p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--max-seconds", type=float, default=float("inf"),
+                   help="start no new run after this many seconds (what finished is kept and summarised)")
     args = p.parse_args(argv)
     names = args.pathology or labelled_pathologies(args.data_root / "student_labels" / "train2023.csv")
     results_path = args.work / "results.jsonl"
     args.work.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.is_file() else []
-    order = []
+    order, t_start = [], time.time()
     for s in args.set:
         for name, flags in SETS[s].items():
             if args.only and name not in args.only:
@@ -126,6 +128,9 @@ def main(argv=None):
             order.append(name)
             for seed in args.seeds:
                 if any(r["recipe"] == name and r["seed"] == seed for r in done):
+                    continue
+                if time.time() - t_start > args.max_seconds:
+                    print(f"== {name} seed {seed}: skipped, past --max-seconds {args.max_seconds:g}", flush=True)
                     continue
                 r = run_one(name, flags, seed, args, extra, names)
                 done.append(r)
