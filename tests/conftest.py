@@ -9,8 +9,9 @@ sys.path.insert(0, str(ROOT))
 
 from dataset import make_demo  # noqa: E402
 
-# 32 px, one epoch, random init, one cache worker: seconds per training run on a 2-core CPU
-TINY = ["--image-size", "32", "--epochs", "1", "--batch-size", "16", "--weights", "none",
+# 32 px, one epoch, ResNet-18 from random init, one cache worker: seconds per training run on a
+# 2-core CPU. Tests where the backbone matters pass their own --arch (the later flag wins).
+TINY = ["--image-size", "32", "--epochs", "1", "--batch-size", "16", "--weights", "none", "--arch", "resnet18",
         "--workers", "1", "--no-progress"]
 
 
