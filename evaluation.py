@@ -26,6 +26,9 @@ import pandas as pd
 
 from dataset import atomic_write, slug, write_text
 
+# val_predictions.csv, written by train.py and read by experiments/blend.py: one row per validation
+# image and pathology; target blank = unlabelled; raw and calibrated predictions in [-1, 1]
+PREDICTION_COLUMNS = ["path", "patient", "study", "view", "pathology", "target", "raw", "calibrated"]
 METRIC_COLUMNS = ["pathology", "n", "mse", "mse_lo", "mse_hi", "const_mse", "auc", "auc_lo", "auc_hi"]
 BOOT_CHUNK = 100  # resamples drawn at once: bounds memory at about BOOT_CHUNK x rows floats
 DPI = 100

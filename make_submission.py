@@ -18,10 +18,30 @@ calibration map and is clipped to [-1, 1]; maps of one image are then averaged.
 
 Speed: each test image is decoded once, into the same uint8 cache train.py uses (one cache per
 distinct image size and square mode), and every model that needs a batch runs on that one batch.
+
+Scoring, before a leaderboard submission is spent (the written CSV is scored, exactly as submitted):
+    python make_submission.py --data-root DIR --labels heldout.csv --out eval/sub.csv --plots eval/plots
+--labels FILE is either an 'Id' + label-columns CSV for the test CSV's Ids (the demo's
+test_labels.csv; pass it as --test-csv too, since it covers test_ids.csv and solution_ids.csv), or
+a labelled CSV in a training layout ('Path' and 'AP/PA' columns: a held-out slice of train2023.csv,
+Stanford's valid.csv), whose images are then the ones predicted, with Ids 0..N-1 in the written CSV
+(rows whose image is missing or unreadable are dropped with a warning). Labels are read in the
+--label-convention (detected from the layout by default) onto the project's scale; uncertain (0)
+counts in the MSE, blank does not. It prints per pathology n, MSE, the constant training mean's
+MSE and AUC with 95% patient-grouped bootstrap intervals, then macro MSE and AUC, and writes them to
+metrics.json and metrics.csv beside --out (format: evaluation.evaluate); --plots DIR adds a ROC
+curve and a reliability diagram per pathology.
+
+Blend (experiments/blend.py): with --blend blend.json and --checkpoints PARENT (the folder holding
+the runs), each pathology the blend covers is predicted by exactly its members, PARENT/<member>/best.pt,
+combined by evaluation.apply_blend (learned weights over the members that serve the image's view,
+the learned frontal/lateral study fusion in place of --study-fusion, and the blend's calibration).
+Other pathologies are routed as above over all checkpoints under PARENT.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -34,8 +54,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from dataset import (PATHOLOGIES, VIEWS, UserError, atomic_write, cached_table, default_workers, flip_images,
-                     format_table, read_test_csv, resolve_data, run_cli)
+from dataset import (LABEL_CONVENTIONS, PATHOLOGIES, VIEWS, UserError, atomic_write, cached_table, choose_convention,
+                     default_workers, describe_convention, flip_images, format_table, read_test_csv, read_train_csv,
+                     resolve_data, run_cli, to_internal_labels)
+from evaluation import METRIC_COLUMNS, apply_blend, evaluate, metrics_rows, plot_evaluation, write_metrics
 from model import Checkpoint, apply_calibration, load_checkpoint
 from train import Runtime, setup_runtime
 
@@ -63,6 +85,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="test-time augmentation: flip = average with the horizontally flipped image")
     p.add_argument("--study-fusion", action=argparse.BooleanOptionalAction, default=False,
                    help="average each pathology over the images of one study (pidN/studyM), after routing")
+    p.add_argument("--blend", type=Path, metavar="FILE",
+                   help="blend.json (experiments/blend.py): its pathologies are predicted by their members, "
+                        "--checkpoints PARENT/<member>/best.pt, with the learned weights, study fusion and calibration")
+    p.add_argument("--labels", type=Path, metavar="FILE",
+                   help="score the written CSV: an 'Id' + label-columns CSV for the test CSV's Ids, or a labelled CSV "
+                        "with 'Path' in a training layout whose images are then predicted; writes metrics.json and "
+                        "metrics.csv beside --out")
+    p.add_argument("--label-convention", choices=LABEL_CONVENTIONS, default="auto",
+                   help="how --labels writes labels: cs156b (0 uncertain, -1 negative), chexpert (Stanford's: "
+                        "0 negative, -1 uncertain), or auto: detected from the layout")
+    p.add_argument("--plots", type=Path, metavar="DIR", help="with --labels: a ROC curve and a reliability diagram "
+                   "per pathology, as PNGs in DIR")
     p.add_argument("--cache-dir", type=Path, default=Path("cache"), help="image cache folder (never under the data root)")
     p.add_argument("--workers", type=int, default=default_workers(), help="processes that decode images into the cache")
     p.add_argument("--batch-size", type=int, default=64)
@@ -76,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers < 1:
         p.error(f"--workers must be at least 1, got {args.workers}")
+    if args.plots is not None and args.labels is None:
+        p.error("--plots needs --labels: the plots compare predictions with labels")
     return args
 
 
@@ -137,23 +173,73 @@ def load_sources(paths: list[Path], folder: Path, rt: Runtime) -> list[Source]:
 Routes = dict[str, dict[str, list[tuple[int, int]]]]
 
 
-def route(sources: list[Source], combine: str, ensemble: bool) -> Routes:
+@dataclass
+class Blend:
+    """One pathology of blend.json: its members as (source index, output column), in the entry's
+    order, and the entry itself (weights, lambda, a, b, w_frontal), which evaluation.apply_blend reads."""
+    members: list[tuple[int, int]]
+    params: dict
+
+
+def load_blend(path: Path, sources: list[Source], folder: Path) -> dict[str, Blend]:
+    """blend.json's pathologies with their members among the loaded checkpoints: member
+    'run_a/cardiomegaly' is folder/run_a/cardiomegaly/best.pt. A missing member, or one that does
+    not predict the pathology, is an error naming it; a pathology that is no submission column is
+    left out with a warning."""
+    try:
+        entries = json.loads(Path(path).read_text())["pathologies"]
+        wanted = {name: (list(e["members"]), len(e["weights"])) for name, e in entries.items()}
+    except FileNotFoundError as e:
+        raise UserError(f"--blend {path}: no such file") from e
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"--blend {path}: not a blend file of experiments/blend.py ({type(e).__name__}: {e})") from e
+    index = {src.name: s for s, src in enumerate(sources)}
+    missing = sorted({m for members, _ in wanted.values() for m in members if f"{m}/best.pt" not in index})
+    if missing:
+        raise UserError(f"--blend {path}: no checkpoint for member{'s' * (len(missing) > 1)} {', '.join(missing)} "
+                        f"(no {Path(folder) / missing[0] / 'best.pt'}); pass --checkpoints the folder that holds the "
+                        f"runs blend.py was given")
+    blends = {}
+    for name, (members, n_weights) in wanted.items():
+        if name not in PATHOLOGIES:
+            warnings.warn(f"--blend {path}: ignoring {name}: not a submission column", stacklevel=2)
+            continue
+        if n_weights != len(members):
+            raise UserError(f"--blend {path}: {name} has {n_weights} weights for {len(members)} members")
+        found = []
+        for m in members:
+            src = sources[index[f"{m}/best.pt"]]
+            if name not in src.pathologies:
+                raise UserError(f"--blend {path}: member {m} does not predict {name} (it predicts "
+                                f"{', '.join(src.pathologies)})")
+            found.append((index[f"{m}/best.pt"], src.pathologies.index(name)))
+        blends[name] = Blend(found, entries[name])
+    return blends
+
+
+def route(sources: list[Source], combine: str, ensemble: bool, blends: dict | None = None) -> Routes:
     """routes[pathology][image view] = [(source index, output column), ...]: the models whose
     calibrated outputs are averaged for that pathology on images of that view ([] = not covered).
+    A blended pathology (blends: name -> Blend) is routed to exactly its members that serve the view.
 
     Several checkpoints for one (pathology, trained view) are an error naming them unless ensemble."""
+    blends = blends or {}
     by: dict[tuple[str, str], list[tuple[int, int]]] = {}
     for s, src in enumerate(sources):
         for k, name in enumerate(src.pathologies):
             by.setdefault((name, src.view), []).append((s, k))
     if not ensemble:
         for (name, view), found in by.items():
-            if name in PATHOLOGIES and len(found) > 1:
+            if name in PATHOLOGIES and name not in blends and len(found) > 1:
                 raise UserError(f"{len(found)} checkpoints for {name} (view {view}): "
                                 + ", ".join(sources[s].name for s, _ in found)
                                 + "; keep one, or pass --ensemble to average them")
     routes: Routes = {}
     for name in PATHOLOGIES:
+        if name in blends:
+            routes[name] = {view: [(s, k) for s, k in blends[name].members if sources[s].view in (view, "all")]
+                            for view in VIEWS}
+            continue
         general = by.get((name, "all"), [])
         routes[name] = {}
         for view in VIEWS:
@@ -163,9 +249,9 @@ def route(sources: list[Source], combine: str, ensemble: bool) -> Routes:
 
 
 def check_coverage(routes: Routes, sources: list[Source], test: pd.DataFrame, fill: float | None,
-                   study_fusion: bool, folder: Path) -> None:
+                   fused: set[str], folder: Path) -> None:
     """Without --fill-missing, every (pathology, test image) needs a model: errors name what is missing.
-    With --study-fusion an image is also covered by a covered image of its own study."""
+    For the pathologies in `fused` (study fusion) an image is also covered by a covered image of its own study."""
     if fill is not None:
         return
     absent = [n for n in PATHOLOGIES if not any(routes[n].values())]
@@ -175,7 +261,7 @@ def check_coverage(routes: Routes, sources: list[Source], test: pd.DataFrame, fi
     views = test["view"].to_numpy()
     for name in PATHOLOGIES:
         covered = np.isin(views, [v for v in VIEWS if routes[name][v]])
-        if study_fusion:
+        if name in fused:
             covered = pd.Series(covered).groupby(test["study"].to_numpy()).transform("any").to_numpy()
         for view in VIEWS:
             rows = ~covered & (views == view)
@@ -194,6 +280,123 @@ def rows_needed(routes: Routes, n_sources: int, views: np.ndarray) -> np.ndarray
             for s, _ in chosen:
                 need[s] |= views == view
     return need
+
+
+# ---------------------------------------------------------------------------------------------
+# What is predicted: the test CSV, or the images of a labelled CSV; and the labels to score against
+
+def read_inputs(args) -> tuple[Path, Path, pd.DataFrame, pd.DataFrame | None, bool]:
+    """(data root, the CSV whose images are predicted, its rows (Id, path, patient, study, view),
+    the labels by Id (None without --labels), whether those rows come from --labels itself)."""
+    if args.labels is not None and is_training_layout(args.labels):
+        if args.test_csv is not None:
+            raise UserError(f"--labels {args.labels} is a labelled CSV with 'Path': its own images are predicted; "
+                            f"drop --test-csv, or give --labels an 'Id' + label-columns CSV for the test CSV")
+        root, csv_path = resolve_data(args.data_root, args.labels, "")
+        table = read_train_csv(csv_path, "keep", args.label_convention)
+        print(f"--labels {csv_path}: "
+              + describe_convention(table.attrs["label_convention"], table.attrs["label_convention_how"]))
+        test = table[["path", "patient", "study", "view"]].copy()
+        test.insert(0, "Id", np.arange(len(test), dtype=np.int64))
+        names = [n for n in PATHOLOGIES if n in table.attrs["labels"]]
+        return root, csv_path, test, table[names].astype(np.float64).set_axis(test["Id"].to_numpy()), True
+    root, csv_path = resolve_data(args.data_root, args.test_csv, "test_ids.csv")
+    test = read_test_csv(csv_path)
+    if args.labels is None:
+        return root, csv_path, test, None, False
+    targets = read_id_labels(args.labels, args.label_convention)
+    extra = targets.index.difference(test["Id"])
+    if len(extra):
+        raise UserError(f"--labels {args.labels}: {len(extra)} Ids are not in {csv_path} (e.g. "
+                        f"{', '.join(str(i) for i in extra[:5])}); pass --test-csv the CSV those Ids come from")
+    return root, csv_path, test, targets, False
+
+
+def _header(path: Path) -> list[str]:
+    if not Path(path).is_file():
+        raise UserError(f"--labels {path}: no such file")
+    try:
+        return list(pd.read_csv(path, dtype=str, nrows=0).columns)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"--labels {path}: not a readable CSV ({str(e).splitlines()[0]})") from e
+
+
+def is_training_layout(path: Path) -> bool:
+    """A labelled CSV like train2023.csv or Stanford's valid.csv ('Path' and 'AP/PA' columns)."""
+    return {"Path", "AP/PA"} <= set(_header(path))
+
+
+def read_id_labels(path: Path, convention: str) -> pd.DataFrame:
+    """An 'Id' + label-columns CSV (other columns ignored) -> float64 labels indexed by Id, one column
+    per submission column it has, mapped from its convention onto the project's scale (1 positive,
+    0 uncertain, -1 negative, NaN blank). Errors name the line and column of a bad value."""
+    header = _header(path)
+    names = [n for n in PATHOLOGIES if n in header]
+    if "Id" not in header or not names:
+        raise UserError(f"--labels {path}: needs an 'Id' column and label columns named like the submission's "
+                        f"({', '.join(PATHOLOGIES)}), or 'Path' and 'AP/PA' columns (a training layout); "
+                        f"has: {', '.join(header)}")
+    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    ids = pd.to_numeric(raw["Id"].str.strip(), errors="coerce")
+    bad = ids.isna() | (ids != ids.round()) | ids.duplicated()
+    if bad.any():
+        i = bad.idxmax()
+        raise UserError(f"--labels {path}: line {i + 2}, column 'Id': {raw['Id'][i]!r} is not an integer or repeats one")
+    convention, how = choose_convention(convention, header, raw["Path"] if "Path" in header else [])
+    print(f"--labels {path}: {describe_convention(convention, how)}")
+    out = {}
+    for col in names:
+        text = raw[col].str.strip()
+        values = pd.to_numeric(text, errors="coerce")
+        bad = (text != "") & ~values.isin([-1.0, 0.0, 1.0])
+        if bad.any():
+            i = bad.idxmax()
+            raise UserError(f"--labels {path}: line {i + 2}, column '{col}': invalid label {raw[col][i]!r} "
+                            f"(expected 1, 0, -1 or blank)")
+        out[col] = to_internal_labels(values.to_numpy(np.float64), convention)
+    return pd.DataFrame(out, index=ids.astype(np.int64).to_numpy())
+
+
+def decode_images(test: pd.DataFrame, keys: set, root: Path, name: str, args,
+                  on_bad: str) -> tuple[pd.DataFrame, dict, dict]:
+    """Decode the images once per preprocessing key (size, square) into the cache. Returns the rows
+    kept (all of them, unless on_bad='drop' dropped unreadable ones with a warning), and per key the
+    cache and each kept row's slot in it."""
+    caches, keep = {}, np.ones(len(test), dtype=bool)
+    for size, square in sorted(keys):
+        table, caches[(size, square)] = cached_table(test, root, size, args.cache_dir, name, square, args.workers,
+                                                     on_bad=on_bad, progress=args.progress)
+        keep &= test["path"].isin(table["path"]).to_numpy()
+    test = test[keep].reset_index(drop=True)
+    slots = {key: test["path"].map({p: i for i, p in enumerate(c.paths)}).to_numpy(np.int64)
+             for key, c in caches.items()}
+    return test, caches, slots
+
+
+def training_means(sources: list[Source], routes: Routes) -> dict[str, float]:
+    """The constant predictor of each pathology: the training mean recorded in the checkpoints that
+    predict it (their mean, weighted by their training rows where recorded); NaN when none records
+    one (checkpoints saved before train.py recorded it)."""
+    out = {}
+    for name, by_view in routes.items():
+        m = [sources[s].metrics(name) for s in sorted({s for chosen in by_view.values() for s, _ in chosen})]
+        m = [x for x in m if x.get("train_mean") is not None]
+        weights = [x["n_train"] for x in m] if all(x.get("n_train") for x in m) else None
+        out[name] = float(np.average([x["train_mean"] for x in m], weights=weights)) if m else float("nan")
+    return out
+
+
+def score(out: Path, test: pd.DataFrame, targets: pd.DataFrame, const: dict, plots: Path | None) -> tuple[dict, list]:
+    """Score the written CSV, read back (the values exactly as submitted), against the labels of its
+    Ids, grouped by patient (evaluation.evaluate); write metrics.json and metrics.csv beside it and,
+    with plots, a ROC and a reliability PNG per labelled pathology. Returns (metrics, PNG paths)."""
+    ids = test["Id"].to_numpy()
+    names = list(targets.columns)
+    pred = pd.read_csv(out).set_index("Id").loc[ids, names].to_numpy(np.float64)
+    target = targets.reindex(ids).to_numpy(np.float64)
+    metrics = evaluate(pred, target, test["patient"].to_numpy(), names, const)
+    write_metrics(metrics, out.with_name("metrics.json"), out.with_name("metrics.csv"))
+    return metrics, plot_evaluation(pred, target, names, plots) if plots is not None else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,17 +438,30 @@ def predict(sources: list[Source], caches: dict, slots: dict, need: np.ndarray, 
     return raw
 
 
-def assemble(sources: list[Source], raw: list[np.ndarray], routes: Routes, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def calibrated(src: Source, name: str, raw: np.ndarray) -> np.ndarray:
+    """One model's output for pathology `name` through its calibration map, clipped to [-1, 1]."""
+    return apply_calibration((src.ckpt.calibration or {}).get(name), raw)
+
+
+def assemble(sources: list[Source], raw: list[np.ndarray], routes: Routes, views: np.ndarray,
+             blends: dict | None = None, studies: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(values (N, P) float64 in [-1, 1], covered (N, P) bool), P = len(PATHOLOGIES). Each routed
-    model's output goes through its calibration map (clipped to [-1, 1]); then they are averaged."""
+    model's output goes through its calibration map (clipped to [-1, 1]); then they are averaged.
+    A blended pathology (blends: name -> Blend) is instead evaluation.apply_blend of its members'
+    calibrated outputs (NaN where a member does not serve the image's view), fused over studies (N,)."""
+    blends = blends or {}
     values = np.full((len(views), len(PATHOLOGIES)), np.nan)
     for j, name in enumerate(PATHOLOGIES):
+        if name in blends:
+            P = np.stack([np.where((sources[s].view == "all") | (views == sources[s].view),
+                                   calibrated(sources[s], name, raw[s][:, k]), np.nan)
+                          for s, k in blends[name].members], axis=1)
+            values[:, j] = apply_blend(blends[name].params, P, studies, views)
+            continue
         for view, chosen in routes[name].items():
             rows = views == view
             if chosen and rows.any():
-                cal = [apply_calibration((sources[s].ckpt.calibration or {}).get(name), raw[s][rows, k])
-                       for s, k in chosen]
-                values[rows, j] = np.mean(cal, axis=0)
+                values[rows, j] = np.mean([calibrated(sources[s], name, raw[s][rows, k]) for s, k in chosen], axis=0)
     return values, ~np.isnan(values)
 
 
@@ -325,36 +541,44 @@ def summary_rows(sources: list[Source], routes: Routes, values: np.ndarray, cove
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
-    """Returns {"out", "submission" (DataFrame), "rows" (summary table), "n_images", "seconds"}."""
+    """Returns {"out", "submission" (DataFrame), "rows" (summary table), "n_images", "seconds"}; with
+    --labels also "metrics" (evaluation.evaluate's dict, as in metrics.json) and "plots" (PNG paths)."""
     args = parse_args(argv)
     t0 = time.time()
     paths = find_checkpoints(args.checkpoints)
-    root, csv_path = resolve_data(args.data_root, args.test_csv, "test_ids.csv")
-    test = read_test_csv(csv_path)
+    root, csv_path, test, targets, from_labels = read_inputs(args)
     if len(test) == 0:
         raise UserError(f"{csv_path}: no test rows")
     rt = setup_runtime(args, distributed=False)
     sources = load_sources(paths, args.checkpoints, rt)
-    routes = route(sources, args.combine, args.ensemble)
-    check_coverage(routes, sources, test, args.fill_missing, args.study_fusion, args.checkpoints)
-    views = test["view"].to_numpy()
-    need = rows_needed(routes, len(sources), views)
+    blends = load_blend(args.blend, sources, args.checkpoints) if args.blend is not None else {}
+    routes = route(sources, args.combine, args.ensemble, blends)
+    # pathologies whose values are shared within a study: the blend's own fusion, else --study-fusion
+    fused = {n for n in PATHOLOGIES
+             if (blends[n].params.get("w_frontal") is not None if n in blends else args.study_fusion)}
+    check_coverage(routes, sources, test, args.fill_missing, fused, args.checkpoints)
+    need = rows_needed(routes, len(sources), test["view"].to_numpy())
 
-    # decode every test image once per preprocessing key; a missing or unreadable one is an error
+    # decode every image once per preprocessing key; a missing or unreadable test image is an error
+    # (a labelled CSV's is dropped with a warning, as in training)
     t_decode = time.time()
-    caches, slots = {}, {}
-    for size, square in sorted({src.preprocess_key for s, src in enumerate(sources) if need[s].any()}):
-        table, cache = cached_table(test, root, size, args.cache_dir, csv_path.stem, square, args.workers,
-                                    on_bad="error", progress=args.progress)
-        caches[(size, square)], slots[(size, square)] = cache, table["slot"].to_numpy()
+    test, caches, slots = decode_images(test, {src.preprocess_key for s, src in enumerate(sources) if need[s].any()},
+                                        root, csv_path.stem, args, on_bad="drop" if from_labels else "error")
+    if len(test) == 0:
+        raise UserError(f"{csv_path}: no readable images")
+    views, studies = test["view"].to_numpy(), test["study"].to_numpy()
+    need = rows_needed(routes, len(sources), views)
     t_predict = time.time()
     raw = predict(sources, caches, slots, need, args.batch_size, rt, args.tta)
     t_done = time.time()
 
-    values, covered = assemble(sources, raw, routes, views)
+    values, covered = assemble(sources, raw, routes, views, blends, studies)
     if args.study_fusion:
-        values = fuse_studies(values, test["study"].to_numpy())
+        plain = [j for j, n in enumerate(PATHOLOGIES) if n not in blends]
+        values[:, plain] = fuse_studies(values[:, plain], studies)
         covered = ~np.isnan(values)
+        if blends:
+            print(f"--study-fusion: not applied to {', '.join(blends)}: the blend fuses their studies itself")
     if (~covered).any():
         if args.fill_missing is None:  # check_coverage makes this unreachable; never write NaN
             raise UserError("some test images are covered by no checkpoint; pass --fill-missing VALUE")
@@ -366,13 +590,25 @@ def main(argv=None) -> dict:
     rows = summary_rows(sources, routes, values, covered, views, args.fill_missing)
     n_run = int(need.sum())
     print("\n" + format_table(rows, TABLE_COLUMNS))
+    for name, b in blends.items():
+        print(f"{name}: blend of " + ", ".join(f"{sources[s].name.removesuffix('/best.pt')} {w:.3f}"
+                                              for (s, _), w in zip(b.members, b.params["weights"]))
+              + f"; a {b.params['a']:.3f}, b {b.params['b']:+.3f}, w_frontal {b.params.get('w_frontal')}")
     print(f"\nwrote {args.out}: {len(submission)} rows from {csv_path} ({int((views == 'frontal').sum())} frontal, "
           f"{int((views == 'lateral').sum())} lateral), checked; {len(sources)} checkpoint(s), {n_run} model-image "
           f"predictions in {t_done - t_predict:.1f}s on {rt.device}"
           + (f" ({n_run / (t_done - t_predict):.0f}/s)" if t_done > t_predict else "")
           + f", cache {t_predict - t_decode:.1f}s, total {time.time() - t0:.1f}s")
-    return {"out": args.out, "submission": submission, "rows": rows, "n_images": len(test),
-            "seconds": {"decode": t_predict - t_decode, "predict": t_done - t_predict, "total": time.time() - t0}}
+    result = {"out": args.out, "submission": submission, "rows": rows, "n_images": len(test),
+              "seconds": {"decode": t_predict - t_decode, "predict": t_done - t_predict, "total": time.time() - t0}}
+    if targets is not None:
+        metrics, pngs = score(args.out, test, targets, training_means(sources, routes), args.plots)
+        print(f"\nscored against {args.labels} (95% intervals: patient-grouped bootstrap; const_mse: the training mean):")
+        print(format_table(metrics_rows(metrics), METRIC_COLUMNS))
+        print(f"wrote {args.out.with_name('metrics.json')} and metrics.csv"
+              + (f", {len(pngs)} plots in {args.plots}" if args.plots is not None else ""))
+        result.update(metrics=metrics, plots=pngs)
+    return result
 
 
 if __name__ == "__main__":

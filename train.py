@@ -4,7 +4,11 @@
     python train.py --pathology all --data-root /data/cs156b --epochs 10
     torchrun --nproc_per_node 4 train.py --pathology all --data-root /data/cs156b
 
-For each pathology it writes OUT_DIR/<slug>/{best.pt, last.pt, history.csv, summary.json}. Loss:
+For each pathology it writes OUT_DIR/<slug>/{best.pt, last.pt, history.csv, summary.json, curves.png,
+val_predictions.csv}: curves.png redrawn after every epoch; val_predictions.csv (the best epoch's
+raw and calibrated validation predictions, one row per validation image and pathology: see
+evaluation.PREDICTION_COLUMNS) for experiments/blend.py. best.pt and summary.json record the split
+(seed, val_frac, val_patients_sha1: a hash of the validation patients). Loss:
 masked MSE on the [-1, 1] label scale (blank labels never enter it). A WeightedRandomSampler with
 inverse-frequency weights balances the label values; a calibration map fitted on the validation
 split afterwards returns the outputs to the natural distribution that the MSE metric is taken on.
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -39,6 +44,7 @@ from dataset import (LABEL_CONVENTIONS, SQUARE_MODES, UNCERTAIN_POLICIES, ALL_LA
                      XrayDataset, adjust_contrast, cached_table, check_pathologies, default_workers, describe_convention,
                      find_augmented, flip_images, format_table, read_train_csv, resolve_data, run_cli, slug,
                      split_by_patient, write_text)
+from evaluation import PREDICTION_COLUMNS, auc, plot_curves
 from model import (ARCHS, CALIBRATIONS, HEAD_TYPES, HEAD_VARIANTS, N_STAGES, Checkpoint, apply_calibration,
                    build_model, fit_calibration, load_pretrained, model_config, set_frozen)
 
@@ -366,31 +372,21 @@ class EpochSampler(Sampler):
         return (n_batches // self.world if n_batches >= self.world else n_batches) if self.world > 1 else n_batches
 
 
-def auc(score: np.ndarray, target: np.ndarray) -> float:
-    """Area under the ROC curve of positives (1) against negatives (-1); NaN if either is absent."""
-    pos, neg = target == 1, target == -1
-    n_pos, n_neg = int(pos.sum()), int(neg.sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    keep = pos | neg
-    ranks = pd.Series(score[keep]).rank().to_numpy()  # ties share their mean rank
-    return float((ranks[pos[keep]].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 def pathology_metrics(pred: np.ndarray, target: np.ndarray, train_mean: float, cal: dict | None) -> dict:
     """Metrics on one pathology's labelled validation rows. pred, target (N,), target NaN = blank.
 
     val_mse: raw outputs; val_mse_cv: calibrated, out of sample (each row scored by a map fitted on
     the other folds: cal['cv_mse']); val_mse_cal: calibrated by the map fitted on these same rows
-    (in-sample, optimistic: for reading, never for choosing); const_mse: the training mean."""
+    (in-sample, optimistic: for reading, never for choosing); const_mse: the training mean's MSE;
+    train_mean: that mean (make_submission.py --labels scores the constant predictor with it)."""
     m = ~np.isnan(target)
     p, t = pred[m].astype(np.float64), target[m].astype(np.float64)
     if len(t) == 0:
-        return {"n": 0, **{k: float("nan") for k in METRIC_KEYS}}
+        return {"n": 0, **{k: float("nan") for k in METRIC_KEYS}, "train_mean": train_mean}
     raw = float(np.mean((np.clip(p, -1, 1) - t) ** 2))
     return {"n": int(len(t)), "val_mse": raw, "val_mse_cv": float(cal["cv_mse"]) if cal else raw,
             "val_mse_cal": float(np.mean((apply_calibration(cal, p) - t) ** 2)),
-            "const_mse": float(np.mean((train_mean - t) ** 2)), "val_auc": auc(p, t)}
+            "const_mse": float(np.mean((train_mean - t) ** 2)), "val_auc": auc(p, t), "train_mean": train_mean}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,7 +461,8 @@ def evaluate(model, dataset: XrayDataset, targets: np.ndarray, train_means: np.n
     """Validation: per-pathology metrics with a calibration map fitted on these predictions, their
     plain means over pathologies (macro), and the loss that picks best.pt and early stopping
     watches: the out-of-sample (cross-validated) MSE of the calibrated outputs, the kind of values
-    make_submission.py writes, over all labelled entries."""
+    make_submission.py writes, over all labelled entries. "pred" holds the raw predictions (N, K)
+    float32 in [-1, 1], in the dataset's order (every rank has them all)."""
     pred = predict(model, dataset, batch_size, rt)
     mask = ~np.isnan(targets)
     per, cals = {}, {}
@@ -476,7 +473,7 @@ def evaluate(model, dataset: XrayDataset, targets: np.ndarray, train_means: np.n
     n = sum(per[x]["n"] for x in names)
     loss = sum(per[x]["val_mse_cv"] * per[x]["n"] for x in names if per[x]["n"]) / n if n else float("nan")
     macro = {key: float(np.nanmean([per[x][key] for x in names])) if n else float("nan") for key in METRIC_KEYS}
-    return {"val_loss": loss, **macro, "per_pathology": per, "calibration": cals}
+    return {"val_loss": loss, **macro, "per_pathology": per, "calibration": cals, "pred": pred}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,6 +504,18 @@ def jsonable(x):
     if isinstance(x, np.generic):
         return x.item()
     return x
+
+
+def write_val_predictions(path: Path, job: Job, pred: np.ndarray, calibration: dict) -> None:
+    """val_predictions.csv (evaluation.PREDICTION_COLUMNS), long format: one row per validation image
+    and pathology of the model; target on the project's scale, blank = unlabelled; raw the model's
+    output (pred (n_val, K) float32 in [-1, 1]); calibrated = apply_calibration(map, raw). Floats are
+    written in full, so the calibrated value can be recomputed from the raw one exactly."""
+    frames = [job.val_rows.assign(pathology=name, target=job.val_targets[:, k].astype(np.float64),
+                                  raw=pred[:, k].astype(np.float64),
+                                  calibrated=apply_calibration((calibration or {}).get(name), pred[:, k]))
+              for k, name in enumerate(job.names)]
+    write_text(path, pd.concat(frames).to_csv(index=False, columns=PREDICTION_COLUMNS, lineterminator="\n"))
 
 
 def write_history(path: Path, rows: list[dict]) -> None:
@@ -564,6 +573,8 @@ class Job:
     val_set: XrayDataset
     sampler: EpochSampler
     loader: DataLoader
+    val_rows: pd.DataFrame     # (n_val rows) path, patient, study, view: val_predictions.csv's first columns
+    split: dict                # {seed, val_frac, val_patients_sha1}, in checkpoints and summary.json
 
 
 @dataclass
@@ -578,6 +589,15 @@ class TrainState:
     completed: int = 0      # complete epochs
     best_cal: dict = field(default_factory=dict)  # calibration of best.pt
     net: torch.nn.Module | None = None  # the model as trained (compiled, DDP-wrapped)
+
+
+def split_record(patients: pd.Series, is_val: np.ndarray, args) -> dict:
+    """The split as checkpoints and summary.json record it: seed, val_frac and the sha1 of the sorted
+    validation patient ids of the whole split (one line each), so every model trained on one split,
+    whatever its pathologies or view, has the same hash (experiments/blend.py checks it)."""
+    ids = sorted(str(p) for p in pd.unique(patients[is_val]))
+    return {"seed": args.seed, "val_frac": args.val_frac,
+            "val_patients_sha1": hashlib.sha1("\n".join(ids).encode()).hexdigest()}
 
 
 def prepare_job(names: list[str], folder: str, table: pd.DataFrame, is_val: np.ndarray, sources: list, args,
@@ -604,7 +624,8 @@ def prepare_job(names: list[str], folder: str, table: pd.DataFrame, is_val: np.n
     loader = DataLoader(train_set, batch_size=None, sampler=sampler, num_workers=n_workers, pin_memory=rt.cuda,
                         persistent_workers=n_workers > 0, worker_init_fn=ignore_sigterm)
     return Job(names, args.out_dir / folder, label, len(tr), len(va), train_t, val_t, train_means, train_set,
-               val_set, sampler, loader)
+               val_set, sampler, loader, val_rows=table.iloc[va][["path", "patient", "study", "view"]].reset_index(drop=True),
+               split=split_record(table["patient"], is_val, args))
 
 
 def build_state(job: Job, args, rt: Runtime) -> TrainState:
@@ -659,7 +680,7 @@ def save_last(job: Job, state: TrainState, args, rt: Runtime, interrupted: bool 
     if rt.main:
         training_state = {"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
                           "scaler": state.scaler.state_dict(), "early_stopping": dict(state.stop), "rng": rng_state()}
-        checkpoint_of(state, args, state.completed, state.history[-1] if state.history else {},
+        checkpoint_of(state, args, state.completed, state.history[-1] if state.history else {}, split=job.split,
                       interrupted=interrupted, training_state=training_state).save(job.folder / "last.pt")
 
 
@@ -677,7 +698,8 @@ def prepare_epoch(state: TrainState, job: Job, epoch: int, args, rt: Runtime) ->
 
 def end_epoch(state: TrainState, job: Job, epoch: int, train_loss: float, train_seconds: float, seconds: float,
               val: dict, args, rt: Runtime) -> None:
-    """Record the epoch: history row, early-stopping state, best.pt when it improved, last.pt, log line."""
+    """Record the epoch: history row, early-stopping state, best.pt and val_predictions.csv when it
+    improved, last.pt, history.csv, curves.png, log line."""
     if args.schedule == "plateau":
         state.scheduler.step(val["val_loss"])
     row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": state.optimizer.param_groups[0]["lr"],
@@ -691,13 +713,17 @@ def end_epoch(state: TrainState, job: Job, epoch: int, train_loss: float, train_
         stop.update(best_val_loss=val["val_loss"], best_epoch=epoch + 1, bad_epochs=0)
         state.best_cal = val["calibration"]
         if rt.main:  # written now, from the weights of this epoch: never a live reference
-            checkpoint_of(state, args, epoch + 1, jsonable({**row, "per_pathology": val["per_pathology"]})
+            per = {name: {**val["per_pathology"][name], "n_train": int((~np.isnan(job.train_targets[:, k])).sum())}
+                   for k, name in enumerate(job.names)}
+            checkpoint_of(state, args, epoch + 1, jsonable({**row, "per_pathology": per}), split=job.split
                           ).save(job.folder / "best.pt")
+            write_val_predictions(job.folder / "val_predictions.csv", job, val["pred"], val["calibration"])
     else:
         stop["bad_epochs"] += 1
     stop["stopped"] = bool(args.patience and stop["bad_epochs"] >= args.patience)
     if rt.main:  # history first: a kill between the two leaves rows that resume drops, never a gap
         write_history(job.folder / "history.csv", state.history)
+        plot_curves(state.history, job.folder / "curves.png", f"{job.label} (view {args.view})")  # about 0.2 s
     save_last(job, state, args, rt)
     rt.log(f"{job.label} epoch {epoch + 1}/{args.epochs}: train {train_loss:.4f}  val {val['val_loss']:.4f}  "
            f"mse {val['val_mse']:.4f} -> cal {val['val_mse_cv']:.4f} out of sample, {val['val_mse_cal']:.4f} in "
@@ -745,7 +771,7 @@ def write_summary(state: TrainState, job: Job, table: pd.DataFrame, n_sources: i
                "n_bad_images": table.attrs.get("n_bad_images", 0), "best_epoch": state.stop["best_epoch"],
                "epochs_run": state.completed, "early_stopped": state.stop["stopped"],
                **{k: best.get(k) for k in ("val_loss", *METRIC_KEYS)},
-               "per_pathology": best.get("per_pathology", {}), "config": jsonable(vars(args))}
+               "per_pathology": best.get("per_pathology", {}), "split": job.split, "config": jsonable(vars(args))}
     for k, name in enumerate(job.names):
         summary["per_pathology"].setdefault(name, {})["n_train"] = int((~np.isnan(job.train_targets[:, k])).sum())
     if rt.main:

@@ -20,6 +20,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import evaluation  # noqa: E402
 import make_submission  # noqa: E402
 import train  # noqa: E402
 from dataset import PATHOLOGIES, ensure_demo, format_table, read_train_csv  # noqa: E402
@@ -41,7 +42,7 @@ def held_out(submission: Path, labels: pd.DataFrame, train_means: dict) -> dict:
         p = pred[name].to_numpy(float)[m]
         out[name] = {"test_mse_cal": float(np.mean((p - t[m]) ** 2)),
                      "test_const_mse": float(np.mean((train_means[name] - t[m]) ** 2)),
-                     "test_auc": train.auc(p, t[m])}
+                     "test_auc": evaluation.auc(p, t[m])}
     return out
 
 

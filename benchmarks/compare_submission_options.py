@@ -18,8 +18,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import evaluation  # noqa: E402
 import make_submission  # noqa: E402
-import train  # noqa: E402
 from dataset import PATHOLOGIES, format_table  # noqa: E402
 
 OPTIONS = {"plain": [], "--tta flip": ["--tta", "flip"], "--study-fusion": ["--study-fusion"],
@@ -47,7 +47,7 @@ def main(argv=None):
                 t = labels[col].to_numpy(float)
                 m = ~np.isnan(t)
                 mse.append(np.mean((pred[col].to_numpy(float)[m] - t[m]) ** 2))
-                aucs.append(train.auc(pred[col].to_numpy(float)[m], t[m]))
+                aucs.append(evaluation.auc(pred[col].to_numpy(float)[m], t[m]))
             rows.append({"option": name, "test_macro_mse": float(np.mean(mse)), "test_macro_auc": float(np.nanmean(aucs))})
     print("\n" + format_table(rows, ["option", "test_macro_mse", "test_macro_auc"]))
 

@@ -40,9 +40,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from dataset import ALL_LABELS, VIEWS, UserError, format_table, run_cli, write_text
-from evaluation import fit_blend, jsonable
+from evaluation import PREDICTION_COLUMNS, fit_blend, jsonable
 
-PREDICTION_COLUMNS = ["path", "patient", "study", "view", "pathology", "target", "raw", "calibrated"]
 TABLE_COLUMNS = ["pathology", "members", "n", "best_single", "uniform", "blend", "w_frontal", "note"]
 
 

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+import evaluation
 import train
 from model import apply_calibration, fit_calibration, pav
 
@@ -52,7 +53,7 @@ def test_calibration_never_changes_the_ranking(kind):
     t = np.clip(np.round(y + rng.normal(0, 0.7, 300)), -1, 1)
     out = apply_calibration(fit_calibration(kind, y, t), y)
     assert np.array_equal(np.argsort(y, kind="stable"), np.argsort(out, kind="stable"))
-    assert train.auc(out, t) == pytest.approx(train.auc(y, t))
+    assert evaluation.auc(out, t) == pytest.approx(evaluation.auc(y, t))
 
 
 def balanced_model_outputs(rng, t):
@@ -93,9 +94,9 @@ def test_none_and_too_few_rows_mean_no_map():
 
 def test_auc_counts_ties_as_half_and_ignores_uncertain_and_blank():
     t = np.array([1, -1, 1, -1, 0, np.nan])
-    assert train.auc(np.array([0.9, 0.1, 0.8, 0.2, 5.0, 5.0]), t) == 1.0
-    assert train.auc(np.array([0.5, 0.5, 0.5, 0.5, 0.0, 0.0]), t) == 0.5
-    assert np.isnan(train.auc(np.array([0.1, 0.2]), np.array([1.0, 1.0])))
+    assert evaluation.auc(np.array([0.9, 0.1, 0.8, 0.2, 5.0, 5.0]), t) == 1.0
+    assert evaluation.auc(np.array([0.5, 0.5, 0.5, 0.5, 0.0, 0.0]), t) == 0.5
+    assert np.isnan(evaluation.auc(np.array([0.1, 0.2]), np.array([1.0, 1.0])))
 
 
 @pytest.mark.parametrize("kind", ["affine", "isotonic"])

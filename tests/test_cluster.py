@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 import torch
 
@@ -75,9 +76,11 @@ def test_torchrun_on_a_cold_cache_finishes_and_writes_one_set_of_files(tiny_args
     assert err.count("waiting for the image cache") == 1  # one process built it, the other waited on the files
     assert not only_cache(tmp_path / "cold").missing_shards()
     folder = tmp_path / "two" / "cardiomegaly"
-    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "history.csv", "last.pt", "summary.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "curves.png", "history.csv", "last.pt",
+                                                        "summary.json", "val_predictions.csv"]
     s2 = json.loads((folder / "summary.json").read_text())
     assert (s2["n_train"], s2["n_val"]) == (s1["n_train"], s1["n_val"])
+    assert len(pd.read_csv(folder / "val_predictions.csv")) == s2["n_val"]  # every validation row, once
     assert len(read_csv_rows(folder / "history.csv")) == 1
     assert out.count("Cardiomegaly epoch 1/1") == 1  # only rank 0 logs
 
@@ -114,7 +117,8 @@ def test_two_nodes_build_their_own_caches_and_only_global_rank_0_writes(tiny_arg
     for node in (0, 1):
         assert not only_cache(tmp_path / f"node{node}_tmpdir").missing_shards()
     folder = tmp_path / "out0" / "cardiomegaly"
-    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "history.csv", "last.pt", "summary.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "curves.png", "history.csv", "last.pt",
+                                                        "summary.json", "val_predictions.csv"]
     assert not (tmp_path / "out1").exists()  # global rank 1 (node 1's local rank 0) writes nothing
     assert "Cardiomegaly epoch 1/1" in (tmp_path / "node0.log").read_text()
 

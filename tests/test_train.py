@@ -125,7 +125,8 @@ def read_csv_rows(path):
 def test_full_tiny_run_writes_the_four_files(tiny_args, tmp_path):
     summaries = train.main(tiny_args("--pathology", "Cardiomegaly", "--epochs", "2"))
     out = tmp_path / "ckpt" / "cardiomegaly"
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "history.csv", "last.pt", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "curves.png", "history.csv", "last.pt", "summary.json",
+                                                  "val_predictions.csv"]
     rows = read_csv_rows(out / "history.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert set(SPEC_HISTORY) <= set(rows[0]) and {"val_mse_cal", "const_mse"} <= set(rows[0])

@@ -1,0 +1,152 @@
+"""Grad-CAM heatmaps: where in an image a model looks for its pathology.
+
+    python experiments/saliency.py --checkpoint checkpoints/cardiomegaly/best.pt \\
+        --images DATA_ROOT/train/pid50512/study1/view1_frontal.jpg ... --out saliency/
+
+For each image and each of the model's pathologies (every head of a --multi-head model, or only
+--pathology NAME) it writes OUT/<image>_<pathology>.png: the image as the model sees it (decoded at
+the checkpoint's image size and square mode) under a translucent heatmap, titled with the pathology
+and the model's calibrated score (the value make_submission.py would write) and its raw output.
+A heatmap on tubes, text markers or laterality tags rather than on the anatomy is shortcut learning.
+
+Grad-CAM (Selvaraju et al. 2017): the last convolutional feature map A (C, h, w) of any --arch
+(XrayNet.feature_map), each channel weighted by the spatial mean of d score / d A, summed, ReLU'd,
+upsampled to the image and scaled to [0, 1]; the score is the model's [-1, 1] output (for a
+three-class head p(positive) - p(negative)). Coarse by nature: h = w = about the checkpoint's image
+size / 32 (7 x 7 at 224 px; a model trained at 32 px has a single cell, so no map to speak of).
+The images are only read; files are written under --out only.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # `python experiments/saliency.py` from anywhere: find the repo's modules
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dataset import UserError, load_image, run_cli, slug
+from evaluation import _figure, _save
+from model import apply_calibration, load_checkpoint
+
+PNG_SIZE = (520, 470)  # pixels of each heatmap PNG (width, height)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("--checkpoint", type=Path, required=True, help="a best.pt (or last.pt) of train.py")
+    p.add_argument("--images", type=Path, nargs="+", required=True, metavar="PATH", help="image files (JPEG, PNG)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the PNGs")
+    p.add_argument("--pathology", metavar="NAME", help="only this head of the model (default: every head)")
+    p.add_argument("--alpha", type=float, default=0.4, help="opacity of the heatmap over the image")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar")
+    args = p.parse_args(argv)
+    if not 0 <= args.alpha <= 1:
+        p.error(f"--alpha must be in [0, 1], got {args.alpha}")
+    return args
+
+
+def grad_cam(model, images: torch.Tensor, heads: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM maps of a model (put in eval mode). images uint8 (B, 1, S, S) on the model's device;
+    heads: output columns. Returns (maps (B, len(heads), S, S) float32 in [0, 1], each scaled by its
+    own maximum (all 0 where nothing drives the score up), scores (B, K) float32 in [-1, 1]: the
+    model's uncalibrated output, model.score of its raw output)."""
+    model.eval()
+    with torch.no_grad():
+        feats = model.feature_map(images).float()
+    with torch.enable_grad():
+        feats.requires_grad_(True)
+        scores = model.score(model.from_feature_map(feats))
+        maps = []
+        for k in heads:
+            # eval mode: samples do not interact, so the gradient of the sum is each sample's own
+            (grad,) = torch.autograd.grad(scores[:, k].sum(), feats, retain_graph=True)
+            cam = F.relu((grad.mean(dim=(2, 3), keepdim=True) * feats).sum(1, keepdim=True))
+            cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+            peak = cam.flatten(1).max(1).values.clamp(min=1e-12).view(-1, 1, 1)
+            maps.append((cam / peak).detach())
+    return torch.stack(maps, 1).cpu().numpy(), scores.detach().float().cpu().numpy()
+
+
+def png_name(path: Path, pathology: str, taken: set) -> str:
+    """'pid50512_study1_view1_frontal_cardiomegaly.png': the image's last three path parts, so the
+    many 'view1_frontal.jpg' files stay apart; a number is added if the name is taken."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(path.with_suffix("").parts[-3:])).strip("_")
+    name, n = f"{stem}_{slug(pathology)}.png", 2
+    while name in taken:
+        name, n = f"{stem}_{slug(pathology)}_{n}.png", n + 1
+    taken.add(name)
+    return name
+
+
+def plot_saliency(image: np.ndarray, cam: np.ndarray, title: str, path: Path, alpha: float = 0.4) -> Path:
+    """PNG (PNG_SIZE pixels): image (S, S) uint8 in gray under cam (S, S) in [0, 1], titled."""
+    fig = _figure(PNG_SIZE)
+    ax = fig.subplots()
+    ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="bilinear")
+    shown = ax.imshow(cam, cmap="jet", vmin=0, vmax=1, alpha=alpha, interpolation="bilinear")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="Grad-CAM (scaled to its maximum)")
+    ax.set_title(title, fontsize=10)
+    ax.set_axis_off()
+    return _save(fig, path)
+
+
+def pick_heads(pathologies: list[str], wanted: str | None, checkpoint: Path) -> list[int]:
+    if wanted is None:
+        return list(range(len(pathologies)))
+    by_lower = {p.lower(): k for k, p in enumerate(pathologies)}
+    k = by_lower.get(wanted.lower(), by_lower.get(wanted.lower().replace("_", " ")))
+    if k is None:
+        raise UserError(f"--pathology {wanted}: {checkpoint} predicts {', '.join(pathologies)}")
+    return [k]
+
+
+def read_images(paths: list[Path], size: int, square: str) -> np.ndarray:
+    """uint8 (N, S, S), decoded as train.py's cache does; an unreadable file is an error naming it."""
+    images = []
+    for p in paths:
+        try:
+            images.append(load_image(p, size, square))
+        except FileNotFoundError as e:
+            raise UserError(f"--images {p}: no such file") from e
+        except Exception as e:  # not an image, truncated
+            raise UserError(f"--images {p}: not a readable image ({type(e).__name__})") from e
+    return np.stack(images)
+
+
+def main(argv=None) -> list[dict]:
+    """Returns one dict per image and head: image, pathology, raw, score (calibrated), png, cam (S, S)."""
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    model, ckpt = load_checkpoint(args.checkpoint, device)
+    heads = pick_heads(ckpt.pathologies, args.pathology, args.checkpoint)
+    size, square = int(ckpt.preprocess["image_size"]), ckpt.preprocess["square"]
+    images = read_images(args.images, size, square)
+    results, taken = [], set()
+    for i in tqdm(range(len(images)), desc="grad-cam", unit="img", disable=not args.progress, dynamic_ncols=True):
+        x = torch.from_numpy(images[i:i + 1, None]).to(device)
+        maps, raw = grad_cam(model, x, heads)
+        for j, k in enumerate(heads):
+            name = ckpt.pathologies[k]
+            score = float(apply_calibration((ckpt.calibration or {}).get(name), raw[0, k]))
+            png = args.out / png_name(args.images[i], name, taken)
+            where = "/".join(args.images[i].parts[-3:])
+            plot_saliency(images[i], maps[0, j], f"{name}: score {score:+.3f} (raw {raw[0, k]:+.3f})\n{where}",
+                          png, args.alpha)
+            results.append({"image": args.images[i], "pathology": name, "raw": float(raw[0, k]), "score": score,
+                            "png": png, "cam": maps[0, j]})
+    print(f"wrote {len(results)} heatmaps to {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
