@@ -35,8 +35,9 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, W
 from tqdm import tqdm
 
 from dataset import (AUGMENT_PRESETS, IMAGE_MEAN, IMAGE_STD, SQUARE_MODES, UNCERTAIN_POLICIES, ALL_LABELS, UserError,
-                     XrayDataset, adjust_contrast, augment_batch, cached_table, check_pathologies, default_workers, find_augmented, flip_images,
-                     format_table, read_train_csv, resolve_data, run_cli, slug, split_by_patient, write_text)
+                     XrayDataset, adjust_contrast, augment_batch, cached_table, check_pathologies, default_workers,
+                     find_augmented, flip_images, format_table, read_train_csv, resolve_data, run_cli, slug,
+                     split_by_patient, write_text)
 from model import (CALIBRATIONS, HEAD_VARIANTS, N_STAGES, apply_calibration, build_model, fit_calibration,
                    load_pretrained, model_config, read_checkpoint, save_checkpoint, set_frozen)
 
