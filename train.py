@@ -40,8 +40,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 from tqdm import tqdm
 
-from dataset import (LABEL_CONVENTIONS, SQUARE_MODES, UNCERTAIN_POLICIES, ALL_LABELS, UserError,
-                     XrayDataset, adjust_contrast, cached_table, check_pathologies, default_workers, describe_convention,
+from dataset import (AUGMENT_PRESETS, LABEL_CONVENTIONS, SQUARE_MODES, UNCERTAIN_POLICIES, ALL_LABELS, UserError,
+                     XrayDataset, adjust_contrast, augment_batch, cached_table, check_pathologies, default_workers,
+                     describe_convention,
                      find_augmented, flip_images, format_table, read_train_csv, resolve_data, run_cli, slug,
                      split_by_patient, write_text)
 from evaluation import PREDICTION_COLUMNS, auc, plot_curves
@@ -54,8 +55,8 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_mse", "val_mse_cv", "
 TABLE_COLUMNS = ["pathology", "view", "n_train", "n_val", "best_epoch", "val_mse", "val_mse_cv", "val_mse_cal", "const_mse",
                  "val_auc"]
 METRIC_KEYS = ("val_mse", "val_mse_cv", "val_mse_cal", "const_mse", "val_auc")
-DEMO_DEFAULTS = {"image_size": 64, "epochs": 3, "weights": "none", "batch_size": 16}
-REAL_DEFAULTS = {"image_size": 224, "epochs": 10, "weights": "imagenet", "batch_size": 32}
+DEMO_DEFAULTS = {"image_size": 64, "epochs": 3, "weights": "none", "batch_size": 16, "augment": "none"}
+REAL_DEFAULTS = {"image_size": 224, "epochs": 10, "weights": "imagenet", "batch_size": 32, "augment": "none"}
 ONLINE_AUGMENTS = ("flip", "contrast")
 SAMPLER_CAP = 5.0  # see sample_weights and README's sampler measurement
 
@@ -81,8 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--val-frac", type=float, default=0.2, help="fraction of patients held out for validation")
     g.add_argument("--augmented", nargs="+", default=[], metavar="NAME",
                    help="add offline-augmented copies built by experiments/ (flip, contrast) as training samples")
+    g.add_argument("--augment", choices=list(AUGMENT_PRESETS), metavar="PRESET",
+                   help=f"per-sample augmentation of each training batch on the device, one of "
+                   f"{', '.join(AUGMENT_PRESETS)} (see dataset.augment_batch; default {REAL_DEFAULTS['augment']})")
     g.add_argument("--online-augment", nargs="+", default=[], choices=ONLINE_AUGMENTS,
-                   help="apply flip / contrast x1.5 to a random half of each batch on the device instead")
+                   help="older: flip / contrast x1.5 on a random half of each batch on the device; prefer --augment")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=list(ARCHS), default="resnet50", help="torchvision backbone")
     g.add_argument("--head-type", choices=HEAD_TYPES, default="regression",
@@ -400,8 +404,8 @@ def to_device(batch, rt: Runtime):
     return images, targets, mask
 
 
-def augment_batch(images: torch.Tensor, names: list[str]) -> torch.Tensor:
-    """On-the-fly flip / contrast x1.5 on a random half of the batch, uint8 (B, 1, S, S) on the device."""
+def online_augment(images: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """--online-augment: flip / contrast x1.5 on a random half of the batch, uint8 (B, 1, S, S) on the device."""
     for name in names:
         pick = (torch.rand(len(images)) < 0.5).to(images.device).view(-1, 1, 1, 1)
         changed = flip_images(images) if name == "flip" else adjust_contrast(images, 1.5)
@@ -409,14 +413,17 @@ def augment_batch(images: torch.Tensor, names: list[str]) -> torch.Tensor:
     return images
 
 
-def train_one_epoch(net, loader, optimizer, scheduler, scaler, rt: Runtime, augment: list[str], desc: str) -> float:
-    """One pass over the loader; returns the mean loss (compute_loss) over labelled entries (all ranks)."""
+def train_one_epoch(net, loader, optimizer, scheduler, scaler, rt: Runtime, augment: list[str], desc: str,
+                    preset: str = "none") -> float:
+    """One pass over the loader; returns the mean loss (compute_loss) over labelled entries (all ranks).
+    preset: the --augment preset applied to each uint8 batch on the device before the forward pass."""
     net.train()
     total = torch.zeros(2, device=rt.device)  # sum of squared errors, labelled entries
     for batch in tqdm(loader, desc=desc, leave=False, disable=not rt.progress, dynamic_ncols=True):
         images, targets, mask = to_device(batch, rt)
         if augment:
-            images = augment_batch(images, augment)
+            images = online_augment(images, augment)
+        images = augment_batch(images, preset)  # 'none' returns the batch itself
         with rt.autocast():
             pred = net(images)
         loss = compute_loss(pred, targets, mask)
@@ -744,7 +751,8 @@ def run_epochs(state: TrainState, job: Job, args, rt: Runtime) -> None:
                 t0 = time.time()
                 train_loss = train_one_epoch(state.net, job.loader, state.optimizer,
                                              state.scheduler if args.schedule == "cosine" else None, state.scaler,
-                                             rt, args.online_augment, f"{job.label} epoch {epoch + 1}/{args.epochs}")
+                                             rt, args.online_augment, f"{job.label} epoch {epoch + 1}/{args.epochs}",
+                                             args.augment)
                 train_seconds = time.time() - t0
                 val = evaluate(state.model, job.val_set, job.val_targets, job.train_means, job.names,
                                args.calibration, args.batch_size, rt)
