@@ -290,6 +290,17 @@ def ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def close_loader(loader: DataLoader) -> None:
+    """Stop a DataLoader's persistent workers now, the way an exhausted loader does (a sentinel,
+    then join). Left to the interpreter's exit, they would get SIGTERM, which they ignore
+    (ignore_sigterm): the process would hang at exit. The loader sits in a reference cycle, so
+    plain reference counting does not free it in time."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    loader._iterator = None
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss, sampling, metrics
 
@@ -801,7 +812,10 @@ def train_job(names: list[str], folder: str, table: pd.DataFrame, is_val: np.nda
         return json.loads(summary.read_text()) if summary.is_file() else None
     rt.log(f"training {job.label} (view {args.view}): {job.n_train} train rows x {len(sources)} sources, "
            f"{job.n_val} val rows, {len(names)} head(s), {rt.device}" + (f" x{rt.world}" if rt.world > 1 else ""))
-    run_epochs(state, job, args, rt)
+    try:
+        run_epochs(state, job, args, rt)
+    finally:
+        close_loader(job.loader)
     return write_summary(state, job, table, len(sources), args, rt)
 
 

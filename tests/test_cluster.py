@@ -356,3 +356,16 @@ def test_grid_freeze_values_train_different_parameters_for_the_whole_run(tiny_ar
     # both start from the same weights (same seed); stem..layer2 are frozen in both for both epochs
     assert stem_to_layer2 and all(torch.equal(a[k], b[k]) for k in stem_to_layer2)
     assert any(not torch.equal(a[k], b[k]) for k in layer3)  # layer3 trains with --freeze 3 only
+
+
+def test_loader_workers_are_stopped_when_training_ends_so_the_process_can_exit(tiny_args):
+    """Loader workers ignore SIGTERM (SLURM), so the interpreter's exit-time terminate() cannot stop
+    them: left alive (the loader sits in a reference cycle), they hung the process at exit on a GPU
+    machine. train.main must stop them itself. The garbage collector is off here, as it may well be
+    at the moment a real run ends."""
+    script = ("import gc, multiprocessing, sys; gc.disable(); import train; "
+              f"train.main({tiny_args('--pathology', 'Cardiomegaly', '--loader-workers', '2')!r}); "
+              "print('children', len(multiprocessing.active_children()), flush=True)")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "children 0" in proc.stdout
