@@ -366,6 +366,6 @@ def test_loader_workers_are_stopped_when_training_ends_so_the_process_can_exit(t
     script = ("import gc, multiprocessing, sys; gc.disable(); import train; "
               f"train.main({tiny_args('--pathology', 'Cardiomegaly', '--loader-workers', '2')!r}); "
               "print('children', len(multiprocessing.active_children()), flush=True)")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "children 0" in proc.stdout
