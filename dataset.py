@@ -246,6 +246,20 @@ def to_internal_labels(values: np.ndarray, convention: str) -> np.ndarray:
     return values.copy()
 
 
+def parse_label_column(raw: pd.DataFrame, col: str, convention: str, where: str, line: pd.Series) -> np.ndarray:
+    """One label column of a CSV read as text -> float64 on the project's scale (NaN = blank).
+    Anything but 1, 0, -1 (1.0, -1.0, ...) or blank is an error naming `where`, the line (line[i]
+    for row i) and the column."""
+    text = raw[col].str.strip()
+    values = pd.to_numeric(text, errors="coerce")
+    bad = (text != "") & ~values.isin([-1.0, 0.0, 1.0])
+    if bad.any():
+        i = bad.idxmax()
+        raise UserError(f"{where}: line {line[i]}, column '{col}': invalid label {raw[col][i]!r} "
+                        f"(expected 1, 0, -1 or blank)")
+    return to_internal_labels(values.to_numpy(np.float64), convention)
+
+
 def label_counts(df: pd.DataFrame) -> list[dict]:
     """Per label column of a table from read_train_csv (df.attrs['labels']): how many rows are
     positive (1), uncertain (0), negative (-1) and blank (NaN), on the project's scale, that is
@@ -299,14 +313,7 @@ def read_train_csv(csv_path: Path, uncertain: str = "keep", convention: str = "a
         out["view"] = view_from_filename(out["path"])
     mapping = {"keep": 0.0, "ignore": np.nan, "ones": 1.0, "zeros": -1.0}[uncertain]
     for col in labels:
-        text = raw[col].str.strip()
-        values = pd.to_numeric(text, errors="coerce")
-        bad = (text != "") & ~values.isin([-1.0, 0.0, 1.0])
-        if bad.any():
-            i = bad.idxmax()
-            raise UserError(f"{csv_path}: line {line[i]}, column '{col}': invalid label {raw[col][i]!r} "
-                            f"(expected 1, 0, -1 or blank)")
-        values = to_internal_labels(values.to_numpy(np.float64), name)
+        values = parse_label_column(raw, col, name, str(csv_path), line)
         values = np.where(values == 0.0, mapping, values) if uncertain != "keep" else values
         out[col] = values.astype(np.float32)
     out = out.reset_index(drop=True)

@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from dataset import (LABEL_CONVENTIONS, PATHOLOGIES, VIEWS, UserError, atomic_write, cached_table, choose_convention,
                      default_workers, describe_convention, flip_images, format_table, read_test_csv, read_train_csv,
-                     resolve_data, run_cli, to_internal_labels)
+                     parse_label_column, resolve_data, run_cli)
 from evaluation import METRIC_COLUMNS, apply_blend, evaluate, metrics_rows, plot_evaluation, write_metrics
 from model import Checkpoint, apply_calibration, load_checkpoint
 from train import Runtime, setup_runtime
@@ -344,16 +344,8 @@ def read_id_labels(path: Path, convention: str) -> pd.DataFrame:
         raise UserError(f"--labels {path}: line {i + 2}, column 'Id': {raw['Id'][i]!r} is not an integer or repeats one")
     convention, how = choose_convention(convention, header, raw["Path"] if "Path" in header else [])
     print(f"--labels {path}: {describe_convention(convention, how)}")
-    out = {}
-    for col in names:
-        text = raw[col].str.strip()
-        values = pd.to_numeric(text, errors="coerce")
-        bad = (text != "") & ~values.isin([-1.0, 0.0, 1.0])
-        if bad.any():
-            i = bad.idxmax()
-            raise UserError(f"--labels {path}: line {i + 2}, column '{col}': invalid label {raw[col][i]!r} "
-                            f"(expected 1, 0, -1 or blank)")
-        out[col] = to_internal_labels(values.to_numpy(np.float64), convention)
+    line = pd.Series(raw.index + 2, index=raw.index)  # header is line 1
+    out = {col: parse_label_column(raw, col, convention, f"--labels {path}", line) for col in names}
     return pd.DataFrame(out, index=ids.astype(np.int64).to_numpy())
 
 

@@ -31,18 +31,20 @@ from dataset import AUGMENT_PRESETS, augment_batch, ensure_demo, format_table  #
 from model import build_model, model_config  # noqa: E402
 
 
+def timed(fn, device: str) -> float:
+    """Seconds fn() takes, the device synchronised on both sides."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def median_ms(fn, reps: int, device: str) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(timed(fn, device) for _ in range(reps))
 
 
 def per_batch(size: int, batch_size: int, reps: int, device: str) -> list[dict]:
@@ -71,13 +73,7 @@ def interleaved_steps(step, size: int, batch_size: int, pairs: int, device: str)
     plain, augmented = [], []
     for _ in range(pairs):
         for out, fn in ((plain, lambda: step()), (augmented, lambda: (augment_batch(x, "standard"), step()))):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            out.append(time.perf_counter() - t0)
+            out.append(timed(fn, device))
     return plain, augmented
 
 

@@ -162,6 +162,15 @@ def test_label_ids_not_in_the_test_csv_are_an_error_naming_them(runs, demo_root)
     assert not (runs / "bad_ids" / "sub.csv").exists()
 
 
+def test_a_bad_value_in_the_labels_file_is_an_error_naming_line_and_column(runs, demo_root, tmp_path):
+    labels = pd.read_csv(demo_root / "student_labels" / "test_labels.csv", dtype=str, keep_default_na=False)
+    labels.loc[2, "Pneumonia"] = "maybe"
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.raises(UserError, match=r"--labels .*labels.csv: line 4, column 'Pneumonia': invalid label 'maybe'"):
+        submit(demo_root, runs, tmp_path / "sub.csv", "--checkpoints", str(runs / "runs" / "a"),
+               "--test-csv", str(tmp_path / "labels.csv"), "--labels", str(tmp_path / "labels.csv"))
+
+
 def test_labels_in_training_layout_predicts_its_own_images(runs, demo_root, tmp_path):
     train_csv = pd.read_csv(demo_root / "student_labels" / "train2023.csv", dtype=str, keep_default_na=False)
     missing = train_csv[train_csv.Path.str.startswith("train/pid80000")]
