@@ -250,12 +250,14 @@ def _lines(ax, history: list[dict], series: list[tuple[str, str, dict]], ylabel:
 
 def plot_curves(history: list[dict], path: Path, title: str) -> Path:
     """curves.png (CURVES_SIZE pixels) from history.csv's rows (dicts with epoch, train_loss,
-    val_loss, val_mse, val_mse_cal, const_mse, val_auc, lr; missing columns or values are skipped):
-    loss, validation MSE against the constant predictor, AUC and learning rate per epoch."""
+    val_loss, val_mse, val_mse_cv, val_mse_cal, const_mse, val_auc, lr; missing columns or values are
+    skipped): loss, validation MSE against the constant predictor (calibrated out of sample, the
+    number that picks best.pt; calibrated in-sample; raw), AUC and learning rate per epoch."""
     fig = _figure(CURVES_SIZE)
     ax = fig.subplots(2, 2)
     _lines(ax[0, 0], history, [("train_loss", "train", {}), ("val_loss", "validation", {})], "loss")
-    _lines(ax[0, 1], history, [("val_mse_cal", "validation, calibrated", {}),
+    _lines(ax[0, 1], history, [("val_mse_cv", "validation, calibrated, out of sample", {}),
+                               ("val_mse_cal", "validation, calibrated, in-sample", {"alpha": 0.5, "linestyle": ":"}),
                                ("val_mse", "validation, raw", {"alpha": 0.5}),
                                ("const_mse", "constant (training mean)", {"linestyle": "--", "color": "gray"})],
            "MSE")
@@ -354,14 +356,16 @@ def plot_evaluation(pred: np.ndarray, target: np.ndarray, names: list[str], out_
 
 
 # ---------------------------------------------------------------------------------------------
-# Blending: members' calibrated predictions on the same validation images -> one prediction
+# Blending: members' raw predictions on the same validation images -> one calibrated prediction
 
 def fit_blend(preds: np.ndarray, target: np.ndarray, groups, studies, views, k: int = 5, seed: int = 0,
               min_rows: int = 50) -> dict:
     """Fit one pathology's blend of M members and measure it out of fold.
 
-    preds (N, M) members' calibrated predictions in [-1, 1], NaN where a member does not predict an
-    image (a one-view model on the other view's images); target (N,), NaN = unlabelled; groups (N,)
+    preds (N, M) members' raw predictions in [-1, 1] (val_predictions.csv's `raw`: their own
+    calibration maps were fitted on these same rows, so using them would leak), NaN where a member
+    does not predict an image (a one-view model on the other view's images); target (N,), NaN =
+    unlabelled; groups (N,)
     patient ids; studies (N,) study ids; views (N,) 'frontal' or 'lateral'. Unlabelled images still
     count for study fusion (their predictions join their study's mean), never as targets.
 
@@ -374,41 +378,51 @@ def fit_blend(preds: np.ndarray, target: np.ndarray, groups, studies, views, k: 
     after fusion (a >= MIN_SLOPE). lambda (LAMBDAS), then w_frontal (FUSION_GRID) are chosen by
     patient-grouped k-fold CV.
 
-    oof: MSE over the n labelled images, each predicted by a pipeline (selection of lambda and
-    w_frontal included) fitted without its patient's fold: "blend"; the member with the lowest MSE on
-    the other folds ("best_single"; among members that predict every labelled image, else NaN); and
-    the uniform mean of the members (nothing fitted). With fewer than min_rows labelled images, or
-    fewer than 2 labelled patients per fold, it returns the uniform mean (fallback True, a reason).
+    oof: MSE over the n labelled images, each predicted by a pipeline fitted without its patient's
+    fold, every calibration included: "blend" (the selection of lambda and w_frontal too); the
+    uniform mean of the members with its a, b ("uniform"); the member whose own a, b fit does best on
+    the other folds ("best_single"; among members that predict every labelled image, else NaN).
+    With fewer than min_rows labelled images, or fewer than 2 labelled patients per fold, it returns
+    the uniform mean calibrated on all of them (fallback True, a reason) and no oof numbers (NaN).
 
     Returns {"weights": [M floats], "lambda", "a", "b", "w_frontal" (None = no fusion), "fallback",
     "reason", "oof": {"best_single", "uniform", "blend", "n"}}; NaN where undefined."""
     P, t, groups, s, frontal = _blend_inputs(preds, target, groups, studies, views)
     lab = ~np.isnan(t)
     n_lab, n_pat = int(lab.sum()), len(np.unique(groups[lab]))
-    uniform = _params(np.full(P.shape[1], 1.0 / P.shape[1]), None, 1.0, 0.0, None)
-    oof = {"best_single": float("nan"), "uniform": _mse(_predict(uniform, P, s, frontal), t), "blend": float("nan"),
-           "n": n_lab}
+    uniform_w = np.full(P.shape[1], 1.0 / P.shape[1])
+    oof = {"best_single": float("nan"), "uniform": float("nan"), "blend": float("nan"), "n": n_lab}
     reason = (f"{n_lab} labelled validation images, fewer than {min_rows}" if n_lab < min_rows else
               f"{n_pat} labelled patients, fewer than 2 per fold for {k} folds" if n_pat < 2 * k else None)
-    if reason:
-        return {**uniform, "fallback": True, "reason": reason, "oof": {**oof, "blend": oof["uniform"]}}
+    if reason:  # too few rows to measure anything out of fold: the uniform mean, calibrated on them all
+        return {**_fit_fixed(P, t, uniform_w), "fallback": True, "reason": reason, "oof": oof}
     folds = _patient_folds(groups, lab, k, seed)
-    blend, single = np.full(len(t), np.nan), np.full(len(t), np.nan)
+    blend, uniform, single = (np.full(len(t), np.nan) for _ in range(3))
     whole = np.flatnonzero(~np.isnan(P[lab]).any(axis=0))  # members that predict every labelled image
     for f in range(k):
         tr, te = folds != f, folds == f
         params = _fit_pipeline(P[tr], t[tr], groups[tr], s[tr], frontal[tr], k, seed)
         blend[te] = _predict(params, P[te], s[te], frontal[te])
-        if len(whole):
-            best = whole[np.argmin([_mse(P[tr, j], t[tr]) for j in whole])]
-            single[te] = P[te, best]
-    oof.update(blend=_mse(blend, t), best_single=_mse(single, t) if len(whole) else float("nan"))
+        uniform[te] = _predict(_fit_fixed(P[tr], t[tr], uniform_w), P[te], s[te], frontal[te])
+        if len(whole):  # the member whose own calibrated output does best on the other folds
+            fits = [_fit_fixed(P[tr], t[tr], np.eye(P.shape[1])[j]) for j in whole]
+            j = int(np.argmin([_mse(_predict(q, P[tr], s[tr], frontal[tr]), t[tr]) for q in fits]))
+            single[te] = _predict(fits[j], P[te], s[te], frontal[te])
+    oof.update(blend=_mse(blend, t), uniform=_mse(uniform, t),
+               best_single=_mse(single, t) if len(whole) else float("nan"))
     return {**_fit_pipeline(P, t, groups, s, frontal, k, seed), "fallback": False, "reason": None, "oof": oof}
+
+
+def _fit_fixed(P, t, weights) -> dict:
+    """Given member weights: only the intercept and slope (a, b) fitted, on the labelled rows; no fusion."""
+    lab = ~np.isnan(t)
+    a, b = _fit_affine(_combine(P, weights)[lab], t[lab])
+    return _params(weights, None, a, b, None)
 
 
 def apply_blend(params: dict, preds: np.ndarray, studies, views) -> np.ndarray:
     """One pathology's blended prediction (N,) in [-1, 1] from fit_blend's params (or blend.json's
-    entry). preds (N, M) members' calibrated predictions in the params' member order, NaN where a
+    entry). preds (N, M) members' raw predictions in the params' member order, NaN where a
     member does not predict an image; studies, views (N,) as in fit_blend. An image that no member
     predicts gets NaN."""
     P, _, _, s, frontal = _blend_inputs(preds, np.zeros(len(preds)), np.zeros(len(preds)), studies, views)

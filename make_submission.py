@@ -13,8 +13,9 @@ viewN_lateral.jpg): the models trained on that view (--view frontal|lateral) are
 are any, else the all-view models (--combine prefer-view, the default); --combine average averages
 both kinds. Several checkpoints for one pathology and view are an error naming them, unless
 --ensemble averages them. An image no model covers gets --fill-missing, or is an error naming the
-pathology and view. Each model's raw output (tanh, already on [-1, 1]) goes through its checkpoint's
-calibration map and is clipped to [-1, 1]; maps of one image are then averaged.
+pathology and view. Each model's raw output (on [-1, 1] already: tanh, or p(positive) -
+p(negative) for a three-class head) goes through its checkpoint's calibration map and is clipped to
+[-1, 1]; maps of one image are then averaged.
 
 Speed: each test image is decoded once, into the same uint8 cache train.py uses (one cache per
 distinct image size and square mode), and every model that needs a batch runs on that one batch.
@@ -440,13 +441,13 @@ def assemble(sources: list[Source], raw: list[np.ndarray], routes: Routes, views
     """(values (N, P) float64 in [-1, 1], covered (N, P) bool), P = len(PATHOLOGIES). Each routed
     model's output goes through its calibration map (clipped to [-1, 1]); then they are averaged.
     A blended pathology (blends: name -> Blend) is instead evaluation.apply_blend of its members'
-    calibrated outputs (NaN where a member does not serve the image's view), fused over studies (N,)."""
+    raw outputs (NaN where a member does not serve the image's view; the blend has its own
+    calibration), fused over studies (N,)."""
     blends = blends or {}
     values = np.full((len(views), len(PATHOLOGIES)), np.nan)
     for j, name in enumerate(PATHOLOGIES):
         if name in blends:
-            P = np.stack([np.where((sources[s].view == "all") | (views == sources[s].view),
-                                   calibrated(sources[s], name, raw[s][:, k]), np.nan)
+            P = np.stack([np.where((sources[s].view == "all") | (views == sources[s].view), raw[s][:, k], np.nan)
                           for s, k in blends[name].members], axis=1)
             values[:, j] = apply_blend(blends[name].params, P, studies, views)
             continue

@@ -238,7 +238,7 @@ def read_weights(path: Path, arch: str) -> tuple[dict, str, tuple[float, float]]
         raise UserError(f"--weights {path}: no such file (use imagenet, none or a path)") from e
     except Exception as e:
         raise UserError(f"--weights {path}: not a loadable state dict ({type(e).__name__}); torchxrayvision's "
-                        f"DenseNet release files are pickled models: save their state_dict() first (README)") from e
+                        f"DenseNet release files are pickled models: save their state_dict() first (docs/training.md)") from e
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         cfg = state.get("model_config", {})
         if cfg.get("arch", "resnet50") != arch:

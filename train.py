@@ -9,9 +9,11 @@ val_predictions.csv}: curves.png redrawn after every epoch; val_predictions.csv 
 raw and calibrated validation predictions, one row per validation image and pathology: see
 evaluation.PREDICTION_COLUMNS) for experiments/blend.py. best.pt and summary.json record the split
 (seed, val_frac, val_patients_sha1: a hash of the validation patients). Loss:
-masked MSE on the [-1, 1] label scale (blank labels never enter it). A WeightedRandomSampler with
-inverse-frequency weights balances the label values; a calibration map fitted on the validation
-split afterwards returns the outputs to the natural distribution that the MSE metric is taken on.
+masked MSE on the [-1, 1] label scale (or masked cross-entropy with --head-type three-class; blank
+labels never enter it). A WeightedRandomSampler with inverse-frequency weights, bounded by
+--sampler-cap, balances the label values; a calibration map fitted on the validation split
+afterwards returns the outputs to the natural distribution that the MSE metric is taken on, and its
+cross-validated (out-of-sample) score picks best.pt.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ METRIC_KEYS = ("val_mse", "val_mse_cv", "val_mse_cal", "const_mse", "val_auc")
 DEMO_DEFAULTS = {"image_size": 64, "epochs": 3, "weights": "none", "batch_size": 16, "augment": "none"}
 REAL_DEFAULTS = {"image_size": 224, "epochs": 10, "weights": "imagenet", "batch_size": 32, "augment": "none"}
 ONLINE_AUGMENTS = ("flip", "contrast")
-SAMPLER_CAP = 5.0  # see sample_weights and README's sampler measurement
+SAMPLER_CAP = 5.0  # see sample_weights, and docs/results.md for the measurement
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -12,10 +12,12 @@ split.val_patients_sha1); one that does not is an error naming the runs.
 
 Per pathology, on the union of the members' validation images (a one-view member only predicts its
 view's images: it is left out of the average for the others, and the member weights are fitted on
-the images every member predicts), evaluation.fit_blend fits non-negative weights summing to 1 with
-a shrinkage toward uniform, a frontal/lateral study-fusion weight and an affine calibration, all
+the images every member predicts), evaluation.fit_blend fits, on the members' raw outputs (their own
+calibration maps were fitted on these very rows), non-negative weights summing to 1 with a
+shrinkage toward uniform, a frontal/lateral study-fusion weight and an affine calibration, all
 chosen by patient-grouped K-fold CV. It prints the out-of-fold MSE of the best single member, the
-uniform average and the learned blend, per pathology and macro, and writes blend.json:
+uniform average and the learned blend, per pathology and macro, each with its own calibration
+refitted without the fold it predicts, and writes blend.json:
     {"version": 1, "folds": K, "seed": N, "pathologies": {name: {"members": [...], "weights": [...],
      "lambda": f, "a": f, "b": f, "w_frontal": f or null, "fallback": bool, "reason": str or null,
      "oof": {"best_single": f, "uniform": f, "blend": f, "n": int}}}}
@@ -141,8 +143,8 @@ def read_predictions(member: Member) -> pd.DataFrame:
         raise UserError(f"{path}: view must be frontal or lateral, got {bad['view'].iloc[0]!r} (path {bad['path'].iloc[0]})")
     for c in ("target", "raw", "calibrated"):
         df[c] = pd.to_numeric(df[c], errors="coerce")
-    if df["calibrated"].isna().any():
-        raise UserError(f"{path}: {int(df['calibrated'].isna().sum())} rows have no calibrated prediction")
+    if df["raw"].isna().any():
+        raise UserError(f"{path}: {int(df['raw'].isna().sum())} rows have no raw prediction")
     dup = df.duplicated(["path", "pathology"])
     if dup.any():
         raise UserError(f"{path}: {df.loc[dup, 'path'].iloc[0]} appears twice for {df.loc[dup, 'pathology'].iloc[0]}")
@@ -151,7 +153,8 @@ def read_predictions(member: Member) -> pd.DataFrame:
 
 def pathology_frame(name: str, members: list[Member], tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """One row per validation image any member predicts for this pathology: path, patient, study,
-    view, target, and one column per member (its calibrated prediction, NaN where it has none).
+    view, target, and one column per member (its raw prediction, NaN where it has none: its own
+    calibration map was fitted on these rows, so the blend calibrates in-fold instead).
     Members disagreeing on a label (different uncertain policies?) is an error."""
     out = None
     for m in members:
@@ -167,7 +170,7 @@ def pathology_frame(name: str, members: list[Member], tables: dict[str, pd.DataF
                 raise UserError(f"{name}: {m.name} has other labels than {members[0].name} for {int(clash.sum())} "
                                 f"images (e.g. {clash[clash].index[0]}): trained with different --uncertain policies?")
             out = out.combine_first(cols)
-        out[m.name] = df["calibrated"]
+        out[m.name] = df["raw"]
     out = out.reindex(columns=["patient", "study", "view", "target", *[m.name for m in members]])
     return out.rename_axis("path").reset_index()
 

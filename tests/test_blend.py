@@ -59,9 +59,11 @@ def test_fallback_to_uniform_without_enough_labelled_rows():
     P = np.stack([_member(rng, t, 0.6, 0.3), _member(rng, t, 0.2, 0.3)], axis=1)
     fit = ev.fit_blend(P, t, patients, studies, views, min_rows=50)
     assert fit["fallback"] is True and "20 labelled" in fit["reason"]
-    assert fit["weights"] == [0.5, 0.5] and (fit["a"], fit["b"], fit["w_frontal"]) == (1.0, 0.0, None)
-    assert fit["oof"]["blend"] == fit["oof"]["uniform"] == pytest.approx(np.mean((P.mean(1) - t) ** 2))
-    assert ev.apply_blend(fit, P, studies, views) == pytest.approx(P.mean(1))
+    assert fit["weights"] == [0.5, 0.5] and fit["w_frontal"] is None and fit["lambda"] is None
+    a, b = np.polyfit(P.mean(1), t, 1)  # the uniform mean, calibrated on every row
+    assert (fit["a"], fit["b"]) == pytest.approx((a, b))
+    assert ev.apply_blend(fit, P, studies, views) == pytest.approx(np.clip(a * P.mean(1) + b, -1, 1))
+    assert all(np.isnan(fit["oof"][k]) for k in ("blend", "uniform", "best_single"))  # nothing to measure on
     fit = ev.fit_blend(P, t, patients, studies, views, k=6, min_rows=10)  # 10 patients < 2 per fold
     assert fit["fallback"] is True and "10 labelled patients" in fit["reason"]
 
@@ -169,3 +171,33 @@ def test_blend_script_rejects_runs_with_different_splits(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("error: the runs do not share one validation split")
     assert "run_a (seed 0" in err and "run_b (seed 0" in err
     assert not out.exists()
+
+
+
+def test_blend_script_fits_on_raw_outputs_not_on_maps_fitted_to_these_rows(tmp_path):
+    """val_predictions.csv's `calibrated` column comes from a map fitted on those very validation
+    rows. Here it is made to leak the label outright while `raw` is noise: an honest blend, fitted
+    on `raw` with its calibration refitted out of fold, must not score near 0."""
+    rng = np.random.default_rng(5)
+    images = _images(rng)
+    _model(tmp_path / "runs", "run_a/cardiomegaly", images, ["Cardiomegaly"], "all", 0.3, "abc123", rng)
+    table = tmp_path / "runs" / "run_a" / "cardiomegaly" / "val_predictions.csv"
+    df = pd.read_csv(table)
+    df["raw"], df["calibrated"] = rng.uniform(-1, 1, len(df)), df["target"].fillna(0.0)
+    df.to_csv(table, index=False)
+    made = blend.main(["--runs", str(tmp_path / "runs" / "run_a"), "--out", str(tmp_path / "b.json"), "--no-progress"])
+    oof = made["pathologies"]["Cardiomegaly"]["oof"]
+    assert oof["best_single"] > 0.3 and oof["uniform"] > 0.3 and oof["blend"] > 0.3
+
+
+def test_every_baseline_is_calibrated_out_of_fold_too():
+    """Pure-noise members: an affine map fitted on all rows looks better than chance on them; the
+    out-of-fold numbers of the single member and of the uniform mean must not."""
+    rng = np.random.default_rng(7)
+    patients, studies, views, t = _studies(rng, 150, blank=0)
+    P = rng.uniform(-1, 1, (len(t), 2))
+    fit = ev.fit_blend(P, t, patients, studies, views)
+    for col, key in ((P[:, 0], "best_single"), (P.mean(1), "uniform")):
+        a, b = np.polyfit(col, t, 1)
+        in_sample = np.mean((np.clip(a * col + b, -1, 1) - t) ** 2)
+        assert fit["oof"][key] > in_sample, key

@@ -218,10 +218,16 @@ def test_blend_end_to_end_applies_the_learned_blend(runs, demo_root, capsys):
     assert card["members"] == ["a/cardiomegaly", "b/multi_head_frontal"]
     assert fitted["pathologies"]["Pneumonia"]["members"] == ["b/multi_head_frontal"]
 
-    # each member alone, through the same submission path: its calibrated values per test image
-    alone = {m: pd.read_csv(submit(demo_root, runs, runs / "alone" / m.replace("/", "_") / "sub.csv",
-                                   "--checkpoints", str(parent / m), "--test-csv", str(labels_csv))["out"]
-                            ).set_index("Id") for m in card["members"]}
+    # each member's raw output per test image (the blend calibrates them itself)
+    from dataset import read_test_csv
+    test_table, test_cache = cached_table(read_test_csv(labels_csv), demo_root, 32, runs / "cache", "test_labels",
+                                          workers=1, progress=False)
+    rt = train.Runtime(torch.device("cpu"), progress=False)
+    alone = {}
+    for m in card["members"]:
+        model, ckpt = load_checkpoint(parent / m / "best.pt")
+        data = XrayDataset([test_cache], test_table["slot"].to_numpy(), np.zeros((len(test_table), 1)))
+        alone[m] = train.predict(model, data, 16, rt)[:, ckpt.pathologies.index("Cardiomegaly")]
     capsys.readouterr()
     out = runs / "blended" / "sub.csv"
     result = submit(demo_root, runs, out, "--checkpoints", str(parent), "--blend", str(blend_json),
@@ -231,11 +237,12 @@ def test_blend_end_to_end_applies_the_learned_blend(runs, demo_root, capsys):
     make_submission.check_submission(out, test.Id)
     views = np.where(test.Path.str.contains("lateral"), "lateral", "frontal")
     studies = test.Path.str.rsplit("/", n=1).str[0].to_numpy()
-    P = np.stack([alone[m].loc[test.Id, "Cardiomegaly"].to_numpy() for m in card["members"]], axis=1)
+    assert (test_table["Id"].to_numpy() == test.Id.to_numpy()).all()
+    P = np.stack([alone[m] for m in card["members"]], axis=1)
     P[views == "lateral", 1] = np.nan  # the frontal-only member does not predict lateral images
     expected = ev.apply_blend(card, P, studies, views)
     got = pd.read_csv(out).set_index("Id").loc[test.Id, "Cardiomegaly"].to_numpy()
-    np.testing.assert_allclose(got, expected, atol=1e-4)  # members' values went through 6-decimal CSVs
+    np.testing.assert_allclose(got, expected, atol=1e-5)  # the written CSV has 6 decimals
     assert (views == "lateral").any() and (views == "frontal").any()
     js = json.loads((out.parent / "metrics.json").read_text())
     assert js["per_pathology"]["Cardiomegaly"]["mse"] == pytest.approx(
