@@ -478,6 +478,13 @@ def predict(model, dataset: XrayDataset, batch_size: int, rt: Runtime) -> np.nda
     return out
 
 
+def mean_defined(values) -> float:
+    """Mean of the values that are defined (not None or NaN); NaN when none is (a pathology without
+    both classes has no AUC), without numpy's empty-slice warning."""
+    ok = [float(v) for v in values if v is not None and not math.isnan(v)]
+    return sum(ok) / len(ok) if ok else float("nan")
+
+
 def evaluate(model, dataset: XrayDataset, targets: np.ndarray, train_means: np.ndarray, names: list[str],
              calibration: str, batch_size: int, rt: Runtime) -> dict:
     """Validation: per-pathology metrics with a calibration map fitted on these predictions, their
@@ -494,7 +501,7 @@ def evaluate(model, dataset: XrayDataset, targets: np.ndarray, train_means: np.n
         per[name] = pathology_metrics(pred[:, k], targets[:, k], float(train_means[k]), cals[name])
     n = sum(per[x]["n"] for x in names)
     loss = sum(per[x]["val_mse_cv"] * per[x]["n"] for x in names if per[x]["n"]) / n if n else float("nan")
-    macro = {key: float(np.nanmean([per[x][key] for x in names])) if n else float("nan") for key in METRIC_KEYS}
+    macro = {key: mean_defined([per[x][key] for x in names]) for key in METRIC_KEYS}
     return {"val_loss": loss, **macro, "per_pathology": per, "calibration": cals, "pred": pred}
 
 
@@ -864,7 +871,7 @@ def main(argv=None) -> list[dict]:
             raise UserError(f"nothing to train: no labelled rows for {', '.join(names)} (view {args.view})")
         rows = [r for s in summaries for r in table_rows(s)]
         if len(rows) > 1:
-            rows.append({"pathology": "macro mean", **{k: float(np.nanmean([r[k] if r[k] is not None else np.nan for r in rows]))
+            rows.append({"pathology": "macro mean", **{k: mean_defined([r[k] for r in rows])
                                                        for k in TABLE_COLUMNS[5:]}})
         rt.log("\n" + format_table(rows, TABLE_COLUMNS) + f"\n\ncheckpoints in {args.out_dir}/")
         return summaries
