@@ -190,10 +190,6 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
     def log(self, *a):
         if self.main:
             print(*a, flush=True)
