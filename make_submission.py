@@ -102,7 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=default_workers(), help="processes that decode images into the cache")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="autocast on CUDA (bf16 where supported)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                    help="autocast on CUDA: bf16 on compute capability 8.0+, else fp16 with a gradient scaler")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     args = p.parse_args(argv)
     if args.fill_missing is not None and not (math.isfinite(args.fill_missing) and -1 <= args.fill_missing <= 1):

@@ -128,7 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("output and device")
     g.add_argument("--out-dir", type=Path, default=Path("checkpoints"))
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="autocast on CUDA (bf16 where supported)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                    help="autocast on CUDA: bf16 on compute capability 8.0+, else fp16 with a gradient scaler")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     args = p.parse_args(argv)
