@@ -177,7 +177,8 @@ def metrics_rows(metrics: dict) -> list[dict]:
 
 
 def jsonable(x):
-    """Dicts/lists of numbers as JSON accepts them: NaN and inf -> None, numpy scalars/arrays -> Python."""
+    """Dicts/lists as JSON accepts them: NaN and inf -> None, numpy scalars/arrays -> Python, paths
+    -> strings (summary.json's configuration holds argparse's Path values)."""
     if isinstance(x, dict):
         return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple, np.ndarray)):
@@ -186,6 +187,8 @@ def jsonable(x):
         x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
         return None
+    if isinstance(x, Path):
+        return str(x)
     return x
 
 

@@ -47,7 +47,7 @@ from dataset import (AUGMENT_PRESETS, LABEL_CONVENTIONS, SQUARE_MODES, UNCERTAIN
                      describe_convention,
                      find_augmented, flip_images, format_table, read_train_csv, resolve_data, run_cli, slug,
                      split_by_patient, write_text)
-from evaluation import PREDICTION_COLUMNS, auc, plot_curves
+from evaluation import PREDICTION_COLUMNS, auc, jsonable, plot_curves
 from model import (ARCHS, CALIBRATIONS, HEAD_TYPES, HEAD_VARIANTS, N_STAGES, Checkpoint, apply_calibration,
                    build_model, fit_calibration, load_pretrained, model_config, set_frozen)
 
@@ -312,6 +312,14 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return sq.sum() / mask.sum().clamp(min=1)
 
 
+def train_loader(dataset: XrayDataset, sampler: Sampler, workers: int | None, rt: Runtime) -> DataLoader:
+    """The training loader: whole uint8 batches from the sampler, `workers` processes (None: 4 on
+    CUDA, 0 on CPU) that stay up between epochs and ignore SIGTERM, pinned memory on CUDA."""
+    workers = workers if workers is not None else (4 if rt.cuda else 0)
+    return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers, pin_memory=rt.cuda,
+                      persistent_workers=workers > 0, worker_init_fn=ignore_sigterm)
+
+
 def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the entries where mask is True; masked entries get no gradient.
     logits (B, K, 3) over (negative, uncertain, positive); target (B, K) in {-1, 0, 1} (anything,
@@ -518,20 +526,6 @@ def make_scheduler(optimizer, args, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
 
-def jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, (Path, torch.dtype, torch.device)):
-        return str(x)
-    if isinstance(x, np.generic):
-        return x.item()
-    return x
-
-
 def write_val_predictions(path: Path, job: Job, pred: np.ndarray, calibration: dict) -> None:
     """val_predictions.csv (evaluation.PREDICTION_COLUMNS), long format: one row per validation image
     and pathology of the model; target on the project's scale, blank = unlabelled; raw the model's
@@ -602,6 +596,10 @@ class Job:
     val_rows: pd.DataFrame     # (n_val rows) path, patient, study, view: val_predictions.csv's first columns
     split: dict                # {seed, val_frac, val_patients_sha1}, in checkpoints and summary.json
 
+    def n_train_of(self, k: int) -> int:
+        """Training rows labelled for pathology k."""
+        return int((~np.isnan(self.train_targets[:, k])).sum())
+
 
 @dataclass
 class TrainState:
@@ -646,9 +644,7 @@ def prepare_job(names: list[str], folder: str, table: pd.DataFrame, is_val: np.n
     val_set = XrayDataset(sources[:1], table["slot"].to_numpy()[va], val_t)
     weights = np.tile(sample_weights(train_t, args.sampler_cap), len(sources)) if args.sampler else None
     sampler = EpochSampler(weights, len(train_set), args.batch_size, args.seed, rt.rank, rt.world)
-    n_workers = args.loader_workers if args.loader_workers is not None else (4 if rt.cuda else 0)
-    loader = DataLoader(train_set, batch_size=None, sampler=sampler, num_workers=n_workers, pin_memory=rt.cuda,
-                        persistent_workers=n_workers > 0, worker_init_fn=ignore_sigterm)
+    loader = train_loader(train_set, sampler, args.loader_workers, rt)
     return Job(names, args.out_dir / folder, label, len(tr), len(va), train_t, val_t, train_means, train_set,
                val_set, sampler, loader, val_rows=table.iloc[va][["path", "patient", "study", "view"]].reset_index(drop=True),
                split=split_record(table["patient"], is_val, args))
@@ -739,7 +735,7 @@ def end_epoch(state: TrainState, job: Job, epoch: int, train_loss: float, train_
         stop.update(best_val_loss=val["val_loss"], best_epoch=epoch + 1, bad_epochs=0)
         state.best_cal = val["calibration"]
         if rt.main:  # written now, from the weights of this epoch: never a live reference
-            per = {name: {**val["per_pathology"][name], "n_train": int((~np.isnan(job.train_targets[:, k])).sum())}
+            per = {name: {**val["per_pathology"][name], "n_train": job.n_train_of(k)}
                    for k, name in enumerate(job.names)}
             checkpoint_of(state, args, epoch + 1, jsonable({**row, "per_pathology": per}), split=job.split
                           ).save(job.folder / "best.pt")
@@ -800,7 +796,7 @@ def write_summary(state: TrainState, job: Job, table: pd.DataFrame, n_sources: i
                **{k: best.get(k) for k in ("val_loss", *METRIC_KEYS)},
                "per_pathology": best.get("per_pathology", {}), "split": job.split, "config": jsonable(vars(args))}
     for k, name in enumerate(job.names):
-        summary["per_pathology"].setdefault(name, {})["n_train"] = int((~np.isnan(job.train_targets[:, k])).sum())
+        summary["per_pathology"].setdefault(name, {})["n_train"] = job.n_train_of(k)
     if rt.main:
         write_text(job.folder / "summary.json", json.dumps(jsonable(summary), indent=2))
     return summary

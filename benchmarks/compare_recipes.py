@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import make_submission  # noqa: E402
 import train  # noqa: E402
 from dataset import PATHOLOGIES, format_table, read_test_csv, read_train_csv, run_cli  # noqa: E402
-from evaluation import evaluate  # noqa: E402
+from evaluation import evaluate, jsonable  # noqa: E402
 
 PLAIN = ["--arch", "resnet50", "--no-sampler", "--augment", "none", "--head-type", "regression"]
 SETS = {
@@ -137,7 +137,7 @@ def main(argv=None):
                 r = run_one(name, flags, seed, args, extra, names)
                 done.append(r)
                 with open(results_path, "a") as f:
-                    f.write(json.dumps(train.jsonable(r)) + "\n")
+                    f.write(json.dumps(jsonable(r)) + "\n")
                 print(f"== {name} seed {seed}: val auc {r['val_auc']:.3f} mse_cv {r['val_mse_cv']:.4f} | test mse "
                       f"{r['test_mse']:.4f} auc {r['test_auc']:.3f} | {r['epoch_seconds']:.1f} s/epoch", flush=True)
     rows = summarise(done, order)

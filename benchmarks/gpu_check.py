@@ -40,7 +40,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,6 +48,7 @@ import make_submission  # noqa: E402
 import train  # noqa: E402
 from dataset import (XrayDataset, cached_table, format_table, make_demo, read_train_csv,  # noqa: E402
                      write_text)
+from evaluation import jsonable  # noqa: E402
 from model import build_model, load_checkpoint, model_config  # noqa: E402
 
 PATHOLOGY = "Cardiomegaly"
@@ -107,7 +107,7 @@ class Report:
         self.save()
 
     def save(self) -> None:
-        write_text(self.path, json.dumps(train.jsonable(self.data), indent=2))
+        write_text(self.path, json.dumps(jsonable(self.data), indent=2))
 
     @property
     def failed(self) -> list[str]:
@@ -259,9 +259,7 @@ def make_loader(table: pd.DataFrame, cache, n: int, batch_size: int, workers: in
     targets = np.resize(np.nan_to_num(table[PATHOLOGY].to_numpy(np.float32), nan=0.0), n).reshape(n, 1)
     data = XrayDataset([cache], slots, targets)
     sampler = train.EpochSampler(train.sample_weights(targets), n, batch_size, seed=0)
-    loader = DataLoader(data, batch_size=None, sampler=sampler, num_workers=workers, pin_memory=rt.cuda,
-                        persistent_workers=workers > 0)
-    return loader, sampler
+    return train.train_loader(data, sampler, workers, rt), sampler
 
 
 def new_model(rt: train.Runtime, compile_it: bool):
@@ -292,6 +290,7 @@ def loop_images_per_s(table, cache, batch_size: int, n: int, workers: int, rt, c
         seconds = time.perf_counter() - t0
         if epoch:
             rates.append(n / seconds)
+    train.close_loader(loader)  # its workers ignore SIGTERM: stopped here, not at the interpreter's exit
     return max(rates)
 
 
@@ -329,7 +328,7 @@ def bare_images_per_s(batch_size: int, n: int, size: int, rt, compile_it: bool) 
 def timing(args, table, cache, rt: train.Runtime, report: Report):
     loader, _ = make_loader(table, cache, 2 * args.batch_sizes[0], args.batch_sizes[0], args.loader_workers, rt)
     images = next(iter(loader))[0]
-    del loader
+    train.close_loader(loader)
     report.check("loader_uint8_pinned", images.dtype == torch.uint8 and (images.is_pinned() or not rt.cuda),
                  f"loader batch {tuple(images.shape)} {images.dtype}, pinned {images.is_pinned()}")
     rows = []
