@@ -154,24 +154,21 @@ def write_text(path: Path, text: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # CSVs and labels
 
-def _read_csv(csv_path: Path) -> pd.DataFrame:
+def read_csv_text(csv_path: Path, what: str = "", nrows: int | None = None) -> pd.DataFrame:
+    """A CSV with every cell as text ('' for empty), nrows rows (all by default). A missing or
+    unreadable file is a UserError naming it, after `what` (e.g. '--labels ')."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise UserError(f"{csv_path}: no such CSV file")
+        raise UserError(f"{what}{csv_path}: no such CSV file")
     try:
-        return pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+        return pd.read_csv(csv_path, dtype=str, keep_default_na=False, nrows=nrows)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"{csv_path}: not a readable CSV ({str(e).splitlines()[0]})") from e
+        raise UserError(f"{what}{csv_path}: not a readable CSV ({str(e).splitlines()[0]})") from e
 
 
-def _read_header(csv_path: Path) -> list[str]:
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise UserError(f"{csv_path}: no such CSV file")
-    try:
-        return list(pd.read_csv(csv_path, dtype=str, nrows=0).columns)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"{csv_path}: not a readable CSV ({str(e).splitlines()[0]})") from e
+def read_header(csv_path: Path, what: str = "") -> list[str]:
+    """A CSV's column names, without reading its rows; errors as read_csv_text's."""
+    return list(read_csv_text(csv_path, what, nrows=0).columns)
 
 
 def _require(df: pd.DataFrame, columns, csv_path) -> None:
@@ -286,7 +283,7 @@ def read_train_csv(csv_path: Path, uncertain: str = "keep", convention: str = "a
     (a CSV whose every path starts so, Stanford's full-size set, has none)."""
     if uncertain not in UNCERTAIN_POLICIES:
         raise UserError(f"unknown uncertain policy {uncertain!r} (choose from {', '.join(UNCERTAIN_POLICIES)})")
-    raw = _read_csv(csv_path)
+    raw = read_csv_text(csv_path)
     name, how = choose_convention(convention, raw.columns, raw["Path"] if "Path" in raw.columns else [])
     _require(raw, ["Path", "AP/PA"], csv_path)
     labels = list(raw.columns[raw.columns.get_loc("AP/PA") + 1:])
@@ -324,7 +321,7 @@ def read_train_csv(csv_path: Path, uncertain: str = "keep", convention: str = "a
 def read_test_csv(csv_path: Path) -> pd.DataFrame:
     """Read an 'Id, Path' test CSV (test_ids.csv, solution_ids.csv). Returns columns Id (int), path,
     patient, study, view; the view comes from the file name (viewN_frontal.jpg / viewN_lateral.jpg)."""
-    raw = _read_csv(csv_path)
+    raw = read_csv_text(csv_path)
     _require(raw, ["Id", "Path"], csv_path)
     ids = pd.to_numeric(raw["Id"].str.strip(), errors="coerce")
     bad = ids.isna() | (ids != ids.round())
@@ -1157,7 +1154,7 @@ def main(argv=None):
         root, csv = args.data_root, args.csv
     else:
         root, csv = resolve_data(args.data_root, args.csv, "train2023.csv")
-    header = _read_header(csv)
+    header = read_header(csv)
     is_test = "Id" in header and "AP/PA" not in header
     if is_test and args.labels_only:
         raise UserError(f"{csv}: --labels-only needs a train CSV (labels after 'AP/PA'); this is an 'Id, Path' test CSV")

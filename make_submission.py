@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from dataset import (LABEL_CONVENTIONS, PATHOLOGIES, VIEWS, UserError, atomic_write, cached_table, choose_convention,
                      default_workers, describe_convention, flip_images, format_table, read_test_csv, read_train_csv,
-                     parse_label_column, resolve_data, run_cli)
+                     parse_label_column, read_csv_text, read_header, resolve_data, run_cli)
 from evaluation import METRIC_COLUMNS, apply_blend, evaluate, metrics_rows, plot_evaluation, write_metrics
 from model import Checkpoint, apply_calibration, load_checkpoint
 from train import Runtime, setup_runtime
@@ -314,31 +314,22 @@ def read_inputs(args) -> tuple[Path, Path, pd.DataFrame, pd.DataFrame | None, bo
     return root, csv_path, test, targets, False
 
 
-def _header(path: Path) -> list[str]:
-    if not Path(path).is_file():
-        raise UserError(f"--labels {path}: no such file")
-    try:
-        return list(pd.read_csv(path, dtype=str, nrows=0).columns)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"--labels {path}: not a readable CSV ({str(e).splitlines()[0]})") from e
-
-
 def is_training_layout(path: Path) -> bool:
     """A labelled CSV like train2023.csv or Stanford's valid.csv ('Path' and 'AP/PA' columns)."""
-    return {"Path", "AP/PA"} <= set(_header(path))
+    return {"Path", "AP/PA"} <= set(read_header(path, "--labels "))
 
 
 def read_id_labels(path: Path, convention: str) -> pd.DataFrame:
     """An 'Id' + label-columns CSV (other columns ignored) -> float64 labels indexed by Id, one column
     per submission column it has, mapped from its convention onto the project's scale (1 positive,
     0 uncertain, -1 negative, NaN blank). Errors name the line and column of a bad value."""
-    header = _header(path)
+    header = read_header(path, "--labels ")
     names = [n for n in PATHOLOGIES if n in header]
     if "Id" not in header or not names:
         raise UserError(f"--labels {path}: needs an 'Id' column and label columns named like the submission's "
                         f"({', '.join(PATHOLOGIES)}), or 'Path' and 'AP/PA' columns (a training layout); "
                         f"has: {', '.join(header)}")
-    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    raw = read_csv_text(path, "--labels ")
     ids = pd.to_numeric(raw["Id"].str.strip(), errors="coerce")
     bad = ids.isna() | (ids != ids.round()) | ids.duplicated()
     if bad.any():
