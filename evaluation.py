@@ -206,7 +206,7 @@ def write_metrics(metrics: dict, json_path: Path, csv_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Pictures
 
-def _figure(size: tuple[int, int]):
+def new_figure(size: tuple[int, int]):
     """A matplotlib Figure of size (width, height) pixels that needs no display. pyplot is never
     imported: no global figure state, and a notebook's own backend is left alone."""
     import matplotlib
@@ -216,7 +216,8 @@ def _figure(size: tuple[int, int]):
     return Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout="constrained")
 
 
-def _save(fig, path: Path) -> Path:
+def save_png(fig, path: Path) -> Path:
+    """Write the figure to path as a PNG, atomically; returns path."""
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     return path
@@ -256,7 +257,7 @@ def plot_curves(history: list[dict], path: Path, title: str) -> Path:
     val_loss, val_mse, val_mse_cv, val_mse_cal, const_mse, val_auc, lr; missing columns or values are
     skipped): loss, validation MSE against the constant predictor (calibrated out of sample, the
     number that picks best.pt; calibrated in-sample; raw), AUC and learning rate per epoch."""
-    fig = _figure(CURVES_SIZE)
+    fig = new_figure(CURVES_SIZE)
     ax = fig.subplots(2, 2)
     _lines(ax[0, 0], history, [("train_loss", "train", {}), ("val_loss", "validation", {})], "loss")
     _lines(ax[0, 1], history, [("val_mse_cv", "validation, calibrated, out of sample", {}),
@@ -270,7 +271,7 @@ def plot_curves(history: list[dict], path: Path, title: str) -> Path:
     if len(lr) and (lr > 0).all():
         ax[1, 1].set_yscale("log")
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def roc_points(score: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -294,7 +295,7 @@ def plot_roc(pred: np.ndarray, target: np.ndarray, name: str, path: Path) -> Pat
     fpr, tpr = roc_points(pred, target)
     a = auc(pred, target)
     t = np.asarray(target, dtype=np.float64)
-    fig = _figure(PLOT_SIZE)
+    fig = new_figure(PLOT_SIZE)
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1)
     if len(fpr):
@@ -305,7 +306,7 @@ def plot_roc(pred: np.ndarray, target: np.ndarray, name: str, path: Path) -> Pat
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="false positive rate", ylabel="true positive rate",
            title=f"{name}: ROC, AUC {a:.3f}" if not math.isnan(a) else f"{name}: ROC")
     ax.set_aspect("equal")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def reliability_bins(pred: np.ndarray, target: np.ndarray, bins: int = 10) -> pd.DataFrame:
@@ -328,7 +329,7 @@ def plot_reliability(pred: np.ndarray, target: np.ndarray, name: str, path: Path
     """Reliability diagram (PLOT_SIZE pixels): mean label against mean prediction in equal-width bins
     of [-1, 1], each point annotated with its count. pred, target (N,), target NaN = blank."""
     df = reliability_bins(pred, target, bins)
-    fig = _figure(PLOT_SIZE)
+    fig = new_figure(PLOT_SIZE)
     ax = fig.subplots()
     ax.plot([-1, 1], [-1, 1], linestyle="--", color="gray", linewidth=1, label="perfectly calibrated")
     if len(df):
@@ -341,7 +342,7 @@ def plot_reliability(pred: np.ndarray, target: np.ndarray, name: str, path: Path
            title=f"{name}: reliability ({int(df.n.sum())} labelled)")
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_evaluation(pred: np.ndarray, target: np.ndarray, names: list[str], out_dir: Path) -> list[Path]:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset import UserError, load_image, run_cli, slug
-from evaluation import _figure, _save
+from evaluation import new_figure, save_png
 from model import apply_calibration, load_checkpoint
 
 PNG_SIZE = (520, 470)  # pixels of each heatmap PNG (width, height)
@@ -89,14 +89,14 @@ def png_name(path: Path, pathology: str, taken: set) -> str:
 
 def plot_saliency(image: np.ndarray, cam: np.ndarray, title: str, path: Path, alpha: float = 0.4) -> Path:
     """PNG (PNG_SIZE pixels): image (S, S) uint8 in gray under cam (S, S) in [0, 1], titled."""
-    fig = _figure(PNG_SIZE)
+    fig = new_figure(PNG_SIZE)
     ax = fig.subplots()
     ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="bilinear")
     shown = ax.imshow(cam, cmap="jet", vmin=0, vmax=1, alpha=alpha, interpolation="bilinear")
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="Grad-CAM (scaled to its maximum)")
     ax.set_title(title, fontsize=10)
     ax.set_axis_off()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def pick_heads(pathologies: list[str], wanted: str | None, checkpoint: Path) -> list[int]:
