@@ -1,4 +1,4 @@
-"""How good a set of predictions is, pictures of it, and the out-of-fold blend of several models.
+"""How good a set of predictions is, and pictures of it.
 
 Everything here is plain numpy (matplotlib only inside the plot functions), so train.py,
 make_submission.py and experiments/blend.py share one definition of each number:
@@ -6,9 +6,6 @@ make_submission.py and experiments/blend.py share one definition of each number:
 - auc, evaluate: per-pathology n, MSE, AUC and the constant-predictor MSE, with 95% intervals from a
   patient-grouped bootstrap; metrics_rows / write_metrics put them in a table, metrics.json and .csv.
 - plot_curves, plot_roc, plot_reliability, plot_evaluation: PNG files, written atomically.
-- fit_blend, apply_blend: per pathology, non-negative member weights shrunk toward uniform, a
-  frontal/lateral study fusion and an affine calibration, chosen by patient-grouped K-fold CV, with
-  the out-of-fold MSE of the best single member, the uniform average and the blend.
 
 Scale throughout: predictions in [-1, 1]; targets 1 positive, 0 uncertain, -1 negative, NaN blank.
 """
@@ -24,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dataset import atomic_write, slug, write_text
+from common import atomic_write, jsonable, write_text
+from dataset import slug
 
 # val_predictions.csv, written by train.py and read by experiments/blend.py: one row per validation
 # image and pathology; target blank = unlabelled; raw and calibrated predictions in [-1, 1]
@@ -34,11 +32,6 @@ BOOT_CHUNK = 100  # resamples drawn at once: bounds memory at about BOOT_CHUNK x
 DPI = 100
 CURVES_SIZE = (1000, 700)  # pixels of curves.png
 PLOT_SIZE = (500, 500)  # pixels of each ROC / reliability PNG
-LAMBDAS = (1.0, 0.1, 0.01, 0.001, 0.0)  # shrinkage toward uniform weights; most first, so ties keep more
-# Frontal weights tried for study fusion, preferred first on ties (0.5 when no study has both views);
-# None = no fusion, each image keeps its own value.
-FUSION_GRID = (0.5, 0.6, 0.4, 0.7, 0.3, 0.8, 0.2, 0.9, 0.1, 1.0, 0.0, None)
-MIN_SLOPE = 1e-3  # the blend's calibration slope is kept at least this (> 0: more blend, more label)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,22 +167,6 @@ def metrics_rows(metrics: dict) -> list[dict]:
     rows.append({"pathology": "macro", "n": sum(r["n"] for r in rows), "mse": metrics["macro"]["mse"],
                  "auc": metrics["macro"]["auc"]})
     return rows
-
-
-def jsonable(x):
-    """Dicts/lists as JSON accepts them: NaN and inf -> None, numpy scalars/arrays -> Python, paths
-    -> strings (summary.json's configuration holds argparse's Path values)."""
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple, np.ndarray)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, Path):
-        return str(x)
-    return x
 
 
 def write_metrics(metrics: dict, json_path: Path, csv_path: Path) -> None:
@@ -357,232 +334,3 @@ def plot_evaluation(pred: np.ndarray, target: np.ndarray, names: list[str], out_
         written.append(plot_reliability(pred[:, k], target[:, k], name,
                                         Path(out_dir) / f"reliability_{slug(name)}.png"))
     return written
-
-
-# ---------------------------------------------------------------------------------------------
-# Blending: members' raw predictions on the same validation images -> one calibrated prediction
-
-def fit_blend(preds: np.ndarray, target: np.ndarray, groups, studies, views, k: int = 5, seed: int = 0,
-              min_rows: int = 50) -> dict:
-    """Fit one pathology's blend of M members and measure it out of fold.
-
-    preds (N, M) members' raw predictions in [-1, 1] (val_predictions.csv's `raw`: their own
-    calibration maps were fitted on these same rows, so using them would leak), NaN where a member
-    does not predict an image (a one-view model on the other view's images); target (N,), NaN =
-    unlabelled; groups (N,)
-    patient ids; studies (N,) study ids; views (N,) 'frontal' or 'lateral'. Unlabelled images still
-    count for study fusion (their predictions join their study's mean), never as targets.
-
-    The blend of an image (apply_blend): the weighted mean of the members that predict it (weights
-    renormalised over them); then, if w_frontal is not None, every image of a study takes
-    w_frontal * mean(frontal images) + (1 - w_frontal) * mean(lateral images), or the mean of the
-    one view the study has; then a * value + b, clipped to [-1, 1]. Weights are non-negative, sum to
-    1 and are fitted by least squares (intercept free) on the labelled images that every member
-    predicts (uniform if there are none), plus lambda * |w - uniform|^2; a and b by least squares
-    after fusion (a >= MIN_SLOPE). lambda (LAMBDAS), then w_frontal (FUSION_GRID) are chosen by
-    patient-grouped k-fold CV.
-
-    oof: MSE over the n labelled images, each predicted by a pipeline fitted without its patient's
-    fold, every calibration included: "blend" (the selection of lambda and w_frontal too); the
-    uniform mean of the members with its a, b ("uniform"); the member whose own a, b fit does best on
-    the other folds ("best_single"; among members that predict every labelled image, else NaN).
-    With fewer than min_rows labelled images, or fewer than 2 labelled patients per fold, it returns
-    the uniform mean calibrated on all of them (fallback True, a reason) and no oof numbers (NaN).
-
-    Returns {"weights": [M floats], "lambda", "a", "b", "w_frontal" (None = no fusion), "fallback",
-    "reason", "oof": {"best_single", "uniform", "blend", "n"}}; NaN where undefined."""
-    P, t, groups, s, frontal = _blend_inputs(preds, target, groups, studies, views)
-    lab = ~np.isnan(t)
-    n_lab, n_pat = int(lab.sum()), len(np.unique(groups[lab]))
-    uniform_w = np.full(P.shape[1], 1.0 / P.shape[1])
-    oof = {"best_single": float("nan"), "uniform": float("nan"), "blend": float("nan"), "n": n_lab}
-    reason = (f"{n_lab} labelled validation images, fewer than {min_rows}" if n_lab < min_rows else
-              f"{n_pat} labelled patients, fewer than 2 per fold for {k} folds" if n_pat < 2 * k else None)
-    if reason:  # too few rows to measure anything out of fold: the uniform mean, calibrated on them all
-        return {**_fit_fixed(P, t, uniform_w), "fallback": True, "reason": reason, "oof": oof}
-    folds = _patient_folds(groups, lab, k, seed)
-    blend, uniform, single = (np.full(len(t), np.nan) for _ in range(3))
-    whole = np.flatnonzero(~np.isnan(P[lab]).any(axis=0))  # members that predict every labelled image
-    for f in range(k):
-        tr, te = folds != f, folds == f
-        params = _fit_pipeline(P[tr], t[tr], groups[tr], s[tr], frontal[tr], k, seed)
-        blend[te] = _predict(params, P[te], s[te], frontal[te])
-        uniform[te] = _predict(_fit_fixed(P[tr], t[tr], uniform_w), P[te], s[te], frontal[te])
-        if len(whole):  # the member whose own calibrated output does best on the other folds
-            fits = [_fit_fixed(P[tr], t[tr], np.eye(P.shape[1])[j]) for j in whole]
-            j = int(np.argmin([_mse(_predict(q, P[tr], s[tr], frontal[tr]), t[tr]) for q in fits]))
-            single[te] = _predict(fits[j], P[te], s[te], frontal[te])
-    oof.update(blend=_mse(blend, t), uniform=_mse(uniform, t),
-               best_single=_mse(single, t) if len(whole) else float("nan"))
-    return {**_fit_pipeline(P, t, groups, s, frontal, k, seed), "fallback": False, "reason": None, "oof": oof}
-
-
-def _fit_fixed(P, t, weights) -> dict:
-    """Given member weights: only the intercept and slope (a, b) fitted, on the labelled rows; no fusion."""
-    lab = ~np.isnan(t)
-    a, b = _fit_affine(_combine(P, weights)[lab], t[lab])
-    return _params(weights, None, a, b, None)
-
-
-def apply_blend(params: dict, preds: np.ndarray, studies, views) -> np.ndarray:
-    """One pathology's blended prediction (N,) in [-1, 1] from fit_blend's params (or blend.json's
-    entry). preds (N, M) members' raw predictions in the params' member order, NaN where a
-    member does not predict an image; studies, views (N,) as in fit_blend. An image that no member
-    predicts gets NaN."""
-    P, _, _, s, frontal = _blend_inputs(preds, np.zeros(len(preds)), np.zeros(len(preds)), studies, views)
-    p = _params(np.asarray(params["weights"], dtype=np.float64), params.get("lambda"), params["a"], params["b"],
-                params.get("w_frontal"))
-    if len(p["weights"]) != P.shape[1]:
-        raise ValueError(f"apply_blend: {len(p['weights'])} weights for {P.shape[1]} members")
-    return _predict(p, P, s, frontal)
-
-
-def _blend_inputs(preds, target, groups, studies, views):
-    """Arrays for the blend: P (N, M) float, t (N,) float (NaN also where no member predicts), groups,
-    study codes (N,) int, frontal (N,) bool. Raises ValueError on mismatched lengths or bad views."""
-    P = np.asarray(preds, dtype=np.float64)
-    P = P[:, None] if P.ndim == 1 else P
-    t = np.asarray(target, dtype=np.float64).copy()
-    groups, studies = np.asarray(groups), np.asarray(studies)
-    views = np.char.lower(np.asarray(views, dtype=str))
-    n = len(P)
-    if P.ndim != 2 or P.shape[1] == 0 or not len(t) == len(groups) == len(studies) == len(views) == n:
-        raise ValueError(f"blend: preds {P.shape}, target ({len(t)},), groups ({len(groups)},), studies "
-                         f"({len(studies)},) and views ({len(views)},) do not match")
-    bad = ~np.isin(views, ["frontal", "lateral"])
-    if bad.any():
-        raise ValueError(f"blend: views must be 'frontal' or 'lateral', got {views[bad][0]!r}")
-    t[np.isnan(P).all(axis=1)] = np.nan
-    return P, t, groups, np.unique(studies, return_inverse=True)[1], views == "frontal"
-
-
-def _params(weights, lam, a, b, w_frontal) -> dict:
-    return {"weights": [float(v) for v in weights], "lambda": lam, "a": float(a), "b": float(b),
-            "w_frontal": None if w_frontal is None else float(w_frontal)}
-
-
-def _mse(pred: np.ndarray, t: np.ndarray) -> float:
-    m = ~np.isnan(t)
-    return float(np.mean((pred[m] - t[m]) ** 2)) if m.any() else float("nan")
-
-
-def _patient_folds(groups, labelled, k: int, seed: int) -> np.ndarray:
-    """(N,) fold of each row, 0..k-1, whole patients per fold; patients with labels are dealt out
-    first, so each fold gets its share of them."""
-    patients, inv = np.unique(groups, return_inverse=True)
-    has = np.bincount(inv, labelled, minlength=len(patients)) > 0
-    order = np.random.default_rng(seed).permutation(len(patients))
-    order = order[np.argsort(~has[order], kind="stable")]
-    fold = np.empty(len(patients), dtype=np.int64)
-    fold[order] = np.arange(len(patients)) % k
-    return fold[inv]
-
-
-def _fit_pipeline(P, t, groups, s, frontal, k: int, seed: int) -> dict:
-    """The whole fit on one set of images: lambda by grouped CV (without fusion), then w_frontal by
-    grouped CV (with that lambda), then weights, fusion and a, b refitted on all of them. fit_blend
-    calls it once per outer fold and once on everything."""
-    folds = _patient_folds(groups, ~np.isnan(t), k, seed)
-    lam = min(LAMBDAS, key=lambda v: _cv_mse(P, t, s, frontal, folds, k, v, None))  # first of ties: more shrinkage
-    w = min(FUSION_GRID, key=lambda v: _cv_mse(P, t, s, frontal, folds, k, lam, v))
-    return _fit(P, t, s, frontal, lam, w)
-
-
-def _cv_mse(P, t, s, frontal, folds, k: int, lam: float, w_frontal) -> float:
-    """Pooled MSE over the labelled rows of each fold, predicted by _fit on the other folds."""
-    se, n = 0.0, 0
-    for f in range(k):
-        tr, te = folds != f, (folds == f) & ~np.isnan(t)
-        if not te.any() or np.isnan(t[tr]).all():
-            continue
-        te_rows = folds == f
-        pred = _predict(_fit(P[tr], t[tr], s[tr], frontal[tr], lam, w_frontal), P[te_rows], s[te_rows],
-                        frontal[te_rows])
-        m = ~np.isnan(t[te_rows])
-        se += float(((pred[m] - t[te_rows][m]) ** 2).sum())
-        n += int(m.sum())
-    return se / n if n else float("inf")
-
-
-def _fit(P, t, s, frontal, lam: float, w_frontal) -> dict:
-    """Weights (on the labelled rows every member predicts), then fusion, then a, b."""
-    lab = ~np.isnan(t)
-    complete = lab & ~np.isnan(P).any(axis=1)
-    weights = simplex_weights(P[complete], t[complete], lam)
-    x = _fuse(_combine(P, weights), s, frontal, w_frontal)
-    a, b = _fit_affine(x[lab], t[lab])
-    return _params(weights, lam, a, b, w_frontal)
-
-
-def _predict(params: dict, P, s, frontal) -> np.ndarray:
-    x = _fuse(_combine(P, np.asarray(params["weights"])), s, frontal, params["w_frontal"])
-    return np.clip(params["a"] * x + params["b"], -1.0, 1.0)
-
-
-def simplex_weights(P: np.ndarray, t: np.ndarray, lam: float = 0.0, iters: int = 2000) -> np.ndarray:
-    """Non-negative weights (M,) summing to 1 minimising mean((Pc @ w - tc)^2) + lam * |w - 1/M|^2,
-    Pc and tc centred (the intercept is left to the calibration that follows). P (n, M) finite,
-    t (n,). Accelerated projected gradient; uniform when there are fewer than 2 rows."""
-    n, M = P.shape
-    uniform = np.full(M, 1.0 / M)
-    if n < 2 or M == 1:
-        return uniform
-    Pc, tc = P - P.mean(axis=0), t - t.mean()
-    H = Pc.T @ Pc / n + lam * np.eye(M)
-    g = Pc.T @ tc / n + lam * uniform  # objective w'Hw - 2 g'w (+ constant)
-    L = 2 * float(np.linalg.eigvalsh(H).max())
-    if L <= 1e-12:
-        return uniform
-    w, y, step = uniform, uniform, 1.0
-    for _ in range(iters):
-        w_next = _project_simplex(y - 2 * (H @ y - g) / L)
-        if np.abs(w_next - w).max() < 1e-10:
-            w = w_next
-            break
-        step_next = (1 + math.sqrt(1 + 4 * step * step)) / 2
-        y = w_next + (step - 1) / step_next * (w_next - w)
-        w, step = w_next, step_next
-    return w
-
-
-def _project_simplex(v: np.ndarray) -> np.ndarray:
-    """Euclidean projection onto {w >= 0, sum w = 1} (sort-based, exact)."""
-    u = np.sort(v)[::-1]
-    css = np.cumsum(u) - 1
-    rho = np.flatnonzero(u - css / np.arange(1, len(v) + 1) > 0)[-1]
-    return np.maximum(v - css[rho] / (rho + 1), 0.0)
-
-
-def _combine(P, weights) -> np.ndarray:
-    """(N,) weighted mean over the members that predict each row; the plain mean of them where those
-    members all have weight 0; NaN where none predicts."""
-    avail = ~np.isnan(P)
-    Pz = np.where(avail, P, 0.0)
-    num, den, count = Pz @ weights, avail @ weights, avail.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 1e-12, num / den, Pz.sum(axis=1) / count)
-
-
-def _fuse(x, s, frontal, w_frontal) -> np.ndarray:
-    """Study fusion: each image takes its study's w * mean(frontal) + (1 - w) * mean(lateral), or the
-    mean of the one view the study has; w_frontal None leaves x as it is. x (N,), s (N,) study codes."""
-    if w_frontal is None or len(x) == 0:
-        return x
-    ok = ~np.isnan(x)
-    xz, f, l = np.where(ok, x, 0.0), ok & frontal, ok & ~frontal
-    size = int(s.max()) + 1
-    nf, nl = np.bincount(s, f, size), np.bincount(s, l, size)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mf, ml = np.bincount(s, xz * f, size) / nf, np.bincount(s, xz * l, size) / nl
-    fused = np.where((nf > 0) & (nl > 0), w_frontal * mf + (1 - w_frontal) * ml, np.where(nf > 0, mf, ml))
-    return fused[s]
-
-
-def _fit_affine(x, t) -> tuple[float, float]:
-    """Least-squares a, b of t ~ a * x + b with a >= MIN_SLOPE; a = 1 when x does not vary."""
-    if len(x) == 0:
-        return 1.0, 0.0
-    vx = float(x.var())
-    a = float(((x - x.mean()) * (t - t.mean())).mean()) / vx if vx > 1e-12 else 1.0
-    a = max(a, MIN_SLOPE)
-    return a, float(t.mean() - a * x.mean())

@@ -55,12 +55,16 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from dataset import (LABEL_CONVENTIONS, PATHOLOGIES, VIEWS, UserError, atomic_write, cached_table, choose_convention,
-                     default_workers, describe_convention, flip_images, format_table, read_test_csv, read_train_csv,
-                     parse_label_column, read_csv_text, read_header, resolve_data, run_cli)
-from evaluation import METRIC_COLUMNS, apply_blend, evaluate, metrics_rows, plot_evaluation, write_metrics
-from model import Checkpoint, apply_calibration, load_checkpoint
-from train import Runtime, setup_runtime
+from augment import flip_images
+from cache import cached_table
+from common import UserError, atomic_write, default_workers, format_table, run_cli
+from dataset import (LABEL_CONVENTIONS, PATHOLOGIES, VIEWS, choose_convention, describe_convention,
+                     parse_label_column, read_csv_text, read_header, read_test_csv, read_train_csv, resolve_data)
+from calibration import apply_blend
+from evaluation import METRIC_COLUMNS, evaluate, metrics_rows, plot_evaluation, write_metrics
+from calibration import apply_calibration
+from model import Checkpoint, load_checkpoint
+from runtime import Runtime, setup_runtime
 
 HEADER = ",".join(["Id", *PATHOLOGIES])
 MODEL_VIEWS = ("all", *VIEWS)

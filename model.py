@@ -1,10 +1,10 @@
-"""The network (a torchvision backbone with a one-channel stem and one small MLP head per pathology),
-its calibration maps, and the checkpoint format. No other file knows the checkpoint format.
+"""The network (a torchvision backbone with a one-channel stem and one small MLP head per pathology)
+and the checkpoint format. No other file knows the checkpoint format.
 
 Output scale: a 'regression' head ends in tanh, so raw outputs are on the label scale [-1, 1]
 already (1 positive, 0 uncertain, -1 negative); a 'three-class' head gives logits over negative /
 uncertain / positive, and XrayNet.score turns them into p(positive) - p(negative), on [-1, 1] too.
-A calibration map fitted on the validation split (see fit_calibration) then moves scores to where
+A calibration map fitted on the validation split (calibration.py) then moves scores to where
 the MSE metric wants them, still on [-1, 1].
 """
 from __future__ import annotations
@@ -14,16 +14,17 @@ from dataclasses import dataclass, field, fields
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from dataset import IMAGE_MEAN, IMAGE_STD, SQUARE_MODES, UserError, save_torch
+from cache import SQUARE_MODES
+from common import UserError, save_torch
 
 CHECKPOINT_FORMAT = "cxr-regression"
 CHECKPOINT_VERSION = 2  # 2: model_config may name another arch or head type; version 1 files still load
+IMAGE_MEAN, IMAGE_STD = 0.449, 0.226  # ImageNet's RGB statistics averaged to one gray channel
 N_STAGES = 5  # stem and four stages (strides 4, 8, 16, 32 on ResNets): what --freeze N counts
 
 # --arch: torchvision name -> (family, width of the pooled features, name in messages)
@@ -53,7 +54,6 @@ HEAD_VARIANTS = {
     "regularized": lambda hidden, dropout: (min(hidden, 128), max(dropout, 0.5)),
 }
 AUTO_HEAD = {"Fracture": "regularized"}
-CALIBRATIONS = ("affine", "isotonic", "none")
 
 
 def head_config(pathology: str, variant: str, hidden: int, dropout: float) -> dict:
@@ -280,111 +280,6 @@ def load_backbone(model: XrayNet, state: dict, weights: str) -> None:
     if missing or unexpected:
         raise UserError(f"--weights {weights}: not a {label} backbone ({expected}; {len(missing)} missing and "
                         f"{len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[0]})")
-
-
-# ---------------------------------------------------------------------------------------------
-# Calibration: a monotone map from raw output to the label scale, fitted on the validation split
-
-SHRINK_ROWS = 5        # affine: slope shrunk by n / (n + 5), toward the constant (validation mean)
-ISOTONIC_ROWS = 200    # isotonic: weight n / (n + 200) on the step fit, the rest on the affine map
-MIN_SLOPE = 1e-6       # strictly increasing, so the ranking (and AUC) never changes
-CV_FOLDS = 5           # the over-fitting guard's cross-validation
-
-
-def pav(t: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
-    """Pool-adjacent-violators: the non-decreasing sequence closest to t in (weighted) least squares."""
-    t = np.asarray(t, dtype=np.float64)
-    w = np.ones_like(t) if w is None else np.asarray(w, dtype=np.float64)
-    values, weights, counts = [], [], []
-    for ti, wi in zip(t, w):
-        values.append(ti), weights.append(wi), counts.append(1)
-        while len(values) > 1 and values[-2] > values[-1]:
-            v, wt, c = values.pop(), weights.pop(), counts.pop()
-            values[-1] = (values[-1] * weights[-1] + v * wt) / (weights[-1] + wt)
-            weights[-1] += wt
-            counts[-1] += c
-    return np.repeat(values, counts)
-
-
-def _fit_map(kind: str, y: np.ndarray, t: np.ndarray) -> dict:
-    """The map itself (see fit_calibration), fitted on all of (y, t)."""
-    n = len(y)
-    vy = y.var()
-    a = ((y - y.mean()) * (t - t.mean())).mean() / vy if vy > 1e-12 else 0.0
-    a = max(a * n / (n + SHRINK_ROWS), MIN_SLOPE)
-    cal = {"kind": "affine", "a": float(a), "b": float(t.mean() - a * y.mean()), "n": n}
-    if kind == "isotonic":
-        order = np.argsort(y, kind="stable")
-        fitted = pav(t[order])
-        edges = np.flatnonzero(np.diff(fitted))
-        right = np.append(y[order][edges], np.inf)  # block j covers y <= right[j]
-        cal.update(kind="isotonic", right=[float(v) for v in right[:-1]],
-                   values=[float(v) for v in np.append(fitted[edges], fitted[-1])],
-                   w=float(n / (n + ISOTONIC_ROWS)))
-    return cal
-
-
-def _cross_validate(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None) -> dict[str, float]:
-    """Mean squared error of each choice ('map', 'identity', and 'constant' when prior is given) in
-    CV_FOLDS-fold cross-validation on (y, t), the map refitted on each fold's complement: every
-    row is scored by a map that did not see it."""
-    fold = np.random.default_rng(0).permutation(len(y)) % CV_FOLDS
-    se = {"constant": 0.0, "identity": 0.0, "map": 0.0}
-    n = 0
-    for f in range(CV_FOLDS):
-        fit, held = fold != f, fold == f
-        if fit.sum() < 2 or not held.any():
-            continue
-        se["map"] += ((apply_calibration(_fit_map(kind, y[fit], t[fit]), y[held]) - t[held]) ** 2).sum()
-        se["identity"] += ((np.clip(y[held], -1, 1) - t[held]) ** 2).sum()
-        se["constant"] += (((prior if prior is not None else 0.0) - t[held]) ** 2).sum()
-        n += int(held.sum())
-    out = {k: v / n if n else float("nan") for k, v in se.items()}
-    if prior is None:
-        del out["constant"]
-    return out
-
-
-def fit_calibration(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None = None) -> dict | None:
-    """Fit a map raw output y -> target t on labelled validation rows (y, t: (n,), finite).
-
-    affine: t ~ a*y + b by least squares, the slope shrunk by n/(n+SHRINK_ROWS) toward 0 (b
-      recentred): negligible at the thousands of rows a real validation split has, a pull toward
-      the constant on tiny ones. The slope is kept >= MIN_SLOPE.
-    isotonic: PAV step fit blended with that affine map, weight n/(n+ISOTONIC_ROWS) on the step fit.
-    The guard against over-fitting: given `prior` (the training mean, the constant predictor the
-    metric compares with), CV_FOLDS-fold cross-validation on these rows picks the best of the
-    fitted map, the raw output (identity) and the constant prior (slope MIN_SLOPE); 'chosen' says
-    which, and 'cv_mse' is the chosen option's cross-validated MSE: an out-of-sample estimate of
-    what the map scores on rows it was not fitted on (the MSE of the final map on these same rows
-    is in-sample, and optimistic). Every map is strictly increasing. Returns None for 'none' or
-    fewer than 2 rows."""
-    y, t = np.asarray(y, np.float64), np.asarray(t, np.float64)
-    if kind == "none" or len(y) < 2:
-        return None
-    if kind not in CALIBRATIONS:
-        raise ValueError(f"unknown calibration {kind!r}")
-    cv = _cross_validate(kind, y, t, prior)
-    order = ["constant", "identity", "map"]  # ties go to the simpler choice
-    chosen = "map" if prior is None else min(cv, key=lambda k: (cv[k], order.index(k)))
-    common = {"n": len(y), "chosen": chosen, "cv_mse": float(cv[chosen])}
-    if chosen == "constant":
-        return {"kind": "affine", "a": MIN_SLOPE, "b": float(prior - MIN_SLOPE * y.mean()), **common}
-    if chosen == "identity":
-        return {"kind": "affine", "a": 1.0, "b": 0.0, **common}
-    return {**_fit_map(kind, y, t), **common}
-
-
-def apply_calibration(cal: dict | None, y) -> np.ndarray:
-    """Map raw outputs y (any shape) through cal and clip to [-1, 1]."""
-    y = np.asarray(y, np.float64)
-    if cal is None:
-        return np.clip(y, -1.0, 1.0)
-    out = cal["a"] * y + cal["b"]
-    if cal["kind"] == "isotonic":
-        step = np.asarray(cal["values"])[np.searchsorted(np.asarray(cal["right"]), y, side="left")]
-        out = cal["w"] * step + (1.0 - cal["w"]) * out
-    return np.clip(out, -1.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
-from dataset import AUGMENT_PRESETS, augment_batch, ensure_demo, format_table  # noqa: E402
+from augment import AUGMENT_PRESETS, augment_batch
+from common import format_table
+from demo import ensure_demo  # noqa: E402
 from model import build_model, model_config  # noqa: E402
 
 

@@ -30,7 +30,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dataset import PATHOLOGIES, build_cache, default_workers, format_table, load_image  # noqa: E402
+from cache import build_cache, load_image
+from common import default_workers, format_table
+from dataset import PATHOLOGIES  # noqa: E402
 
 BASELINE = r"""
 import sys, time

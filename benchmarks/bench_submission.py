@@ -27,13 +27,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dataset import PATHOLOGIES, format_table, make_demo, run_cli  # noqa: E402
+from common import format_table, run_cli
+from dataset import PATHOLOGIES
+from demo import make_demo  # noqa: E402
 
 
 def make_checkpoints(folder: Path, k: int, image_size: int) -> Path:
     """K per-pathology checkpoints (the first K submission columns) under folder/<slug>/best.pt."""
     import torch
-    from dataset import IMAGE_MEAN, IMAGE_STD, slug
+    from dataset import slug
+    from model import IMAGE_MEAN, IMAGE_STD
     from model import Checkpoint, build_model, model_config
     for i, name in enumerate(PATHOLOGIES[:k]):
         torch.manual_seed(i)

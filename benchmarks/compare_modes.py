@@ -23,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluation  # noqa: E402
 import make_submission  # noqa: E402
 import train  # noqa: E402
-from dataset import PATHOLOGIES, ensure_demo, format_table, read_train_csv  # noqa: E402
+from common import format_table
+from dataset import PATHOLOGIES, read_train_csv
+from demo import ensure_demo  # noqa: E402
 
 MODES = {
     "sampler+affine": [],

@@ -31,8 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import make_submission  # noqa: E402
 import train  # noqa: E402
-from dataset import PATHOLOGIES, format_table, read_test_csv, read_train_csv, run_cli  # noqa: E402
-from evaluation import evaluate, jsonable  # noqa: E402
+from common import format_table, run_cli
+from dataset import PATHOLOGIES, read_test_csv, read_train_csv  # noqa: E402
+from common import jsonable
+from evaluation import evaluate  # noqa: E402
 
 PLAIN = ["--arch", "resnet50", "--no-sampler", "--augment", "none", "--head-type", "regression"]
 SETS = {

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import evaluation  # noqa: E402
 import make_submission  # noqa: E402
-from dataset import PATHOLOGIES, format_table  # noqa: E402
+from common import format_table
+from dataset import PATHOLOGIES  # noqa: E402
 
 OPTIONS = {"plain": [], "--tta flip": ["--tta", "flip"], "--study-fusion": ["--study-fusion"],
            "both": ["--tta", "flip", "--study-fusion"]}

@@ -5,7 +5,7 @@
 
 Sections, in order; each prints progress lines and the JSON (--out) is rewritten after each one,
 so a run cut short still brings back what it finished:
-1. data        the synthetic demo dataset (dataset.make_demo), cached at --image-size (224).
+1. data        the synthetic demo dataset (demo.make_demo), cached at --image-size (224).
 2. train       train.main as a user runs it: bf16 autocast, channels_last, pinned uint8 batches from
                --loader-workers 4, --weights none. One eager run (Cardiomegaly).
 3. cpu_vs_gpu  that run's best.pt on a fixed batch of cached images: CPU fp32 against the device in
@@ -46,9 +46,11 @@ sys.path.insert(0, str(ROOT))
 
 import make_submission  # noqa: E402
 import train  # noqa: E402
-from dataset import (XrayDataset, cached_table, format_table, make_demo, read_train_csv,  # noqa: E402
-                     write_text)
-from evaluation import jsonable  # noqa: E402
+from cache import cached_table
+from common import format_table, write_text
+from dataset import XrayDataset, read_train_csv
+from demo import make_demo
+from common import jsonable  # noqa: E402
 from model import build_model, load_checkpoint, model_config  # noqa: E402
 
 PATHOLOGY = "Cardiomegaly"

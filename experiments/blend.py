@@ -41,8 +41,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from dataset import ALL_LABELS, VIEWS, UserError, format_table, run_cli, write_text
-from evaluation import PREDICTION_COLUMNS, fit_blend, jsonable
+from common import UserError, format_table, run_cli, write_text
+from dataset import ALL_LABELS, VIEWS
+from calibration import fit_blend
+from common import jsonable
+from evaluation import PREDICTION_COLUMNS
 
 TABLE_COLUMNS = ["pathology", "members", "n", "best_single", "uniform", "blend", "w_frontal", "note"]
 

@@ -16,7 +16,9 @@ from pathlib import Path
 if __name__ == "__main__":  # `python experiments/contrast_images.py` from anywhere: find the repo's modules
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataset import ImageCache, adjust_contrast, run_cli
+from augment import adjust_contrast
+from cache import ImageCache
+from common import run_cli
 from experiments.flip_images import build_copy, check_args, make_parser
 
 

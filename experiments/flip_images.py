@@ -21,8 +21,10 @@ from typing import Callable
 if __name__ == "__main__":  # `python experiments/flip_images.py` from anywhere: find the repo's modules
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataset import (SQUARE_MODES, ImageCache, cached_table, default_workers, derive_cache, flip_images,
-                     read_train_csv, resolve_data, run_cli)
+from augment import flip_images
+from cache import ImageCache, SQUARE_MODES, cached_table, derive_cache
+from common import default_workers, run_cli
+from dataset import read_train_csv, resolve_data
 
 
 def make_parser(description: str) -> argparse.ArgumentParser:

@@ -34,7 +34,8 @@ if __name__ == "__main__":  # `python experiments/gridsearch.py` from anywhere: 
 
 from tqdm import tqdm
 
-from dataset import ALL_LABELS, UserError, check_pathologies, format_table, run_cli, write_text
+from common import UserError, format_table, run_cli, write_text
+from dataset import ALL_LABELS, check_pathologies
 
 DEFAULT_HIDDEN, DEFAULT_FREEZE, DEFAULT_LR = [256, 512], [3, 5], [5e-4, 1e-4]  # the original project's grid
 RESULT_COLUMNS = ["pathology", "hidden", "freeze", "lr", "val_loss", "val_mse", "val_mse_cv", "val_mse_cal", "const_mse",

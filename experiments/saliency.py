@@ -31,9 +31,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dataset import UserError, load_image, run_cli, slug
+from cache import load_image
+from common import UserError, run_cli
+from dataset import slug
 from evaluation import new_figure, save_png
-from model import apply_calibration, load_checkpoint
+from calibration import apply_calibration
+from model import load_checkpoint
 
 PNG_SIZE = (520, 470)  # pixels of each heatmap PNG (width, height)
 

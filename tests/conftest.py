@@ -7,7 +7,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dataset import make_demo  # noqa: E402
+from demo import make_demo  # noqa: E402
 
 # 32 px, one epoch, ResNet-18 from random init, one cache worker: seconds per training run on a
 # 2-core CPU. Tests where the backbone matters pass their own --arch (the later flag wins).

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import train
-from dataset import AUGMENT_PRESETS, IMAGE_MEAN, augment_batch
+from augment import AUGMENT_PRESETS, augment_batch
+from model import IMAGE_MEAN
 
 
 def spot_image(n: int = 1, size: int = 32, row: int = 16, col: int = 24) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import dataset
-import evaluation as ev
+import calibration as ev
 from experiments import blend
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ import pytest
 
 import evaluation
 import train
-from model import apply_calibration, fit_calibration, pav
+from calibration import apply_calibration, fit_calibration, pav
 
 
 def test_affine_fit_recovers_known_slope_and_intercept():

@@ -16,7 +16,10 @@ import pandas as pd
 import pytest
 import torch
 
+import cache as cache_module
 import dataset
+import demo
+import runtime
 import train
 from experiments import gridsearch
 from model import Checkpoint, load_checkpoint
@@ -58,7 +61,7 @@ def read_csv_rows(path):
 
 def only_cache(cache_dir):
     [folder] = [f for f in cache_dir.iterdir() if f.is_dir()]
-    return dataset.ImageCache(folder)
+    return cache_module.ImageCache(folder)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,7 +88,8 @@ def test_torchrun_on_a_cold_cache_finishes_and_writes_one_set_of_files(tiny_args
     assert out.count("Cardiomegaly epoch 1/1") == 1  # only rank 0 logs
 
     # the metrics gathered over both ranks equal one process's on the same weights and rows
-    from dataset import XrayDataset, cached_table, read_train_csv, split_by_patient
+    from cache import cached_table
+    from dataset import XrayDataset, read_train_csv, split_by_patient
     table, cache = cached_table(read_train_csv(demo_root / "student_labels" / "train2023.csv"), demo_root, 32,
                                 tmp_path / "cache", "train2023", workers=1, progress=False)
     rows = split_by_patient(table["patient"], 0.2, 0) & table["Cardiomegaly"].notna().to_numpy()
@@ -138,14 +142,14 @@ def _in_processes(target, n, *args, timeout=120):
 
 def test_processes_sharing_a_cache_dir_decode_each_image_once(demo_root, tmp_path, monkeypatch, capfd):
     paths = list(dict.fromkeys(dataset.read_train_csv(demo_root / "student_labels" / "train2023.csv")["path"]))
-    log, real = tmp_path / "decoded.txt", dataset._decode_chunk
+    log, real = tmp_path / "decoded.txt", cache_module._decode_chunk
 
     def counted(task):
         with open(log, "a") as f:
             f.write(f"{os.getpid()} {task[0]}\n")
         time.sleep(0.05)
         return real(task)
-    monkeypatch.setattr(dataset, "_decode_chunk", counted)
+    monkeypatch.setattr(cache_module, "_decode_chunk", counted)
     _in_processes(dataset.build_cache, 3, paths, demo_root, 32, tmp_path / "cache", "t", "resize", 1, False)
     decoded = [line.split() for line in log.read_text().splitlines()]
     assert sorted(int(start) for _, start in decoded) == list(range(0, len(paths), 8))  # every chunk once
@@ -158,7 +162,7 @@ def test_processes_sharing_a_cache_dir_decode_each_image_once(demo_root, tmp_pat
 
 def test_a_dead_builders_lock_is_taken_over(demo_root, tmp_path, capfd):
     paths = list(dict.fromkeys(dataset.read_train_csv(demo_root / "student_labels" / "train2023.csv")["path"]))[:8]
-    folder, _ = dataset.cache_folder(tmp_path / "cache", "t", demo_root, paths, 32, "resize")
+    folder, _ = cache_module.cache_folder(tmp_path / "cache", "t", demo_root, paths, 32, "resize")
     folder.mkdir(parents=True)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (folder / "build.lock").write_text(f"{socket.gethostname()} {int(dead.stdout)}\n")  # killed on this host
@@ -167,20 +171,20 @@ def test_a_dead_builders_lock_is_taken_over(demo_root, tmp_path, capfd):
     # another host's builder that stopped touching its lock long ago
     (folder / "shard_00000.pt").unlink()
     (folder / "build.lock").write_text("some-other-node 4242\n")
-    os.utime(folder / "build.lock", (time.time() - dataset.LOCK_STALE_S - 5,) * 2)
+    os.utime(folder / "build.lock", (time.time() - cache_module.LOCK_STALE_S - 5,) * 2)
     _in_processes(dataset.build_cache, 1, paths, demo_root, 32, tmp_path / "cache", "t", "resize", 1, False, timeout=60)
-    assert not dataset.ImageCache(folder).missing_shards() and not (folder / "build.lock").exists()
+    assert not cache_module.ImageCache(folder).missing_shards() and not (folder / "build.lock").exists()
 
 
 def test_processes_wanting_the_demo_data_at_once_make_it_once(tmp_path, monkeypatch):
-    log, real = tmp_path / "made.txt", dataset.make_demo
+    log, real = tmp_path / "made.txt", demo.make_demo
 
     def small(root, progress=True):
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")
         return real(root, n_train_patients=4, n_test_patients=2, progress=False)
-    monkeypatch.setattr(dataset, "make_demo", small)
-    _in_processes(dataset.ensure_demo, 3, tmp_path / "demo_data", False)
+    monkeypatch.setattr(demo, "make_demo", small)
+    _in_processes(demo.ensure_demo, 3, tmp_path / "demo_data", False)
     assert len(log.read_text().splitlines()) == 1
     assert (tmp_path / "demo_data" / "student_labels" / "train2023.csv").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_data", "made.txt"]  # no lock or half-made copy left
@@ -207,8 +211,8 @@ def test_autocast_dtype_is_bf16_only_on_cards_that_compute_it_natively(monkeypat
         for (m, name), value in zip(flags, before):
             setattr(m, name, value)
     assert rt.amp_dtype == dtype and rt.device == torch.device("cuda:0")
-    assert train.amp_dtype_for(torch.device("cuda:0"), enabled=False) is None
-    assert train.amp_dtype_for(torch.device("cpu"), enabled=True) is None
+    assert runtime.amp_dtype_for(torch.device("cuda:0"), enabled=False) is None
+    assert runtime.amp_dtype_for(torch.device("cpu"), enabled=True) is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,9 +10,12 @@ import torch
 from PIL import Image
 
 import dataset
-from dataset import (ALL_LABELS, CHEXPERT_LABELS, PATHOLOGIES, ImageCache, UserError, XrayDataset, build_cache,
-                     cache_folder, cached_table, derive_cache, flip_images, load_image, read_test_csv,
-                     read_train_csv, split_by_patient)
+import socket
+from augment import flip_images
+from cache import ImageCache, build_cache, cache_folder, cached_table, derive_cache, load_image
+from common import UserError
+from dataset import (ALL_LABELS, CHEXPERT_LABELS, PATHOLOGIES, XrayDataset, read_test_csv, read_train_csv,
+                     split_by_patient)
 
 CS156B_FRONT = ["Unnamed: 0.1", "Unnamed: 0", "Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"]
 STANFORD_FRONT = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"]
@@ -255,7 +258,7 @@ def test_finishing_an_interrupted_build_gives_identical_contents(demo_root, tmp_
     cache.shard_path(3).unlink()
     cache.shard_path(2).with_suffix(".json").unlink()
     dead = 2 ** 22 + 12345  # above Linux's default pid_max: no such process
-    stale = cache.folder / f".shard_00001.pt.tmp-{dataset.socket.gethostname()}-{dead}"
+    stale = cache.folder / f".shard_00001.pt.tmp-{socket.gethostname()}-{dead}"
     stale.write_bytes(b"half a shard")
     other_host = cache.folder / f".shard_00001.pt.tmp-some-other-node-{dead}"
     other_host.write_bytes(b"another node may still be writing this")

@@ -17,11 +17,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 import evaluation as ev
+from calibration import apply_blend
 import make_submission
 import train
-from dataset import PATHOLOGIES, UserError, XrayDataset, cached_table, load_image, read_train_csv, split_by_patient
+from cache import cached_table, load_image
+from common import UserError
+from dataset import PATHOLOGIES, XrayDataset, read_train_csv, split_by_patient
 from experiments import blend, saliency
-from model import Checkpoint, apply_calibration, build_model, load_checkpoint, model_config
+from calibration import apply_calibration
+from model import Checkpoint, build_model, load_checkpoint, model_config
 from tests.conftest import TINY
 
 METRIC_KEYS = {"n", "mse", "mse_ci", "const_mse", "auc", "auc_ci"}
@@ -240,7 +244,7 @@ def test_blend_end_to_end_applies_the_learned_blend(runs, demo_root, capsys):
     assert (test_table["Id"].to_numpy() == test.Id.to_numpy()).all()
     P = np.stack([alone[m] for m in card["members"]], axis=1)
     P[views == "lateral", 1] = np.nan  # the frontal-only member does not predict lateral images
-    expected = ev.apply_blend(card, P, studies, views)
+    expected = apply_blend(card, P, studies, views)
     got = pd.read_csv(out).set_index("Id").loc[test.Id, "Cardiomegaly"].to_numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)  # the written CSV has 6 decimals
     assert (views == "lateral").any() and (views == "frontal").any()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cache as cache_module
 import dataset
 import train
 from experiments import contrast_images, flip_images, gridsearch
@@ -157,7 +158,7 @@ def _all(cache):
 
 def test_flipped_pixels_are_the_source_flipped(demo_root, tmp_path, capsys):
     copy = flip_images.main(_aug_argv(demo_root, tmp_path))
-    base = dataset.ImageCache(copy.folder.with_name(copy.folder.name.split("+")[0]))
+    base = cache_module.ImageCache(copy.folder.with_name(copy.folder.name.split("+")[0]))
     assert copy.folder.name == base.folder.name + "+flip" and copy.paths == base.paths
     assert torch.equal(_all(copy), _all(base).flip(-1)) and not torch.equal(_all(copy), _all(base))
     assert f"copy       {copy.folder}" in capsys.readouterr().out
@@ -168,7 +169,7 @@ def test_flipped_pixels_are_the_source_flipped(demo_root, tmp_path, capsys):
 
 def test_contrast_factor_one_is_identity_and_clipping_holds(demo_root, tmp_path):
     one = contrast_images.main(_aug_argv(demo_root, tmp_path, "--factor", "1"))
-    base = dataset.ImageCache(one.folder.with_name(one.folder.name.split("+")[0]))
+    base = cache_module.ImageCache(one.folder.with_name(one.folder.name.split("+")[0]))
     assert one.folder.name.endswith("+contrast1") and torch.equal(_all(one), _all(base))
     strong = contrast_images.main(_aug_argv(demo_root, tmp_path, "--factor", "3"))
     assert strong.folder.name.endswith("+contrast3")

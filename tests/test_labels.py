@@ -10,8 +10,8 @@ from PIL import Image
 
 import dataset
 import train
-from dataset import (CHEXPERT_LABELS, PATHOLOGIES, UserError, describe_convention, detect_convention, label_counts,
-                     read_train_csv)
+from common import UserError
+from dataset import CHEXPERT_LABELS, PATHOLOGIES, describe_convention, detect_convention, label_counts, read_train_csv
 
 CS156B_FRONT = ["Unnamed: 0.1", "Unnamed: 0", "Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"]
 STANFORD_FRONT = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"]

@@ -10,9 +10,10 @@ import torchvision
 
 import make_submission
 import train
-from dataset import IMAGE_MEAN, IMAGE_STD, UserError
-from model import (ARCHS, N_STAGES, XRV_MEAN, XRV_STD, build_model, load_checkpoint, load_pretrained,
-                   model_config, set_frozen)
+from common import UserError
+from model import IMAGE_MEAN, IMAGE_STD
+from model import (ARCHS, N_STAGES, XRV_MEAN, XRV_STD, build_model, load_checkpoint, load_pretrained, model_config,
+                   set_frozen)
 
 NAMES = ["Cardiomegaly", "Fracture"]
 

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+import cache as cache_module
 import dataset
 import train
-from dataset import ALL_LABELS, run_cli
+from common import run_cli
+from dataset import ALL_LABELS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "32", "--epochs", "1", "--batch-size", "16", "--weights", "none", "--workers", "1",
@@ -253,7 +255,7 @@ def test_cache_build_killed_with_sigkill_is_finished_identically(demo_root, tmp_
         proc.wait(timeout=60)
         if when == "first shard":
             folder = next(cache_dir.iterdir())
-            finished = dataset.ImageCache(folder).missing_shards()
+            finished = cache_module.ImageCache(folder).missing_shards()
             assert finished, "the kill landed after the build finished: nothing was tested"
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -20,9 +20,11 @@ from PIL import Image
 
 import make_submission
 import train
-from dataset import (PATHOLOGIES, UserError, XrayDataset, cached_table, read_train_csv,
-                     split_by_patient)
-from model import Checkpoint, apply_calibration, build_model, load_checkpoint, model_config
+from cache import cached_table
+from common import UserError
+from dataset import PATHOLOGIES, XrayDataset, read_train_csv, split_by_patient
+from calibration import apply_calibration
+from model import Checkpoint, build_model, load_checkpoint, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "Id," + ",".join(PATHOLOGIES)

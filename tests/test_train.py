@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import train
-from dataset import UserError
-from model import (Checkpoint, build_model, load_checkpoint, model_config, set_frozen)
+from common import UserError
+from model import Checkpoint, build_model, load_checkpoint, model_config, set_frozen
 
 SPEC_HISTORY = ["epoch", "train_loss", "val_loss", "val_mse", "val_auc", "lr", "seconds"]
 
@@ -292,7 +292,8 @@ def test_resume_state_is_rebuilt_from_last_pt_alone(tiny_args, tmp_path):
     train.main(argv)
     args = train.parse_args(argv + ["--epochs", "3", "--resume"])
     rt = train.Runtime(torch.device("cpu"), progress=False)
-    from dataset import cached_table, read_train_csv, split_by_patient
+    from cache import cached_table
+    from dataset import read_train_csv, split_by_patient
     table, cache = cached_table(read_train_csv(args.data_root / "student_labels" / "train2023.csv"), args.data_root,
                                 32, args.cache_dir, "train2023", workers=1, progress=False)
     job = train.prepare_job(["Cardiomegaly"], "cardiomegaly", table, split_by_patient(table["patient"], 0.2, 0),
@@ -320,7 +321,7 @@ def test_sampler_cap_bounds_how_often_a_rare_value_is_drawn():
 def test_out_of_sample_score_is_cross_validated_not_refitted_on_the_same_rows():
     """Pure-noise outputs: the map fitted on the validation rows looks better in-sample than it is;
     the cross-validated score (what picks best.pt) must not beat the constant predictor by luck."""
-    from model import fit_calibration
+    from calibration import fit_calibration
     rng = np.random.default_rng(3)
     y = rng.uniform(-1, 1, 40)
     t = rng.choice([-1.0, 1.0], 40)

@@ -1,0 +1,187 @@
+"""Where and how a script runs: the device and autocast dtype, torchrun's process group, the random
+streams that --resume restores, signals, and DataLoader worker shutdown.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from common import UserError, test_hook
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0        # global: rank 0 alone writes files and logs
+    world: int = 1
+    amp_dtype: torch.dtype | None = None
+    progress: bool = True
+    local_rank: int = 0  # on this node: picks the GPU
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def log(self, *a):
+        if self.main:
+            print(*a, flush=True)
+
+
+def amp_dtype_for(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """Autocast dtype: bf16 where the card computes it natively (compute capability 8.0 and up: A100,
+    H100, RTX 30xx/40xx), fp16 (with a GradScaler) on older cards (V100, T4, P100), None off CUDA or
+    with --no-amp. torch.cuda.is_bf16_supported() is not asked: it counts slow emulated bf16 too."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
+def setup_runtime(args, distributed: bool = True, join: bool = True) -> Runtime:
+    """Pick the device (GPU LOCAL_RANK under torchrun) and autocast dtype; under torchrun (WORLD_SIZE
+    > 1) join the process group unless join=False (then call join_process_group once the image cache
+    is there). distributed=False (make_submission.py) stays a single process whatever the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
+    rank = int(os.environ.get("RANK", "0")) if distributed else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if distributed else 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible (try --device cpu)")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    rt = Runtime(device, rank, world, amp_dtype_for(device, args.amp), args.progress and rank == 0, local_rank)
+    if join:
+        join_process_group(rt)
+    return rt
+
+
+def join_process_group(rt: Runtime) -> None:
+    """Join torchrun's process group (nccl on GPU, gloo on CPU) once every process is ready.
+
+    The processes first meet in torchrun's rendezvous store, where each one counts itself in and
+    waits for the others with no timeout: a node still building its own cache (node-local
+    --cache-dir) keeps the others waiting there, not inside a collective, whose timeout (10 minutes
+    for nccl) a cache build outlasts. The group itself keeps the usual timeout."""
+    if rt.world == 1 or dist.is_initialized():
+        return
+    store, _, _ = next(dist.rendezvous("env://", rt.rank, rt.world, timeout=timedelta(days=1)))
+    key = f"cxr/ready/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    n = store.add(key, 1)
+    everyone = -(-n // rt.world) * rt.world  # the count once all have arrived (it grows by world per main() call)
+    t0, told = time.time(), False
+    while n < everyone:
+        if not told and time.time() - t0 > 10:
+            print(f"rank {rt.rank} is ready; waiting for {everyone - n} more (a node still building its cache?)",
+                  file=sys.stderr, flush=True)
+            told = True
+        time.sleep(1)
+        n = store.add(key, 0)
+    hook = test_hook("CXR_PG_TIMEOUT_S")
+    timeout = timedelta(seconds=hook) if hook else None
+    store.set_timeout(timeout or timedelta(minutes=30))
+    dist.init_process_group("nccl" if rt.cuda else "gloo", store=dist.PrefixStore("default_pg", store),
+                            rank=rt.rank, world_size=rt.world, timeout=timeout)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """The random streams that --resume restores: CPU, Python, and every visible GPU's."""
+    s = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict, rank: int | None = None) -> None:
+    """Restore rng_state(). Resumed on another GPU count, the GPUs that both runs have get their
+    streams back; the rest keep theirs. last.pt holds rank 0's streams: rank 0 (default: this
+    process's rank) continues them exactly, every other rank derives its own from them."""
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        for i in range(min(len(s["cuda"]), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(s["cuda"][i], i)
+    if rank is None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank:
+        seed_everything(int(torch.randint(0, 2**31, ())) + rank)
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader worker_init_fn. SLURM signals every process of a job step, loader workers too: a
+    worker killed by SIGTERM ends the run in a DataLoader error instead of the saved last.pt that the
+    main process writes on SIGTERM (GracefulExit). The workers leave the signal to it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def close_loader(loader: DataLoader) -> None:
+    """Stop a DataLoader's persistent workers now, the way an exhausted loader does (a sentinel,
+    then join). Left to the interpreter's exit, they would get SIGTERM, which they ignore
+    (ignore_sigterm): the process would hang at exit. The loader sits in a reference cycle, so
+    plain reference counting does not free it in time."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    loader._iterator = None
+
+
+class GracefulExit:
+    """SIGTERM (SLURM's warning before a kill, `scancel`) is treated like Ctrl-C: last.pt is saved.
+    After the first one, SIGTERM stays ignored until the process ends: under srun torchrun a worker
+    gets it twice (from SLURM, then forwarded by torchrun), and the second must not cut the saving
+    of last.pt short. Signal handlers can only be set from the main thread; elsewhere this does nothing."""
+
+    def __enter__(self):
+        self.active = threading.current_thread() is threading.main_thread()
+        self.signalled = False
+        if self.active:
+            self.old = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    def _raise(self, signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.signalled = True
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def __exit__(self, *exc):
+        if self.active and not self.signalled:
+            signal.signal(signal.SIGTERM, self.old)
+
+
+def to_device(batch, rt: Runtime):
+    """uint8 images go over as uint8 (pinned, non-blocking on CUDA); the model normalises them there."""
+    images, targets, mask = (t.to(rt.device, non_blocking=True) for t in batch)
+    if rt.cuda:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets, mask
+
+
