@@ -312,6 +312,21 @@ class XrayDataset:
         return tuple(t[0] for t in out) if single else out
 
 
+# (interim: wt-data and wt-calib bring these two)
+def uncertain_targets(values: np.ndarray, policy: str) -> np.ndarray:
+    mapping = {"keep": 0.0, "ignore": np.nan, "ones": 1.0, "zeros": -1.0}[policy]
+    values = np.asarray(values, dtype=np.float64)
+    return np.where(values == 0.0, mapping, values)
+
+
+def patient_folds(groups, k: int, seed: int, labelled=None) -> np.ndarray:
+    patients, inv = np.unique(np.asarray(groups), return_inverse=True)
+    order = np.random.default_rng(seed).permutation(len(patients))
+    fold = np.empty(len(patients), dtype=np.int64)
+    fold[order] = np.arange(len(patients)) % k
+    return fold[inv]
+
+
 # ---------------------------------------------------------------------------------------------
 
 def add_label_convention_flag(p, what: str = "the CSV") -> None:

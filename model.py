@@ -14,13 +14,19 @@ from dataclasses import dataclass, field, fields
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
 from cache import SQUARE_MODES
 from common import UserError, save_torch
+from runtime import Runtime, to_device
 
 CHECKPOINT_FORMAT = "cxr-regression"
 CHECKPOINT_VERSION = 2  # 2: model_config may name another arch or head type; version 1 files still load
@@ -180,7 +186,7 @@ def build_model(config: dict) -> XrayNet:
 
 
 def model_config(pathologies: list[str], head: str = "auto", hidden: int = 512, dropout: float = 0.2,
-                 arch: str = "resnet50", head_type: str = "regression") -> dict:
+                 arch: str = "resnet50", head_type: str = "regression", image_size: int | None = None) -> dict:
     """The model's description, stored in checkpoints. A config without 'arch' or 'head_type'
     (older checkpoints) means resnet50 and regression."""
     if arch not in ARCHS or head_type not in HEAD_TYPES:
@@ -196,6 +202,25 @@ def set_frozen(model: XrayNet, n: int) -> None:
         for p in stage.parameters():
             p.requires_grad_(i >= n)
     model.train(model.training)
+
+
+# (interim: wt-timm brings the timm-aware versions of these four)
+def check_arch(name: str) -> str:
+    if name not in ARCHS:
+        raise UserError(f"unknown --arch {name!r} (choose from {', '.join(ARCHS)})")
+    return name
+
+
+def n_stages(model: XrayNet) -> int:
+    return N_STAGES
+
+
+def param_groups(model: XrayNet, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    return [{"params": list(model.parameters()), "weight_decay": weight_decay, "lr_scale": 1.0}]
+
+
+def set_grad_checkpointing(model: XrayNet, enable: bool = True) -> None:
+    raise UserError("--grad-checkpointing is not supported yet")
 
 
 def load_pretrained(model: XrayNet, weights: str) -> dict:
@@ -323,12 +348,14 @@ class Checkpoint:
         save_torch({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **data}, path)
 
     @classmethod
-    def load(cls, path: Path, map_location="cpu") -> "Checkpoint":
-        """Load and check a checkpoint (weights_only). Errors name the file. Files of every earlier
-        version load: fields they lack take their defaults (a config without 'arch' is resnet50)."""
+    def load(cls, path: Path) -> "Checkpoint":
+        """Load and check a checkpoint (weights_only), always onto the CPU whatever device saved it:
+        the caller moves to its device what belongs there (a GPU's RNG state must stay a CPU
+        ByteTensor). Errors name the file. Files of every earlier version load: fields they lack
+        take their defaults (a config without 'arch' is resnet50)."""
         path = Path(path)
         try:
-            data = torch.load(path, map_location=map_location, weights_only=True)
+            data = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError as e:
             raise UserError(f"{path}: no such checkpoint") from e
         except Exception as e:
@@ -366,3 +393,35 @@ def load_checkpoint(path: Path, device="cpu") -> tuple[XrayNet, Checkpoint]:
     """Rebuild the model from the file alone: (model in eval mode on device, its Checkpoint)."""
     ckpt = Checkpoint.load(path)
     return ckpt.build(device, path), ckpt
+
+
+@torch.no_grad()
+def predict(model: XrayNet, dataset, batch_size: int, rt: Runtime, tta: str = "none", desc: str = "predicting") -> np.ndarray:
+    """Scores (N, K) float32 in [-1, 1] (model.score of the raw outputs) for every item of dataset
+    (an XrayDataset: uint8 images), in order, in eval mode under rt's autocast. tta 'flip' averages
+    with the horizontally flipped image. Under torchrun each rank predicts every world-th batch and
+    the pieces are gathered, so every rank returns the full array (training's validation); one
+    process predicts everything (make_submission.py)."""
+    model.eval()
+    batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
+    mine = batches[rt.rank::rt.world]
+    # its own generator: making the loader's iterator draws a seed, and must not draw it from the
+    # global stream that dropout and augmentation use (a resumed run would see other masks)
+    loader = DataLoader(dataset, batch_size=None, sampler=mine, pin_memory=rt.cuda, generator=torch.Generator())
+    preds = []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not rt.progress, dynamic_ncols=True):
+        images = to_device(batch, rt)[0]
+        with rt.autocast():
+            out = model.score(model(images)).float()
+            if tta == "flip":
+                out = (out + model.score(model(images.flip(-1))).float()) / 2
+        preds.append(out.cpu())  # note: a CPU-GPU sync per batch
+    out = torch.cat(preds).numpy() if preds else np.zeros((0, len(model.pathologies)), np.float32)
+    if rt.world > 1:
+        pieces = [None] * rt.world
+        dist.all_gather_object(pieces, ([i for b in mine for i in b], out))
+        full = np.zeros((len(dataset), out.shape[1]), np.float32)
+        for idx, p in pieces:
+            full[idx] = p
+        out = full
+    return out

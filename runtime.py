@@ -154,27 +154,71 @@ def close_loader(loader: DataLoader) -> None:
     loader._iterator = None
 
 
-class GracefulExit:
-    """SIGTERM (SLURM's warning before a kill, `scancel`) is treated like Ctrl-C: last.pt is saved.
-    After the first one, SIGTERM stays ignored until the process ends: under srun torchrun a worker
-    gets it twice (from SLURM, then forwarded by torchrun), and the second must not cut the saving
-    of last.pt short. Signal handlers can only be set from the main thread; elsewhere this does nothing."""
+class StopSignals:
+    """SIGTERM (SLURM's warning before a kill, `scancel`) and Ctrl-C ask the run to stop at the next
+    step boundary, where it saves last.pt and exits: `requested` says so. The handler only sets the
+    flag, so a signal never lands inside an optimizer step or a checkpoint write. A second Ctrl-C
+    stops at once (KeyboardInterrupt; last.pt keeps the last state saved). Further SIGTERMs are
+    ignored: under srun torchrun a worker gets it twice (from SLURM, then forwarded by torchrun).
+    Signal handlers can only be set from the main thread; elsewhere this does nothing."""
 
-    def __enter__(self):
+    def __enter__(self) -> "StopSignals":
+        self.requested: int | None = None
         self.active = threading.current_thread() is threading.main_thread()
-        self.signalled = False
         if self.active:
-            self.old = signal.signal(signal.SIGTERM, self._raise)
+            self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
         return self
 
-    def _raise(self, signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        self.signalled = True
-        raise KeyboardInterrupt(f"signal {signum}")
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.requested == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.requested is None:
+            self.requested = signum
+            print(f"\n{signal.Signals(signum).name}: stopping after this step, saving last.pt", file=sys.stderr,
+                  flush=True)
 
-    def __exit__(self, *exc):
-        if self.active and not self.signalled:
-            signal.signal(signal.SIGTERM, self.old)
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            for s, old in self.old.items():
+                signal.signal(s, signal.SIG_IGN if s == signal.SIGTERM and self.requested else old)
+
+
+def agree(rt: Runtime, *flags: bool) -> list[bool]:
+    """Each flag, true on every rank when it is true on any (one small all_reduce: a sync point, so
+    call it every few steps, at the same steps on every rank). Ranks then stop, save or fail together
+    instead of one waiting in a collective for another that left."""
+    if rt.world == 1:
+        return [bool(f) for f in flags]
+    t = torch.tensor([float(f) for f in flags], device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def on_main(rt: Runtime, fn):
+    """fn() on rank 0 only (file writes, reads of what rank 0 wrote); its value, or its UserError (a
+    full disk), on every rank, so no rank is left waiting in a collective for one that failed."""
+    value, error = None, None
+    if rt.main:
+        try:
+            value = fn()
+        except UserError as e:
+            error = str(e)
+    if rt.world > 1:
+        box = [(value, error)]
+        dist.broadcast_object_list(box)
+        value, error = box[0]
+    if error:
+        raise UserError(error)
+    return value
+
+
+def sync_buffers(module: torch.nn.Module, rt: Runtime) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics). After the last step each rank's
+    statistics come from its own batches; validating with rank 0's means every rank scores the
+    weights that rank 0 saves."""
+    if rt.world > 1:
+        for b in module.buffers():
+            dist.broadcast(b, 0)
 
 
 def to_device(batch, rt: Runtime):

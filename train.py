@@ -2,25 +2,29 @@
 
     python train.py --pathology Cardiomegaly                      # demo data, a few minutes on CPU
     python train.py --pathology all --data-root /data/cs156b --epochs 10
+    python train.py --pathology all --data-root /data/cs156b --folds 5 --fold all
     torchrun --nproc_per_node 4 train.py --pathology all --data-root /data/cs156b
 
-For each pathology it writes OUT_DIR/<slug>/{best.pt, last.pt, history.csv, summary.json, curves.png,
-val_predictions.csv}: curves.png redrawn after every epoch; val_predictions.csv (the best epoch's
-raw and calibrated validation predictions, one row per validation image and pathology: see
-evaluation.PREDICTION_COLUMNS) for experiments/blend.py. best.pt and summary.json record the split
-(seed, val_frac, val_patients_sha1: a hash of the validation patients). Loss:
-masked MSE on the [-1, 1] label scale (or masked cross-entropy with --head-type three-class; blank
-labels never enter it). A WeightedRandomSampler with inverse-frequency weights, bounded by
---sampler-cap, balances the label values; a calibration map fitted on the validation split
-afterwards returns the outputs to the natural distribution that the MSE metric is taken on, and its
-cross-validated (out-of-sample) score picks best.pt.
+For each pathology it writes OUT_DIR/<slug>/ (runs.py: best.pt, last.pt, history.csv, summary.json,
+curves.png, val_predictions.csv); with --folds K one such folder per fold, OUT_DIR/<slug>/fold<I>/,
+and once all K exist OUT_DIR/<slug>/oof_predictions.csv. Loss: masked MSE on the [-1, 1] label
+scale (or masked cross-entropy with --head-type three-class; blank labels never enter it; the
+--uncertain policy shapes the training targets only). A WeightedRandomSampler with inverse-frequency
+weights, bounded by --sampler-cap, balances the label values; a calibration map fitted on the
+validation split returns the outputs to the distribution that the MSE metric is taken on, and its
+patient-grouped cross-validated (out-of-sample) score picks best.pt. Validation always scores the
+source labels (uncertain = 0), as the leaderboard does.
+
+--resume carries on from last.pt at the exact batch where the run stopped: a SIGTERM or Ctrl-C
+saves it at the next step boundary, and --save-every saves it every few minutes, so a hard kill
+loses at most that much. A resume that would change the split, the data or the model is refused.
 """
 from __future__ import annotations
 
 import argparse
-import csv
+import contextlib
 import hashlib
-import io
+import itertools
 import json
 import math
 import sys
@@ -31,9 +35,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, WeightedRandomSampler
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from augment import AUGMENT_PRESETS, ONLINE_AUGMENTS, augment_batch, online_augment
@@ -41,23 +44,28 @@ from cache import SQUARE_MODES, cached_table, find_augmented
 from calibration import CALIBRATIONS, apply_calibration, fit_calibration
 from common import UserError, default_workers, format_table, jsonable, run_cli, write_text
 from dataset import (ALL_LABELS, LABEL_CONVENTIONS, UNCERTAIN_POLICIES, XrayDataset, check_pathologies,
-                     describe_convention, read_train_csv, resolve_data, slug, split_by_patient)
-from evaluation import PREDICTION_COLUMNS, auc, plot_curves
-from model import (ARCHS, HEAD_TYPES, HEAD_VARIANTS, N_STAGES, Checkpoint, build_model, load_pretrained, model_config,
-                   set_frozen)
-from runtime import (GracefulExit, Runtime, close_loader, ignore_sigterm, join_process_group, rng_state,
-                     seed_everything, set_rng_state, setup_runtime, to_device)
+                     describe_convention, patient_folds, read_train_csv, resolve_data, slug, split_by_patient,
+                     uncertain_targets)
+from evaluation import auc, evaluate as score_predictions, plot_curves
+from model import (HEAD_TYPES, HEAD_VARIANTS, N_STAGES, Checkpoint, build_model, check_arch, load_pretrained,
+                   model_config, n_stages, param_groups, predict, set_frozen, set_grad_checkpointing)
+from runs import HISTORY_COLUMNS, fold_folder, merge_oof, read_history, write_history, write_predictions
+from runtime import (Runtime, StopSignals, agree, close_loader, join_process_group, on_main, rng_state,
+                     seed_everything, set_rng_state, setup_runtime, sync_buffers, to_device)
+from sampler import SAMPLER_CAP, EpochSampler, sample_weights, train_loader
 
-HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_mse", "val_mse_cv", "val_mse_cal", "const_mse", "val_auc", "lr",
-                   "seconds",
-                   "train_seconds", "train_images_per_s"]
-TABLE_COLUMNS = ["pathology", "view", "n_train", "n_val", "best_epoch", "val_mse", "val_mse_cv", "val_mse_cal", "const_mse",
-                 "val_auc"]
+TABLE_COLUMNS = ["pathology", "view", "fold", "n_train", "n_val", "best_epoch", "val_mse", "val_mse_cv", "val_mse_cal",
+                 "const_mse", "val_auc"]
 METRIC_KEYS = ("val_mse", "val_mse_cv", "val_mse_cal", "const_mse", "val_auc")
 DEMO_DEFAULTS = {"image_size": 64, "epochs": 3, "weights": "none", "batch_size": 16, "augment": "none"}
 # augment standard on real data: better test MSE and AUC for 2 of 3 archs on real X-rays (docs/results.md)
 REAL_DEFAULTS = {"image_size": 224, "epochs": 10, "weights": "imagenet", "batch_size": 32, "augment": "standard"}
-SAMPLER_CAP = 5.0  # see sample_weights, and docs/results.md for the measurement
+SAVE_EVERY_MIN = 15.0  # --save-every default: a hard kill (no SIGTERM) loses at most this much training
+CHECK_STEPS = 20  # under torchrun, ranks agree on stop / save / a bad loss every this many optimizer steps
+# flags a --resume may change: where things are and how the run is executed, never what is trained
+RESUME_MAY_CHANGE = {"pathology", "fold", "epochs", "patience", "resume", "out_dir", "cache_dir", "data_root",
+                     "train_csv", "workers", "loader_workers", "device", "amp", "compile", "progress", "save_every",
+                     "weights"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"one or more of: {', '.join(ALL_LABELS)}; or 'all' (quote names with spaces)")
     g = p.add_argument_group("data")
     g.add_argument("--data-root", type=Path, help="dataset root; none: the demo dataset in ./demo_data, made on first use")
-    g.add_argument("--train-csv", type=Path, help="training CSV (default DATA_ROOT/student_labels/train2023.csv)")
+    g.add_argument("--train-csv", type=Path, help="training CSV (default DATA_ROOT/student_labels/train2023.csv, or "
+                   "Stanford's CheXpert-v1.0-small/train.csv under DATA_ROOT)")
     g.add_argument("--image-size", type=int, help="side of the square input, px (default 224; 64 on the demo data)")
     g.add_argument("--square", choices=SQUARE_MODES, default="resize", help="how non-square images are made square")
     g.add_argument("--cache-dir", type=Path, default=Path("cache"), help="image cache folder (never under the data root)")
@@ -74,26 +83,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--loader-workers", type=int, help="DataLoader workers (default 0 on CPU, 4 on CUDA)")
     g.add_argument("--view", choices=["all", "frontal", "lateral"], default="all", help="train on the rows of this view only")
     g.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="keep",
-                   help="uncertain labels (0): keep as 0, ignore (mask), ones (-> 1), zeros (-> -1)")
+                   help="uncertain labels (0) as training targets: keep as 0, ignore (mask), ones (-> 1), zeros (-> -1); "
+                   "validation always scores them as 0")
     g.add_argument("--label-convention", choices=LABEL_CONVENTIONS, default="auto",
                    help="how the CSV writes labels: cs156b (0 uncertain, -1 negative), chexpert (Stanford's: "
                    "0 negative, -1 uncertain), or auto: detected from the layout")
     g.add_argument("--val-frac", type=float, default=0.2, help="fraction of patients held out for validation")
+    g.add_argument("--split-seed", type=int, help="seed of the patient split or folds (default: --seed), so that "
+                   "runs with other --seed values share one split and can be blended")
+    g.add_argument("--folds", type=int, metavar="K", help="K-fold training: patients split into K groups, each "
+                   "validating the model trained on the others (OUT_DIR/<slug>/fold<I>/)")
+    g.add_argument("--fold", default="all", metavar="I|all", help="with --folds: train fold I (0-based, e.g. "
+                   "$SLURM_ARRAY_TASK_ID) or all K in turn")
     g.add_argument("--augmented", nargs="+", default=[], metavar="NAME",
                    help="add offline-augmented copies built by experiments/ (flip, contrast) as training samples")
     g.add_argument("--augment", choices=list(AUGMENT_PRESETS), metavar="PRESET",
                    help=f"per-sample augmentation of each training batch on the device, one of "
-                   f"{', '.join(AUGMENT_PRESETS)} (see dataset.augment_batch; default {REAL_DEFAULTS['augment']}, "
+                   f"{', '.join(AUGMENT_PRESETS)} (see augment.augment_batch; default {REAL_DEFAULTS['augment']}, "
                    f"{DEMO_DEFAULTS['augment']} on the demo data)")
     g.add_argument("--online-augment", nargs="+", default=[], choices=ONLINE_AUGMENTS,
                    help="older: flip / contrast x1.5 on a random half of each batch on the device; prefer --augment")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=list(ARCHS), default="resnet50", help="torchvision backbone")
+    g.add_argument("--arch", default="resnet50", help="a torchvision backbone (resnet18, resnet50, resnet101, "
+                   "densenet121, convnext_tiny, efficientnet_v2_s) or timm/NAME for any timm model")
     g.add_argument("--head-type", choices=HEAD_TYPES, default="regression",
                    help="regression: tanh output, MSE; three-class: softmax over negative/uncertain/positive, "
                    "cross-entropy, predicting p(positive) - p(negative)")
-    g.add_argument("--weights", default=None, help="imagenet, none or PATH to a torchvision state dict of --arch, a "
-                   "torchxrayvision DenseNet-121 / ResNet-50 state dict or a checkpoint (default imagenet; none on the demo data)")
+    g.add_argument("--weights", default=None, help="imagenet (torchvision's or timm's), none, or PATH to a state dict "
+                   "of --arch, a torchxrayvision DenseNet-121 / ResNet-50 state dict, a timm .safetensors/.pth file or "
+                   "a checkpoint (default imagenet; none on the demo data)")
     g.add_argument("--hidden", type=int, default=512, help="hidden units of the MLP head")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout in the MLP head")
     g.add_argument("--head", choices=["auto", *HEAD_VARIANTS], default="auto",
@@ -102,14 +120,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="one shared backbone with a head per pathology, trained in one pass")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, help="epochs (default 10; 3 on the demo data)")
-    g.add_argument("--batch-size", type=int, help="per process (default 32; 16 on the demo data, for more steps)")
+    g.add_argument("--batch-size", type=int, help="per process and step (default 32; 16 on the demo data)")
+    g.add_argument("--accum-steps", type=int, default=1, help="batches per optimizer step (gradient accumulation)")
     g.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--layer-decay", type=float, default=1.0,
+                   help="layer-wise learning-rate decay: each backbone group deeper from the head trains at this "
+                   "factor times the next one's rate (1 = off)")
+    g.add_argument("--ema", type=float, metavar="DECAY", help="keep an exponential moving average of the weights "
+                   "(e.g. 0.999), validated, calibrated and saved in place of the raw weights")
+    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute activations in the backward pass: less memory, about a third more time")
     g.add_argument("--schedule", choices=["cosine", "plateau"], default="cosine",
-                   help="after warm-up: cosine decay per step, or halve on a validation-loss plateau")
-    g.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warm-up length, in epochs")
-    g.add_argument("--freeze", type=int, help=f"backbone stages frozen at the start (0-{N_STAGES}: stem, then four stages; "
-                   "default 2 with pretrained weights, 0 with --weights none: frozen random filters learn nothing)")
+                   help="cosine decay per step after warm-up, or halve on a validation-loss plateau (no warm-up)")
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length, in epochs (default 0.5 with cosine)")
+    g.add_argument("--freeze", type=int, help=f"backbone stages frozen at the start (torchvision: 0-{N_STAGES}, stem "
+                   "then four stages; timm: its layer groups; default 2 with pretrained weights, 0 with --weights none)")
     g.add_argument("--unfreeze-epoch", type=int, default=1, help="epoch (0-based) from which every stage trains")
     g.add_argument("--sampler", action=argparse.BooleanOptionalAction, default=True,
                    help="WeightedRandomSampler with inverse-frequency weights over the label values")
@@ -119,151 +145,104 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="monotone map fitted on the validation split after each epoch, stored in the checkpoint")
     g.add_argument("--patience", type=int, default=3, help="early stopping on validation loss; 0 turns it off")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
-                   help="carry on from OUT_DIR/<slug>/last.pt up to --epochs")
-    g.add_argument("--seed", type=int, default=0)
+                   help="carry on from OUT_DIR/<slug>/last.pt up to --epochs, from the batch where it stopped")
+    g.add_argument("--save-every", type=float, default=SAVE_EVERY_MIN, metavar="MINUTES",
+                   help="also save last.pt every this many minutes within an epoch (0: at epoch ends and signals only)")
+    g.add_argument("--seed", type=int, default=0, help="initialisation, sampling, dropout and augmentation")
     g = p.add_argument_group("output and device")
     g.add_argument("--out-dir", type=Path, default=Path("checkpoints"))
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                    help="autocast on CUDA: bf16 on compute capability 8.0+, else fp16 with a gradient scaler")
+                   help="autocast on CUDA: bf16 on compute capability 8.0+, else fp16 with a gradient scaler")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     args = p.parse_args(argv)
-
-    defaults = DEMO_DEFAULTS if args.data_root is None else REAL_DEFAULTS
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.freeze is None:
-        args.freeze = 0 if args.weights == "none" else 2
-    checks = [(args.epochs < 1, f"--epochs must be at least 1, got {args.epochs}"),
-              (args.image_size < 32, f"--image-size must be at least 32 (every --arch downsamples 32x), got {args.image_size}"),
-              (args.batch_size < 1, f"--batch-size must be at least 1, got {args.batch_size}"),
-              (not args.lr > 0, f"--lr must be positive, got {args.lr}"),
-              (args.hidden < 1, f"--hidden must be at least 1, got {args.hidden}"),
-              (not 0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}"),
-              (not 0 <= args.freeze <= N_STAGES, f"--freeze must be between 0 and {N_STAGES}, got {args.freeze}"),
-              (args.unfreeze_epoch < 0, f"--unfreeze-epoch must be >= 0, got {args.unfreeze_epoch}"),
-              (args.patience < 0, f"--patience must be >= 0, got {args.patience}"),
-              (not args.sampler_cap >= 0, f"--sampler-cap must be >= 0 (0: no bound), got {args.sampler_cap}"),
-              (args.warmup_epochs < 0, f"--warmup-epochs must be >= 0, got {args.warmup_epochs}"),
-              (not 0 < args.val_frac < 1, f"--val-frac must be between 0 and 1, got {args.val_frac}"),
-              (args.workers < 1, f"--workers must be at least 1, got {args.workers}"),
-              (args.loader_workers is not None and args.loader_workers < 0, "--loader-workers must be >= 0"),
-              (args.weights not in ("imagenet", "none") and not Path(args.weights).is_file(),
-               f"--weights {args.weights!r} is not imagenet, none or an existing file")]
-    for bad, message in checks:
-        if bad:
-            p.error(message)
+    explicit_warmup = args.warmup_epochs
+    fill_defaults(args)
+    for message in bad_values(args, explicit_warmup):
+        p.error(message)
     try:
         check_pathologies(args.pathology, ALL_LABELS)  # names only; the CSV's columns are checked later
+        args.arch = check_arch(args.arch)
     except UserError as e:
         p.error(str(e))
     return args
 
 
-# ---------------------------------------------------------------------------------------------
-# Runtime: device, distributed rank, autocast
+def fill_defaults(args: argparse.Namespace) -> None:
+    for k, v in (DEMO_DEFAULTS if args.data_root is None else REAL_DEFAULTS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.freeze is None:
+        args.freeze = 0 if args.weights == "none" else 2
+    if args.split_seed is None:
+        args.split_seed = args.seed
+    if args.warmup_epochs is None:
+        args.warmup_epochs = 0.5 if args.schedule == "cosine" else 0.0
+
+
+def bad_values(args: argparse.Namespace, explicit_warmup: float | None = None) -> list[str]:
+    checks = [(args.epochs < 1, f"--epochs must be at least 1, got {args.epochs}"),
+              (args.image_size < 32, f"--image-size must be at least 32 (every --arch downsamples 32x), got {args.image_size}"),
+              (args.batch_size < 1, f"--batch-size must be at least 1, got {args.batch_size}"),
+              (args.accum_steps < 1, f"--accum-steps must be at least 1, got {args.accum_steps}"),
+              (not args.lr > 0, f"--lr must be positive, got {args.lr}"),
+              (not 0 < args.layer_decay <= 1, f"--layer-decay must be in (0, 1], got {args.layer_decay}"),
+              (args.ema is not None and not 0 < args.ema < 1, f"--ema must be in (0, 1), e.g. 0.999, got {args.ema}"),
+              (args.hidden < 1, f"--hidden must be at least 1, got {args.hidden}"),
+              (not 0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}"),
+              (not 0 <= args.freeze <= (99 if args.arch.startswith("timm/") else N_STAGES),
+               f"--freeze must be between 0 and {N_STAGES}, got {args.freeze}"),
+              (args.unfreeze_epoch < 0, f"--unfreeze-epoch must be >= 0, got {args.unfreeze_epoch}"),
+              (args.patience < 0, f"--patience must be >= 0, got {args.patience}"),
+              (not args.sampler_cap >= 0, f"--sampler-cap must be >= 0 (0: no bound), got {args.sampler_cap}"),
+              (args.warmup_epochs < 0, f"--warmup-epochs must be >= 0, got {args.warmup_epochs}"),
+              (args.schedule == "plateau" and bool(explicit_warmup),
+               "--warmup-epochs works with --schedule cosine only; plateau starts at --lr (drop --warmup-epochs)"),
+              (not args.save_every >= 0, f"--save-every must be >= 0 minutes, got {args.save_every}"),
+              (not 0 < args.val_frac < 1, f"--val-frac must be between 0 and 1, got {args.val_frac}"),
+              (args.folds is not None and args.folds < 2, f"--folds must be at least 2, got {args.folds}"),
+              (args.folds is None and args.fold != "all", "--fold needs --folds K"),
+              (args.folds is not None and args.fold != "all" and not (args.fold.isdigit() and int(args.fold) < args.folds),
+               f"--fold must be 0..{(args.folds or 1) - 1} or all, got {args.fold}"),
+              (args.workers < 1, f"--workers must be at least 1, got {args.workers}"),
+              (args.loader_workers is not None and args.loader_workers < 0, "--loader-workers must be >= 0"),
+              (args.weights not in ("imagenet", "none") and not Path(args.weights).is_file(),
+               f"--weights {args.weights!r} is not imagenet, none or an existing file")]
+    return [message for bad, message in checks if bad]
+
 
 # ---------------------------------------------------------------------------------------------
-# Loss, sampling, metrics
+# Loss and metrics
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of (pred - target)^2 over the entries where mask is True; masked entries get no gradient.
-    pred, target (B, K) float; mask (B, K) bool. 0 when nothing is labelled."""
-    sq = torch.where(mask, (pred - target) ** 2, torch.zeros_like(pred))
-    return sq.sum() / mask.sum().clamp(min=1)
-
-
-def train_loader(dataset: XrayDataset, sampler: Sampler, workers: int | None, rt: Runtime) -> DataLoader:
-    """The training loader: whole uint8 batches from the sampler, `workers` processes (None: 4 on
-    CUDA, 0 on CPU) that stay up between epochs and ignore SIGTERM, pinned memory on CUDA."""
-    workers = workers if workers is not None else (4 if rt.cuda else 0)
-    return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers, pin_memory=rt.cuda,
-                      persistent_workers=workers > 0, worker_init_fn=ignore_sigterm)
-
-
-def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the entries where mask is True; masked entries get no gradient.
-    logits (B, K, 3) over (negative, uncertain, positive); target (B, K) in {-1, 0, 1} (anything,
-    NaN included, where masked); mask (B, K) bool. 0 when nothing is labelled."""
-    cls = torch.where(mask, target, torch.zeros_like(target)).round().clamp(-1, 1).long() + 1
-    ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), cls.flatten(), reduction="none")
-    ce = torch.where(mask, ce.view_as(target), torch.zeros_like(target))
-    return ce.sum() / mask.sum().clamp(min=1)
+def loss_terms(out: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the loss over labelled entries, their count) of a model's raw outputs: squared error
+    for a regression head's (B, K), cross-entropy for a three-class head's (B, K, 3) logits over
+    (negative, uncertain, positive). targets (B, K) in [-1, 1] (anything where masked); mask (B, K)
+    bool. Masked entries add nothing and get no gradient."""
+    if out.dim() == 3:
+        cls = torch.where(mask, targets, torch.zeros_like(targets)).round().clamp(-1, 1).long() + 1
+        per = torch.nn.functional.cross_entropy(out.float().flatten(0, 1), cls.flatten(), reduction="none")
+        per = per.view_as(targets)
+    else:
+        per = (out.float() - targets) ** 2
+    return torch.where(mask, per, torch.zeros_like(per)).sum(), mask.sum()
 
 
 def compute_loss(out: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The training loss of a model's raw outputs: masked MSE for a regression head's (B, K), masked
-    cross-entropy for a three-class head's (B, K, 3) logits (the shape says which)."""
-    if out.dim() == 3:
-        return masked_cross_entropy(out, targets, mask)
-    return masked_mse(out.float(), targets, mask)
+    """The mean training loss over labelled entries (0 when nothing is labelled); see loss_terms."""
+    total, n = loss_terms(out, targets, mask)
+    return total / n.clamp(min=1)
 
 
-def sample_weights(targets: np.ndarray, cap: float = 0.0) -> np.ndarray:
-    """Inverse-frequency row weights over the label values (-1, 0, 1), bounded. targets (N, K), NaN = blank.
-
-    For pathology k, a row with value v gets N_k / (L_k * count_k(v)): N_k labelled rows, L_k values
-    present. Each present value then carries the same total weight and the mean weight is 1 (a
-    uniform draw gives every row 1). A row labelled for several pathologies (--multi-head) gets the
-    mean of its weights over them. cap > 0 bounds the over-sampling: no row weighs more than cap
-    times uniform (the weights are capped and the rest rescaled to mean 1 again, until both hold),
-    so a value that is 0.5% of the rows is drawn about cap times per epoch per row, not 67 times."""
-    targets = np.asarray(targets, dtype=np.float64).reshape(len(targets), -1)
-    w = np.zeros_like(targets)
-    for k in range(targets.shape[1]):
-        col = targets[:, k]
-        labelled = ~np.isnan(col)
-        values, counts = np.unique(col[labelled], return_counts=True)
-        for v, c in zip(values, counts):
-            w[col == v, k] = labelled.sum() / (len(values) * c)
-    n = (~np.isnan(targets)).sum(1)
-    w = np.where(n > 0, w.sum(1) / np.maximum(n, 1), 0.0)
-    if cap > 0 and (n > 0).any():
-        cap = max(cap, 1.0)  # below uniform no weighting can stay at mean 1
-        for _ in range(100):  # water-filling: converges in a few rounds
-            w = np.minimum(w, cap)
-            w *= (n > 0).sum() / w.sum()
-            if w.max() <= cap * (1 + 1e-9):
-                break
-    return w
-
-
-class EpochSampler(Sampler):
-    """Batches of indices for one rank. Every rank draws the same sample for an epoch (the same
-    seeded generator), then keeps every world-th batch: the distributed form of the weighted draw,
-    and with one process exactly the WeightedRandomSampler (or RandomSampler) it wraps."""
-
-    def __init__(self, weights: np.ndarray | None, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
-        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _batches(self) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        base = (RandomSampler(range(self.n), generator=g) if self.weights is None
-                else WeightedRandomSampler(self.weights, self.n, replacement=True, generator=g))
-        batches = list(BatchSampler(base, self.batch_size, drop_last=False))
-        usable = len(batches) // self.world * self.world if len(batches) >= self.world else len(batches)
-        return batches[:usable][self.rank::self.world]  # equal batch counts keep DDP ranks in step
-
-    def __iter__(self):
-        return iter(self._batches())
-
-    def __len__(self) -> int:
-        n_batches = math.ceil(self.n / self.batch_size)
-        return (n_batches // self.world if n_batches >= self.world else n_batches) if self.world > 1 else n_batches
+masked_mse = masked_cross_entropy = compute_loss  # the shape of the outputs says which
 
 
 def pathology_metrics(pred: np.ndarray, target: np.ndarray, train_mean: float, cal: dict | None) -> dict:
     """Metrics on one pathology's labelled validation rows. pred, target (N,), target NaN = blank.
 
-    val_mse: raw outputs; val_mse_cv: calibrated, out of sample (each row scored by a map fitted on
-    the other folds: cal['cv_mse']); val_mse_cal: calibrated by the map fitted on these same rows
+    val_mse: raw outputs; val_mse_cv: calibrated, out of sample (each patient scored by a map fitted
+    on the other folds: cal['cv_mse']); val_mse_cal: calibrated by the map fitted on these same rows
     (in-sample, optimistic: for reading, never for choosing); const_mse: the training mean's MSE;
     train_mean: that mean (make_submission.py --labels scores the constant predictor with it)."""
     m = ~np.isnan(target)
@@ -276,90 +255,100 @@ def pathology_metrics(pred: np.ndarray, target: np.ndarray, train_mean: float, c
             "const_mse": float(np.mean((train_mean - t) ** 2)), "val_auc": auc(p, t), "train_mean": train_mean}
 
 
-# ---------------------------------------------------------------------------------------------
-# The loops
-
-def train_one_epoch(net, loader, optimizer, scheduler, scaler, rt: Runtime, augment: list[str], desc: str,
-                    preset: str = "none") -> float:
-    """One pass over the loader; returns the mean loss (compute_loss) over labelled entries (all ranks).
-    preset: the --augment preset applied to each uint8 batch on the device before the forward pass."""
-    net.train()
-    total = torch.zeros(2, device=rt.device)  # sum of squared errors, labelled entries
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not rt.progress, dynamic_ncols=True):
-        images, targets, mask = to_device(batch, rt)
-        if augment:
-            images = online_augment(images, augment)
-        images = augment_batch(images, preset)  # 'none' returns the batch itself
-        with rt.autocast():
-            pred = net(images)
-        loss = compute_loss(pred, targets, mask)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if scheduler is not None:
-            scheduler.step()
-        total += torch.stack([loss.detach() * mask.sum(), mask.sum()])  # no .item(): no sync per step
-    if rt.world > 1:
-        dist.all_reduce(total)
-    return (total[0] / total[1].clamp(min=1)).item()
-
-
-@torch.no_grad()
-def predict(model, dataset: XrayDataset, batch_size: int, rt: Runtime) -> np.ndarray:
-    """Raw predictions (N, K) for every item of dataset, in order. Under torchrun each rank predicts
-    every world-th batch and the pieces are gathered, so all ranks return the full array."""
-    model.eval()
-    batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
-    mine = batches[rt.rank::rt.world]
-    loader = DataLoader(dataset, batch_size=None, sampler=mine, pin_memory=rt.cuda)
-    preds = []
-    for batch in tqdm(loader, desc="validating", leave=False, disable=not rt.progress, dynamic_ncols=True):
-        images, _, _ = to_device(batch, rt)
-        with rt.autocast():
-            preds.append(model.score(model(images)).float().cpu())
-    out = torch.cat(preds).numpy() if preds else np.zeros((0, len(model.pathologies)), np.float32)
-    if rt.world > 1:
-        pieces = [None] * rt.world
-        dist.all_gather_object(pieces, ([i for b in mine for i in b], out))
-        full = np.zeros((len(dataset), out.shape[1]), np.float32)
-        for idx, p in pieces:
-            full[idx] = p
-        out = full
-    return out
-
-
 def mean_defined(values) -> float:
-    """Mean of the values that are defined (not None or NaN); NaN when none is (a pathology without
-    both classes has no AUC), without numpy's empty-slice warning."""
+    """Mean of the values that are defined (not None or NaN); NaN when none is."""
     ok = [float(v) for v in values if v is not None and not math.isnan(v)]
     return sum(ok) / len(ok) if ok else float("nan")
 
 
-def evaluate(model, dataset: XrayDataset, targets: np.ndarray, train_means: np.ndarray, names: list[str],
-             calibration: str, batch_size: int, rt: Runtime) -> dict:
-    """Validation: per-pathology metrics with a calibration map fitted on these predictions, their
-    plain means over pathologies (macro), and the loss that picks best.pt and early stopping
-    watches: the out-of-sample (cross-validated) MSE of the calibrated outputs, the kind of values
-    make_submission.py writes, over all labelled entries. "pred" holds the raw predictions (N, K)
-    float32 in [-1, 1], in the dataset's order (every rank has them all)."""
-    pred = predict(model, dataset, batch_size, rt)
-    mask = ~np.isnan(targets)
-    per, cals = {}, {}
-    for k, name in enumerate(names):
-        m = mask[:, k]
-        cals[name] = fit_calibration(calibration, pred[m, k], targets[m, k], prior=float(train_means[k]))
-        per[name] = pathology_metrics(pred[:, k], targets[:, k], float(train_means[k]), cals[name])
-    n = sum(per[x]["n"] for x in names)
-    loss = sum(per[x]["val_mse_cv"] * per[x]["n"] for x in names if per[x]["n"]) / n if n else float("nan")
-    macro = {key: mean_defined([per[x][key] for x in names]) for key in METRIC_KEYS}
-    return {"val_loss": loss, **macro, "per_pathology": per, "calibration": cals, "pred": pred}
-
-
 # ---------------------------------------------------------------------------------------------
-# One training job: one model (one pathology, or several with --multi-head)
+# One model's data, state and files
+
+@dataclass
+class Job:
+    """What one model trains and validates on: its pathologies, rows, loaders and split."""
+    names: list[str]
+    folder: Path               # OUT_DIR/<slug>[/fold<I>]
+    label: str                 # for messages
+    val_rows: pd.DataFrame     # path, patient, study, view of the validation rows
+    train_targets: np.ndarray  # (n_train, K) float32 after the --uncertain policy, NaN = not in the loss
+    val_targets: np.ndarray    # (n_val, K) the source labels on the project's scale (uncertain 0), NaN = blank
+    train_means: np.ndarray    # (K,) the constant predictor's values
+    train_set: XrayDataset
+    val_set: XrayDataset
+    sampler: EpochSampler
+    loader: torch.utils.data.DataLoader
+    split: dict                # seed, val_frac or folds, patient and row hashes: in checkpoints and summary.json
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_targets)
+
+    def n_train_of(self, k: int) -> int:
+        """Training rows labelled for pathology k."""
+        return int((~np.isnan(self.train_targets[:, k])).sum())
+
+
+@dataclass
+class TrainState:
+    """Everything that changes while a job trains, and that last.pt saves for --resume."""
+    model: torch.nn.Module
+    ema: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    epoch: int = 0             # complete epochs
+    step: int = 0              # batches of epoch `epoch` trained so far (where its loader resumes)
+    totals: torch.Tensor | None = None  # (2,) loss sum and labelled entries of epoch `epoch` so far
+    train_seconds: float = 0.0  # of epoch `epoch` so far
+    stop: dict = field(default_factory=lambda: {"best_val_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0,
+                                                "stopped": False})
+    history: list[dict] = field(default_factory=list)  # history.csv rows
+    best_cal: dict = field(default_factory=dict)       # calibration of best.pt
+    net: torch.nn.Module | None = None  # the model as trained (compiled, DDP-wrapped)
+
+    @property
+    def validated(self) -> torch.nn.Module:
+        """The weights that are validated, calibrated and saved as best.pt: the EMA's with --ema."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+def sha1(lines) -> str:
+    return hashlib.sha1("\n".join(str(x) for x in lines).encode()).hexdigest()
+
+
+def prepare_job(names: list[str], folder: Path, table: pd.DataFrame, is_val: np.ndarray, split: dict,
+                sources: list, args, rt: Runtime) -> Job | None:
+    """Pick the rows labelled for any of `names` (and --view) on each side of the split and build the
+    loaders; None (with one line) when either side is empty. Validation keeps the source labels;
+    the --uncertain policy applies to the training targets only."""
+    source = table[names].to_numpy(np.float32)
+    labelled = ~np.isnan(source).all(1)
+    if args.view != "all":
+        labelled &= (table["view"] == args.view).to_numpy()
+    tr, va = np.flatnonzero(labelled & ~is_val), np.flatnonzero(labelled & is_val)
+    label = (" + ".join(names) if len(names) <= 3 else f"{len(names)} pathologies") + (
+        f" fold {split['fold']}" if "fold" in split else "")
+    if len(tr) == 0 or len(va) == 0:
+        rt.log(f"skipping {label} (view {args.view}): {len(tr)} training and {len(va)} validation rows are labelled")
+        return None
+    train_t = uncertain_targets(source[tr], args.uncertain).astype(np.float32)
+    train_means = np.array([np.nanmean(c) if (~np.isnan(c)).any() else 0.0 for c in train_t.T])
+    slots = table["slot"].to_numpy()
+    train_set = XrayDataset(sources, slots[tr], train_t)
+    val_set = XrayDataset(sources[:1], slots[va], source[va])
+    weights = np.tile(sample_weights(train_t, args.sampler_cap), len(sources)) if args.sampler else None
+    sampler = EpochSampler(weights, len(train_set), args.batch_size, args.seed, rt.rank, rt.world)
+    rows = table.iloc[np.r_[tr, va]]
+    split = {**split, "rows_sha1": sha1([*rows["path"], source[np.r_[tr, va]].tobytes().hex(), len(tr)])}
+    return Job(names, folder, label, table.iloc[va][["path", "patient", "study", "view"]].reset_index(drop=True),
+               train_t, source[va], train_means, train_set, val_set, sampler,
+               train_loader(train_set, sampler, args.loader_workers, rt), split)
+
 
 def make_scheduler(optimizer, args, steps_per_epoch: int):
+    """Cosine decay per optimizer step after a linear warm-up, or halving on a plateau of the
+    validation loss (stepped per epoch, no warm-up)."""
     if args.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=1)
     warmup = max(1, int(args.warmup_epochs * steps_per_epoch)) if args.warmup_epochs > 0 else 0
@@ -372,164 +361,242 @@ def make_scheduler(optimizer, args, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
 
-def write_val_predictions(path: Path, job: Job, pred: np.ndarray, calibration: dict) -> None:
-    """val_predictions.csv (evaluation.PREDICTION_COLUMNS), long format: one row per validation image
-    and pathology of the model; target on the project's scale, blank = unlabelled; raw the model's
-    output (pred (n_val, K) float32 in [-1, 1]); calibrated = apply_calibration(map, raw). Floats are
-    written in full, so the calibrated value can be recomputed from the raw one exactly."""
-    frames = [job.val_rows.assign(pathology=name, target=job.val_targets[:, k].astype(np.float64),
-                                  raw=pred[:, k].astype(np.float64),
-                                  calibrated=apply_calibration((calibration or {}).get(name), pred[:, k]))
-              for k, name in enumerate(job.names)]
-    write_text(path, pd.concat(frames).to_csv(index=False, columns=PREDICTION_COLUMNS, lineterminator="\n"))
-
-
-def write_history(path: Path, rows: list[dict]) -> None:
-    def text():
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, HISTORY_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-        return buf.getvalue()
-    write_text(path, text())
-
-
-def read_history(path: Path, before_epoch: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    df = pd.read_csv(path)
-    return [r for r in df.to_dict("records") if r["epoch"] <= before_epoch]
-
-
-@dataclass
-class Job:
-    """What one model trains and validates on: its pathologies, rows and loaders."""
-    names: list[str]
-    folder: Path          # OUT_DIR/<slug>
-    label: str            # for messages
-    n_train: int
-    n_val: int
-    train_targets: np.ndarray  # (n_train, K) float32, NaN = blank
-    val_targets: np.ndarray    # (n_val, K)
-    train_means: np.ndarray    # (K,) the constant predictor's values
-    train_set: XrayDataset
-    val_set: XrayDataset
-    sampler: EpochSampler
-    loader: DataLoader
-    val_rows: pd.DataFrame     # (n_val rows) path, patient, study, view: val_predictions.csv's first columns
-    split: dict                # {seed, val_frac, val_patients_sha1}, in checkpoints and summary.json
-
-    def n_train_of(self, k: int) -> int:
-        """Training rows labelled for pathology k."""
-        return int((~np.isnan(self.train_targets[:, k])).sum())
-
-
-@dataclass
-class TrainState:
-    """Everything that changes while a job trains, and that last.pt saves for --resume."""
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    scaler: torch.amp.GradScaler
-    stop: dict              # best_val_loss, best_epoch, bad_epochs, stopped
-    history: list[dict]     # history.csv rows
-    completed: int = 0      # complete epochs
-    best_cal: dict = field(default_factory=dict)  # calibration of best.pt
-    net: torch.nn.Module | None = None  # the model as trained (compiled, DDP-wrapped)
-
-
-def split_record(patients: pd.Series, is_val: np.ndarray, args) -> dict:
-    """The split as checkpoints and summary.json record it: seed, val_frac and the sha1 of the sorted
-    validation patient ids of the whole split (one line each), so every model trained on one split,
-    whatever its pathologies or view, has the same hash (experiments/blend.py checks it)."""
-    ids = sorted(str(p) for p in pd.unique(patients[is_val]))
-    return {"seed": args.seed, "val_frac": args.val_frac,
-            "val_patients_sha1": hashlib.sha1("\n".join(ids).encode()).hexdigest()}
-
-
-def prepare_job(names: list[str], folder: str, table: pd.DataFrame, is_val: np.ndarray, sources: list, args,
-                rt: Runtime) -> Job | None:
-    """Pick the rows labelled for any of `names` (and --view) on each side of the split and build
-    the loaders; None (with one line) when either side is empty."""
-    targets_all = table[names].to_numpy(np.float32)
-    labelled = ~np.isnan(targets_all).all(1)
-    if args.view != "all":
-        labelled &= (table["view"] == args.view).to_numpy()
-    tr, va = np.flatnonzero(labelled & ~is_val), np.flatnonzero(labelled & is_val)
-    label = " + ".join(names) if len(names) <= 3 else f"{len(names)} pathologies"
-    if len(tr) == 0 or len(va) == 0:
-        rt.log(f"skipping {label} (view {args.view}): {len(tr)} training and {len(va)} validation rows are labelled")
-        return None
-    train_t, val_t = targets_all[tr], targets_all[va]
-    train_means = np.array([np.nanmean(train_t[:, k]) if (~np.isnan(train_t[:, k])).any() else 0.0
-                            for k in range(len(names))])
-    train_set = XrayDataset(sources, table["slot"].to_numpy()[tr], train_t)
-    val_set = XrayDataset(sources[:1], table["slot"].to_numpy()[va], val_t)
-    weights = np.tile(sample_weights(train_t, args.sampler_cap), len(sources)) if args.sampler else None
-    sampler = EpochSampler(weights, len(train_set), args.batch_size, args.seed, rt.rank, rt.world)
-    loader = train_loader(train_set, sampler, args.loader_workers, rt)
-    return Job(names, args.out_dir / folder, label, len(tr), len(va), train_t, val_t, train_means, train_set,
-               val_set, sampler, loader, val_rows=table.iloc[va][["path", "patient", "study", "view"]].reset_index(drop=True),
-               split=split_record(table["patient"], is_val, args))
-
-
-def build_state(job: Job, args, rt: Runtime) -> TrainState:
-    """A fresh model, optimiser and schedule; or, with --resume and a last.pt, all of them as saved
-    (the model rebuilt from the checkpoint's own config, so its input normalisation is kept)."""
-    resume = job.folder / "last.pt" if args.resume and (job.folder / "last.pt").is_file() else None
-    ckpt = Checkpoint.load(resume, map_location=rt.device) if resume else None
-    if ckpt is not None and ckpt.pathologies != job.names:
-        raise UserError(f"{resume}: holds {ckpt.pathologies}, not {job.names}; use another --out-dir or drop --resume")
+def build_state(job: Job, args, rt: Runtime, ckpt: Checkpoint | None = None) -> TrainState:
+    """A fresh model, optimiser and schedule; or, from last.pt (loaded on the CPU), all of them as
+    saved, moved to rt.device: the model rebuilt from the file's own config (its normalisation
+    kept), the optimizer state moved by load_state_dict, the RNG streams restored last."""
     if ckpt is None:
-        model = build_model(model_config(job.names, args.head, args.hidden, args.dropout, args.arch, args.head_type))
+        model = build_model(model_config(job.names, args.head, args.hidden, args.dropout, args.arch, args.head_type,
+                                         args.image_size))
         source = load_pretrained(model, args.weights)
         rt.log(f"{job.label}: {args.arch}, {args.head_type} head(s), weights {source['source']}"
                + (f" ({args.weights})" if source["source"] not in ("none", "imagenet") else "")
                + f", input normalised with mean {source['mean']:.4g}, std {source['std']:.4g}")
     else:
-        model = ckpt.build(rt.device, resume).train()
+        model = ckpt.build("cpu", job.folder / "last.pt").train()
+    if args.freeze > n_stages(model):
+        raise UserError(f"--freeze {args.freeze}: {args.arch} has {n_stages(model)} stages to freeze")
+    if args.grad_checkpointing:
+        set_grad_checkpointing(model)
     model.to(rt.device)
     if rt.cuda:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = make_scheduler(optimizer, args, len(job.sampler))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"], "lr": args.lr * g["lr_scale"]}
+              for g in param_groups(model, args.weight_decay, args.layer_decay)]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = make_scheduler(optimizer, args, math.ceil(job.sampler.batches_per_epoch / args.accum_steps))
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    state = TrainState(model, optimizer, scheduler, scaler,
-                       {"best_val_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0, "stopped": False}, [])
-    if ckpt is None:
-        return state
-    ts = ckpt.training_state
-    optimizer.load_state_dict(ts["optimizer"])
-    scheduler.load_state_dict(ts["scheduler"])
-    scaler.load_state_dict(ts["scaler"])
-    set_rng_state(ts["rng"])
-    state.stop, state.completed = ts["early_stopping"], ckpt.epoch
-    state.history = read_history(job.folder / "history.csv", before_epoch=ckpt.epoch)
-    if (job.folder / "best.pt").is_file():
-        state.best_cal = Checkpoint.load(job.folder / "best.pt").calibration
-    rt.log(f"resuming {job.label} from {resume} after {ckpt.epoch} epochs")
+    state = TrainState(model, ema, optimizer, scheduler, scaler)
+    if ckpt is not None:
+        restore(state, ckpt, job)
     return state
 
 
-def checkpoint_of(state: TrainState, args, epoch: int, metrics: dict, **values) -> Checkpoint:
-    return Checkpoint.of(state.model, view=args.view, epoch=epoch, metrics=metrics, calibration=state.best_cal,
+def restore(state: TrainState, ckpt: Checkpoint, job: Job) -> None:
+    ts = ckpt.training_state
+    state.optimizer.load_state_dict(ts["optimizer"])  # casts the state to each parameter's device
+    state.scheduler.load_state_dict(ts["scheduler"])
+    state.scaler.load_state_dict(ts["scaler"])
+    if state.ema is not None:
+        state.ema.load_state_dict(ts["ema"])
+    device = next(state.model.parameters()).device
+    state.epoch, state.step, state.train_seconds = ckpt.epoch, ts.get("step", 0), ts.get("train_seconds", 0.0)
+    state.totals = torch.tensor(ts["totals"], device=device) if ts.get("totals") else None
+    state.stop, state.history = ts["early_stopping"], read_history(job.folder / "history.csv", ckpt.epoch)
+    if (job.folder / "best.pt").is_file():
+        state.best_cal = Checkpoint.load(job.folder / "best.pt").calibration
+    set_rng_state(ts["rng"])  # last: nothing may draw from the streams before training goes on
+
+
+def differences(ckpt: Checkpoint, job: Job, args) -> list[str]:
+    """What makes this command another run than the one that wrote last.pt: '--flag saved -> now'."""
+    now = jsonable(vars(args))
+    out = [f"--{k.replace('_', '-')} {v} -> {now.get(k)}" for k, v in sorted(ckpt.train_config.items())
+           if k not in RESUME_MAY_CHANGE and k in now and now[k] != v]
+    if ckpt.pathologies != job.names:
+        out.append(f"pathologies {ckpt.pathologies} -> {job.names}")
+    for key, what in (("val_patients_sha1", "the validation patients"), ("folds_sha1", "the folds"),
+                      ("rows_sha1", "the training rows or their labels (the CSV or its readable images changed)")):
+        if key in ckpt.split and ckpt.split[key] != job.split.get(key):
+            out.append(f"{what} differ")
+    return out
+
+
+def load_last(job: Job, args, rt: Runtime) -> Checkpoint | None:
+    """last.pt when --resume finds one (on the CPU, whatever device it came from), after checking
+    that this command is the same run; None for a fresh start."""
+    path = job.folder / "last.pt"
+    if not (args.resume and on_main(rt, path.is_file)):
+        return None
+    if not path.is_file():
+        raise UserError(f"--resume: rank {rt.rank} cannot see {path}, which rank 0 has: put --out-dir on a "
+                        f"filesystem that every node shares")
+    ckpt = Checkpoint.load(path)
+    diff = differences(ckpt, job, args)
+    if diff:
+        raise UserError(f"--resume: {path} is another run ({'; '.join(diff)}); rerun with its flags, or start "
+                        f"afresh in another --out-dir (or delete {job.folder})")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+def train_step(state: TrainState, batches: list, args, rt: Runtime) -> None:
+    """One optimizer step over `batches` (the --accum-steps micro-batches). Each micro-batch adds its
+    summed loss divided by the labelled entries of all of them, so the step is that of one batch
+    holding them all; under DDP the gradients are synchronised on the last micro-batch only."""
+    total = max(1, sum(int(mask.sum()) for _, _, mask in batches))  # CPU tensors: no device sync
+    state.optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(batches):
+        images, targets, mask = to_device(batch, rt)
+        if args.online_augment:
+            images = online_augment(images, args.online_augment)
+        images = augment_batch(images, args.augment)  # 'none' returns the batch itself
+        last = i == len(batches) - 1
+        with state.net.no_sync() if rt.world > 1 and not last else contextlib.nullcontext():
+            with rt.autocast():
+                out = state.net(images)
+            loss, n = loss_terms(out, targets, mask)
+            state.scaler.scale(loss / total).backward()
+        state.totals += torch.stack([loss.detach(), n.to(loss.dtype)])  # no .item(): no sync per step
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    if args.schedule == "cosine":
+        state.scheduler.step()
+    if state.ema is not None:
+        state.ema.update_parameters(state.model)
+
+
+def train_one_epoch(state: TrainState, job: Job, args, rt: Runtime, signals: StopSignals) -> bool:
+    """Train epoch state.epoch from batch state.step to its end. Returns False when a signal stopped
+    it, after saving last.pt at that exact batch. One process looks at the signals after every
+    optimizer step; under torchrun the ranks agree every CHECK_STEPS steps (a sync point). At each
+    check a non-finite loss is an error, and last.pt is saved when --save-every minutes have passed."""
+    state.net.train()
+    job.sampler.set_epoch(state.epoch, state.step)
+    end, n_steps = job.sampler.batches_per_epoch, 0
+    if state.totals is None:
+        state.totals = torch.zeros(2, device=rt.device)
+    t0, saved = time.time() - state.train_seconds, time.monotonic()
+    batches = iter(job.loader)
+    with tqdm(total=end, initial=state.step, desc=f"{job.label} epoch {state.epoch + 1}/{args.epochs}", leave=False,
+              disable=not rt.progress, dynamic_ncols=True) as bar:
+        while state.step < end:
+            group = list(itertools.islice(batches, args.accum_steps))
+            train_step(state, group, args, rt)
+            state.step, n_steps = state.step + len(group), n_steps + 1
+            state.train_seconds = time.time() - t0
+            bar.update(len(group))
+            due = bool(args.save_every) and time.monotonic() - saved > args.save_every * 60
+            if rt.world > 1 and n_steps % CHECK_STEPS and state.step < end:
+                continue
+            if rt.world == 1 and not (due or signals.requested) and n_steps % CHECK_STEPS and state.step < end:
+                continue
+            stop, save, bad = agree(rt, signals.requested is not None, due, not bool(torch.isfinite(state.totals).all()))
+            if bad:
+                raise UserError(f"{job.label}: the training loss is not finite in epoch {state.epoch + 1} (batch "
+                                f"{state.step}); lower --lr, or try --no-amp. {job.folder / 'last.pt'} keeps the last "
+                                f"good state")
+            if stop or save:
+                save_last(state, job, args, rt, interrupted=stop)
+                saved = time.monotonic()
+            if stop:
+                return False
+    return True
+
+
+def validate(state: TrainState, job: Job, args, rt: Runtime) -> dict:
+    """Validation of the weights best.pt would save (every rank with rank 0's buffers): per-pathology
+    metrics with a calibration map fitted on these predictions, their macro means, and the loss
+    that picks best.pt and early stopping watches: the out-of-sample (patient-grouped
+    cross-validated) MSE of the calibrated outputs over all labelled entries. "pred" holds the raw
+    predictions (n_val, K) float32 in [-1, 1] (every rank has them all)."""
+    model = state.validated
+    sync_buffers(model, rt)
+    pred = predict(model, job.val_set, args.batch_size, rt)
+    per, cals = {}, {}
+    for k, name in enumerate(job.names):
+        t = job.val_targets[:, k]
+        m = ~np.isnan(t)
+        cals[name] = fit_calibration(args.calibration, pred[m, k], t[m], prior=float(job.train_means[k]))
+        per[name] = pathology_metrics(pred[:, k], t, float(job.train_means[k]), cals[name])
+    n = sum(per[x]["n"] for x in job.names)
+    loss = sum(per[x]["val_mse_cv"] * per[x]["n"] for x in job.names if per[x]["n"]) / n if n else float("nan")
+    macro = {key: mean_defined([per[x][key] for x in job.names]) for key in METRIC_KEYS}
+    return {"val_loss": loss, **macro, "per_pathology": per, "calibration": cals, "pred": pred}
+
+
+def checkpoint_of(model, state: TrainState, job: Job, args, metrics: dict, **values) -> Checkpoint:
+    return Checkpoint.of(model, view=args.view, epoch=state.epoch, metrics=metrics, calibration=state.best_cal,
                          preprocess={"image_size": args.image_size, "square": args.square,
-                                     "mean": state.model.config["mean"], "std": state.model.config["std"],
-                                     "uncertain": args.uncertain,
-                                     "label_convention": args.label_convention},
-                         train_config=jsonable(vars(args)), **values)
+                                     "mean": model.config["mean"], "std": model.config["std"],
+                                     "uncertain": args.uncertain, "label_convention": args.label_convention},
+                         train_config=jsonable(vars(args)), split=job.split, **values)
 
 
-def save_last(job: Job, state: TrainState, args, rt: Runtime, interrupted: bool = False) -> None:
-    """last.pt: the weights after state.completed epochs and everything --resume needs."""
-    if rt.main:
-        training_state = {"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-                          "scaler": state.scaler.state_dict(), "early_stopping": dict(state.stop), "rng": rng_state()}
-        checkpoint_of(state, args, state.completed, state.history[-1] if state.history else {}, split=job.split,
-                      interrupted=interrupted, training_state=training_state).save(job.folder / "last.pt")
+def save_last(state: TrainState, job: Job, args, rt: Runtime, interrupted: bool = False) -> None:
+    """last.pt: the raw weights after state.epoch epochs and state.step batches, and everything
+    --resume needs to go on from that batch exactly."""
+    def write():
+        ts = {"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+              "scaler": state.scaler.state_dict(), "early_stopping": dict(state.stop), "rng": rng_state(),
+              "step": state.step, "totals": None if state.totals is None else state.totals.tolist(),
+              "train_seconds": state.train_seconds, "ema": None if state.ema is None else state.ema.state_dict()}
+        checkpoint_of(state.model, state, job, args, state.history[-1] if state.history else {},
+                      interrupted=interrupted, training_state=ts).save(job.folder / "last.pt")
+    on_main(rt, write)
 
 
-def prepare_epoch(state: TrainState, job: Job, epoch: int, args, rt: Runtime) -> None:
+def end_epoch(state: TrainState, job: Job, val: dict, args, rt: Runtime) -> None:
+    """Record the epoch just trained and validated: history row, early-stopping state, best.pt and
+    val_predictions.csv when it improved, last.pt, history.csv, curves.png, one log line."""
+    if not math.isfinite(val["val_loss"]):
+        raise UserError(f"{job.label}: the validation loss is not finite after epoch {state.epoch + 1}; lower --lr, "
+                        f"or try --no-amp. {job.folder / 'last.pt'} keeps the last good state")
+    if rt.world > 1:
+        torch.distributed.all_reduce(state.totals)
+    loss = (state.totals[0] / state.totals[1].clamp(min=1)).item()
+    if args.schedule == "plateau":
+        state.scheduler.step(val["val_loss"])
+    row = {"epoch": state.epoch + 1, "train_loss": loss, "lr": state.optimizer.param_groups[0]["lr"],
+           "seconds": round(state.train_seconds + val["val_seconds"], 2), "train_seconds": round(state.train_seconds, 2),
+           "train_images_per_s": round(len(job.train_set) / max(state.train_seconds, 1e-9), 1),
+           **{k: v for k, v in val.items() if k in HISTORY_COLUMNS}}
+    state.history.append(row)
+    state.epoch, state.step, state.totals, state.train_seconds = state.epoch + 1, 0, None, 0.0
+    stop = state.stop
+    improved = val["val_loss"] < stop["best_val_loss"]
+    if improved:
+        stop.update(best_val_loss=val["val_loss"], best_epoch=state.epoch, bad_epochs=0)
+        state.best_cal = val["calibration"]
+    else:
+        stop["bad_epochs"] += 1
+    stop["stopped"] = bool(args.patience and stop["bad_epochs"] >= args.patience)
+
+    def write():  # best first, from this epoch's weights (never a live reference); history before last.pt
+        if improved:
+            per = {name: {**val["per_pathology"][name], "n_train": job.n_train_of(k)} for k, name in enumerate(job.names)}
+            checkpoint_of(state.validated, state, job, args, jsonable({**row, "per_pathology": per})).save(
+                job.folder / "best.pt")
+            cal = np.stack([apply_calibration(val["calibration"].get(n), val["pred"][:, k])
+                            for k, n in enumerate(job.names)], 1)
+            write_predictions(job.folder / "val_predictions.csv", job.val_rows, job.names, job.val_targets,
+                              val["pred"], cal)
+        write_history(job.folder / "history.csv", state.history)
+        plot_curves(state.history, job.folder / "curves.png", f"{job.label} (view {args.view})")  # about 0.2 s
+    on_main(rt, write)
+    save_last(state, job, args, rt)
+    rt.log(f"{job.label} epoch {state.epoch}/{args.epochs}: train {loss:.4f}  val {val['val_loss']:.4f}  "
+           f"mse {val['val_mse']:.4f} -> cal {val['val_mse_cv']:.4f} out of sample, {val['val_mse_cal']:.4f} in "
+           f"(const {val['const_mse']:.4f})  auc {val['val_auc']:.4f}  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
+           + ("  *" if improved else ""))
+    if stop["stopped"]:
+        rt.log(f"{job.label}: early stop, no improvement for {args.patience} epochs")
+
+
+def prepare_epoch(state: TrainState, epoch: int, args, rt: Runtime) -> None:
     """Freeze the stages this epoch keeps frozen; (re)wrap the model when that changes, since DDP
     registers the trainable parameters when it wraps."""
     frozen = args.freeze if epoch < args.unfreeze_epoch else 0
@@ -538,121 +605,128 @@ def prepare_epoch(state: TrainState, job: Job, epoch: int, args, rt: Runtime) ->
         state.net = torch.compile(state.model) if args.compile else state.model
         if rt.world > 1:
             state.net = DDP(state.net, device_ids=[rt.device.index] if rt.cuda else None)
-    job.sampler.set_epoch(epoch)
 
 
-def end_epoch(state: TrainState, job: Job, epoch: int, train_loss: float, train_seconds: float, seconds: float,
-              val: dict, args, rt: Runtime) -> None:
-    """Record the epoch: history row, early-stopping state, best.pt and val_predictions.csv when it
-    improved, last.pt, history.csv, curves.png, log line."""
-    if args.schedule == "plateau":
-        state.scheduler.step(val["val_loss"])
-    row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": state.optimizer.param_groups[0]["lr"],
-           "seconds": round(seconds, 2), "train_seconds": round(train_seconds, 2),
-           "train_images_per_s": round(len(job.train_set) / train_seconds, 1),
-           **{k: v for k, v in val.items() if k in HISTORY_COLUMNS}}
-    state.history.append(row)
-    state.completed = epoch + 1
-    stop = state.stop
-    if val["val_loss"] < stop["best_val_loss"]:
-        stop.update(best_val_loss=val["val_loss"], best_epoch=epoch + 1, bad_epochs=0)
-        state.best_cal = val["calibration"]
-        if rt.main:  # written now, from the weights of this epoch: never a live reference
-            per = {name: {**val["per_pathology"][name], "n_train": job.n_train_of(k)}
-                   for k, name in enumerate(job.names)}
-            checkpoint_of(state, args, epoch + 1, jsonable({**row, "per_pathology": per}), split=job.split
-                          ).save(job.folder / "best.pt")
-            write_val_predictions(job.folder / "val_predictions.csv", job, val["pred"], val["calibration"])
-    else:
-        stop["bad_epochs"] += 1
-    stop["stopped"] = bool(args.patience and stop["bad_epochs"] >= args.patience)
-    if rt.main:  # history first: a kill between the two leaves rows that resume drops, never a gap
-        write_history(job.folder / "history.csv", state.history)
-        plot_curves(state.history, job.folder / "curves.png", f"{job.label} (view {args.view})")  # about 0.2 s
-    save_last(job, state, args, rt)
-    rt.log(f"{job.label} epoch {epoch + 1}/{args.epochs}: train {train_loss:.4f}  val {val['val_loss']:.4f}  "
-           f"mse {val['val_mse']:.4f} -> cal {val['val_mse_cv']:.4f} out of sample, {val['val_mse_cal']:.4f} in "
-           f"(const {val['const_mse']:.4f})  "
-           f"auc {val['val_auc']:.4f}  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
-           + ("  *" if stop["best_epoch"] == epoch + 1 else ""))
-    if stop["stopped"]:
-        rt.log(f"{job.label}: early stop, no improvement for {args.patience} epochs")
-
-
-def run_epochs(state: TrainState, job: Job, args, rt: Runtime) -> None:
-    """Train from state.completed up to --epochs (or an early stop). Ctrl-C or SIGTERM saves last.pt
-    (after the epochs completed so far) and exits 130."""
-    try:
-        with GracefulExit():
-            for epoch in range(state.completed, args.epochs):
-                prepare_epoch(state, job, epoch, args, rt)
-                t0 = time.time()
-                train_loss = train_one_epoch(state.net, job.loader, state.optimizer,
-                                             state.scheduler if args.schedule == "cosine" else None, state.scaler,
-                                             rt, args.online_augment, f"{job.label} epoch {epoch + 1}/{args.epochs}",
-                                             args.augment)
-                train_seconds = time.time() - t0
-                val = evaluate(state.model, job.val_set, job.val_targets, job.train_means, job.names,
-                               args.calibration, args.batch_size, rt)
-                end_epoch(state, job, epoch, train_loss, train_seconds, time.time() - t0, val, args, rt)
-                if state.stop["stopped"]:
-                    break
-    except KeyboardInterrupt:
-        save_last(job, state, args, rt, interrupted=True)
-        rt.log(f"\ninterrupted: saved {job.folder / 'last.pt'} after {state.completed} complete epochs; "
-               f"continue with the same command and --resume")
-        raise SystemExit(130)
-
-
-def write_summary(state: TrainState, job: Job, table: pd.DataFrame, n_sources: int, args, rt: Runtime) -> dict:
-    """summary.json: sizes, the best epoch's metrics per pathology and the configuration; every rank returns it."""
-    best = Checkpoint.load(job.folder / "best.pt").metrics if rt.main else None
-    if rt.world > 1:
-        box = [best]
-        dist.broadcast_object_list(box)
-        best = box[0]
-    summary = {"pathology": job.names[0] if len(job.names) == 1 else "multi_head", "pathologies": job.names,
-               "view": args.view, "folder": job.folder.name, "n_train": job.n_train, "n_val": job.n_val,
-               "n_sources": n_sources, "n_stray_rows": table.attrs.get("n_stray", 0),
-               "n_bad_images": table.attrs.get("n_bad_images", 0), "best_epoch": state.stop["best_epoch"],
-               "epochs_run": state.completed, "early_stopped": state.stop["stopped"],
-               **{k: best.get(k) for k in ("val_loss", *METRIC_KEYS)},
-               "per_pathology": best.get("per_pathology", {}), "split": job.split, "config": jsonable(vars(args))}
-    for k, name in enumerate(job.names):
-        summary["per_pathology"].setdefault(name, {})["n_train"] = job.n_train_of(k)
-    if rt.main:
-        write_text(job.folder / "summary.json", json.dumps(jsonable(summary), indent=2))
-    return summary
-
-
-def train_job(names: list[str], folder: str, table: pd.DataFrame, is_val: np.ndarray, sources: list, args,
-              rt: Runtime) -> dict | None:
-    """Train one model for `names` on the rows labelled for any of them; returns its summary."""
-    job = prepare_job(names, folder, table, is_val, sources, args, rt)
+def train_job(names: list[str], folder: Path, table: pd.DataFrame, is_val: np.ndarray, split: dict, sources: list,
+              args, rt: Runtime) -> dict | None:
+    """Train one model for `names` on the rows labelled for any of them; returns its summary. The
+    loop, as in pytorch/examples' imagenet: train an epoch, validate, save, stop early."""
+    job = prepare_job(names, folder, table, is_val, split, sources, args, rt)
     if job is None:
         return None
-    state = build_state(job, args, rt)
-    if state.completed and (state.stop["stopped"] or state.completed >= args.epochs):
-        rt.log(f"{job.label}: already finished ({state.completed} epochs"
-               f"{', early-stopped' if state.stop['stopped'] else ''})")
-        summary = job.folder / "summary.json"
-        return json.loads(summary.read_text()) if summary.is_file() else None
-    rt.log(f"training {job.label} (view {args.view}): {job.n_train} train rows x {len(sources)} sources, "
-           f"{job.n_val} val rows, {len(names)} head(s), {rt.device}" + (f" x{rt.world}" if rt.world > 1 else ""))
+    ckpt = load_last(job, args, rt)
+    state = build_state(job, args, rt, ckpt)
     try:
-        run_epochs(state, job, args, rt)
+        if state.stop["stopped"] or state.epoch >= args.epochs:
+            rt.log(f"{job.label}: already finished ({state.epoch} epochs{', early-stopped' if state.stop['stopped'] else ''})")
+            return write_summary(state, job, table, len(sources), args, rt)
+        rt.log(f"{'resuming' if ckpt else 'training'} {job.label} (view {args.view}): {job.n_train} train rows x "
+               f"{len(sources)} sources, {len(job.val_targets)} val rows, {len(names)} head(s), {rt.device}"
+               + (f" x{rt.world}" if rt.world > 1 else "") + (f", from epoch {state.epoch + 1} batch {state.step}"
+                                                             if ckpt else ""))
+        with StopSignals() as signals:
+            while state.epoch < args.epochs and not state.stop["stopped"]:
+                prepare_epoch(state, state.epoch, args, rt)
+                if not train_one_epoch(state, job, args, rt, signals):
+                    rt.log(f"saved {job.folder / 'last.pt'} at epoch {state.epoch + 1}, batch {state.step}; "
+                           f"continue with the same command and --resume")
+                    raise SystemExit(130)
+                t0 = time.time()
+                val = validate(state, job, args, rt)
+                end_epoch(state, job, {**val, "val_seconds": time.time() - t0}, args, rt)
+                if signals.requested:
+                    rt.log(f"saved {job.folder / 'last.pt'} after epoch {state.epoch}; continue with --resume")
+                    raise SystemExit(130)
     finally:
         close_loader(job.loader)
     return write_summary(state, job, table, len(sources), args, rt)
 
 
-def table_rows(summary: dict) -> list[dict]:
+def write_summary(state: TrainState, job: Job, table: pd.DataFrame, n_sources: int, args, rt: Runtime) -> dict:
+    """summary.json: sizes, the best epoch's metrics per pathology, the split and the configuration;
+    every rank returns it."""
+    best = on_main(rt, lambda: Checkpoint.load(job.folder / "best.pt").metrics)
+    summary = {"pathology": job.names[0] if len(job.names) == 1 else "multi_head", "pathologies": job.names,
+               "view": args.view, "folder": job.folder.name, "n_train": job.n_train, "n_val": len(job.val_targets),
+               "n_sources": n_sources, "n_stray_rows": table.attrs.get("n_stray", 0),
+               "n_bad_images": table.attrs.get("n_bad_images", 0), "best_epoch": state.stop["best_epoch"],
+               "epochs_run": state.epoch, "early_stopped": state.stop["stopped"],
+               **{k: best.get(k) for k in ("val_loss", *METRIC_KEYS)},
+               "per_pathology": best.get("per_pathology", {}), "split": job.split, "config": jsonable(vars(args))}
+    for k, name in enumerate(job.names):
+        summary["per_pathology"].setdefault(name, {})["n_train"] = job.n_train_of(k)
+    on_main(rt, lambda: write_text(job.folder / "summary.json", json.dumps(jsonable(summary), indent=2)))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits, folds and the whole run
+
+def splits(table: pd.DataFrame, args) -> list[tuple[int | None, np.ndarray, dict]]:
+    """(fold, is_val, split record) for each model to train per pathology: one patient split, or
+    with --folds K the folds asked for (the same patient groups for every pathology and every run
+    with the same --split-seed, K and rows)."""
+    patients = table["patient"]
+    if args.folds is None:
+        is_val = split_by_patient(patients, args.val_frac, args.split_seed)
+        return [(None, is_val, {"seed": args.split_seed, "val_frac": args.val_frac,
+                                "val_patients_sha1": sha1(sorted(map(str, pd.unique(patients[is_val]))))})]
+    fold = patient_folds(patients.to_numpy(), args.folds, args.split_seed)
+    record = {"seed": args.split_seed, "folds": args.folds,
+              "folds_sha1": sha1(sorted(f"{p} {f}" for p, f in set(zip(patients.astype(str), fold))))}
+    wanted = range(args.folds) if args.fold == "all" else [int(args.fold)]
+    return [(i, fold == i, {**record, "fold": i,
+                            "val_patients_sha1": sha1(sorted(map(str, pd.unique(patients[fold == i])))),})
+            for i in wanted]
+
+
+def load_data(args, rt: Runtime) -> tuple[pd.DataFrame, list]:
+    """The training table (with cache slots) and its image sources (the cache, then --augmented
+    copies). Under torchrun every process gets its data ready on its own, before the process group:
+    the first to need the demo data or the cache makes it, the others wait on the files, never in a
+    collective whose timeout a long cache build would outlast."""
+    root, csv_path = resolve_data(args.data_root, args.train_csv, "train2023.csv")
+    if args.data_root is None:
+        rt.log(f"no --data-root: using the demo dataset in {root} ({args.image_size}px, {args.epochs} epochs, "
+               f"batch {args.batch_size}, --weights {args.weights}); see README to train on real data")
+    table = read_train_csv(csv_path, "keep", args.label_convention)
+    args.label_convention = table.attrs["label_convention"]  # what was used, in summary.json and checkpoints
+    rt.log(describe_convention(args.label_convention, table.attrs["label_convention_how"]))
+    table, cache = cached_table(table, root, args.image_size, args.cache_dir, csv_path.stem, args.square,
+                                args.workers, progress=args.progress)
+    return table, [cache] + [find_augmented(cache, a) for a in args.augmented]
+
+
+def out_of_fold(folder: Path, job_names: list[str], table: pd.DataFrame, args, rt: Runtime) -> list[dict]:
+    """Once all K folds of a model are trained: oof_predictions.csv (runs.merge_oof, on rank 0) and
+    table rows of the out-of-fold calibrated MSE and AUC over every row, with patient-grouped
+    intervals ([] until then)."""
+    labelled = ~np.isnan(table[job_names].to_numpy(np.float32)).all(1)
+    if args.view != "all":
+        labelled &= (table["view"] == args.view).to_numpy()
+
+    def merge_and_score() -> list[dict]:
+        df = merge_oof(folder, args.folds, table["path"][labelled])
+        rows = []
+        for name in job_names if df is not None else []:
+            d = df[(df["pathology"] == name) & df["target"].notna()]
+            m = score_predictions(d[["calibrated"]].to_numpy(), d[["target"]].to_numpy(), d["patient"].to_numpy(),
+                                  [name], {}, n_boot=200)["per_pathology"][name]
+            rows.append({"pathology": name, "view": args.view, "fold": "oof", "n_val": m["n"],
+                         "val_mse_cv": f"{m['mse']:.4f} ({m['mse_ci'][0]:.3f}-{m['mse_ci'][1]:.3f})",
+                         "val_auc": f"{m['auc']:.4f} ({m['auc_ci'][0]:.3f}-{m['auc_ci'][1]:.3f})"})
+        return rows
+    return on_main(rt, merge_and_score)
+
+
+def table_rows(summary: dict, fold) -> list[dict]:
     """Final-table rows: one per pathology of a job."""
     rows = []
     for name in summary["pathologies"]:
         per = summary["per_pathology"].get(name, {})
-        rows.append({"pathology": name, "view": summary["view"], "n_train": per.get("n_train"), "n_val": per.get("n"),
-                     "best_epoch": summary["best_epoch"], **{k: per.get(k) for k in TABLE_COLUMNS[5:]}})
+        rows.append({"pathology": name, "view": summary["view"], "fold": "-" if fold is None else fold,
+                     "n_train": per.get("n_train"), "n_val": per.get("n"), "best_epoch": summary["best_epoch"],
+                     **{k: per.get(k) for k in TABLE_COLUMNS[6:]}})
     return rows
 
 
@@ -660,40 +734,35 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     rt = setup_runtime(args, join=False)
     try:
-        # Under torchrun every process gets its data ready on its own, before the process group: the
-        # first one to need the demo data or the cache makes it (with progress), the others wait on
-        # the files, never in a collective whose timeout a long cache build would outlast.
-        root, csv_path = resolve_data(args.data_root, args.train_csv, "train2023.csv")
-        if args.data_root is None:
-            rt.log(f"no --data-root: using the demo dataset in {root} ({args.image_size}px, {args.epochs} epochs, "
-                   f"batch {args.batch_size}, --weights {args.weights}); see README to train on real data")
-        table = read_train_csv(csv_path, args.uncertain, args.label_convention)
-        args.label_convention = table.attrs["label_convention"]  # what was used, in summary.json and checkpoints
-        rt.log(describe_convention(args.label_convention, table.attrs["label_convention_how"]))
+        table, sources = load_data(args, rt)
         names = check_pathologies(args.pathology, table.attrs["labels"])
-        table, cache = cached_table(table, root, args.image_size, args.cache_dir, csv_path.stem, args.square,
-                                    args.workers, progress=args.progress)
         join_process_group(rt)
-        sources = [cache] + [find_augmented(cache, a) for a in args.augmented]
-        is_val = split_by_patient(table["patient"], args.val_frac, args.seed)
-        # One stream per rank (dropout, on-the-fly augmentation); rank 0's is a single process's. The
-        # split and the sampler draw from their own seeded generators, the same on every rank, and
-        # DDP gives every rank rank 0's initial weights.
+        # One stream per rank (dropout, augmentation); rank 0's is a single process's. The split and
+        # the sampler draw from their own seeded generators, the same on every rank, and DDP gives
+        # every rank rank 0's initial weights.
         seed_everything(args.seed + rt.rank)
-        jobs = ([(names, slug("multi_head", args.view))] if args.multi_head
-                else [([n], slug(n, args.view)) for n in names])
-        summaries = [s for s in (train_job(n, f, table, is_val, sources, args, rt) for n, f in jobs) if s]
+        jobs = [(names, slug("multi_head", args.view))] if args.multi_head else [([n], slug(n, args.view)) for n in names]
+        summaries, rows = [], []
+        for job_names, name in jobs:
+            for fold, is_val, split in splits(table, args):
+                folder = args.out_dir / name if fold is None else fold_folder(args.out_dir / name, fold)
+                s = train_job(job_names, folder, table, is_val, split, sources, args, rt)
+                if s:
+                    summaries.append(s)
+                    rows += table_rows(s, fold)
+            if args.folds:
+                rows += out_of_fold(args.out_dir / name, job_names, table, args, rt)
         if not summaries:
             raise UserError(f"nothing to train: no labelled rows for {', '.join(names)} (view {args.view})")
-        rows = [r for s in summaries for r in table_rows(s)]
-        if len(rows) > 1:
-            rows.append({"pathology": "macro mean", **{k: mean_defined([r[k] for r in rows])
-                                                       for k in TABLE_COLUMNS[5:]}})
+        numeric = [r for r in rows if r["fold"] != "oof"]
+        if len(numeric) > 1:
+            rows.append({"pathology": "macro mean", **{k: mean_defined([r.get(k) for r in numeric])
+                                                       for k in TABLE_COLUMNS[6:]}})
         rt.log("\n" + format_table(rows, TABLE_COLUMNS) + f"\n\ncheckpoints in {args.out_dir}/")
         return summaries
     finally:
-        if rt.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        if rt.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

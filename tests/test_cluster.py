@@ -222,20 +222,21 @@ def test_autocast_dtype_is_bf16_only_on_cards_that_compute_it_natively(monkeypat
 # sleeps until the test signals it, so the kill point is the same on every run; and when it saves
 # last.pt on an interrupt it says so too (MARKER.saving) and takes 2 s longer, for a second signal.
 PAUSED_TRAIN = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
 import train
 marker, epochs = Path(sys.argv[1]), []
-real_epoch, real_loss, real_save = train.train_one_epoch, train.masked_mse, train.save_last
+real_epoch, real_loss, real_save = train.train_one_epoch, train.loss_terms, train.save_last
 
 def count_epochs(*a, **k):
     epochs.append(1)
     return real_epoch(*a, **k)
 
 def pause_in_epoch_2(*a, **k):
-    if len(epochs) == 2:
-        marker.touch()
-        time.sleep(600)
+    if len(epochs) == 2 and not marker.exists():
+        marker.touch()  # then wait for the signal (a SIGKILL ends it here), as a long step would
+        while getattr(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), "requested", None) is None:
+            time.sleep(0.05)
     return real_loss(*a, **k)
 
 def slow_save(*a, **k):
@@ -244,7 +245,7 @@ def slow_save(*a, **k):
         time.sleep(2)
     return real_save(*a, **k)
 
-train.train_one_epoch, train.masked_mse, train.save_last = count_epochs, pause_in_epoch_2, slow_save
+train.train_one_epoch, train.loss_terms, train.save_last = count_epochs, pause_in_epoch_2, slow_save
 sys.exit(train.run_cli(train.main, sys.argv[2:]))
 """
 
@@ -275,11 +276,12 @@ def test_killed_training_resumes_and_checkpoints_always_load(tiny_args, tmp_path
         os.killpg(proc.pid, sig)
     out_text, err = proc.communicate(timeout=120)
     assert proc.returncode == (130 if sig == signal.SIGTERM else -sig), err[-3000:]
-    if sig == signal.SIGTERM:  # handled like Ctrl-C: last.pt with the epochs completed so far
-        assert "interrupted: saved" in out_text and "Traceback" not in err, err[-3000:]
+    if sig == signal.SIGTERM:  # handled like Ctrl-C: last.pt at the batch where it stopped, in epoch 2
+        assert "saved" in out_text and "--resume" in out_text and "Traceback" not in err, err[-3000:]
     last = Checkpoint.load(out / "last.pt")
     assert last.epoch == 1 and Checkpoint.load(out / "best.pt").epoch == 1
     assert last.interrupted == (sig == signal.SIGTERM)
+    assert (last.training_state["step"] > 0) == (sig == signal.SIGTERM)
     [s] = train.main(tiny_args("--pathology", "Cardiomegaly", "--epochs", "2", "--patience", "0", "--resume"))
     assert s["epochs_run"] == 2
     assert [int(r["epoch"]) for r in read_csv_rows(out / "history.csv")] == [1, 2]
@@ -317,7 +319,7 @@ def test_resume_on_fewer_or_more_gpus_restores_the_streams_that_fit(monkeypatch)
 def test_each_rank_draws_its_own_dropout_masks(tiny_args, monkeypatch):
     draws = {}
 
-    def record(names, folder, table, is_val, sources, args, rt):
+    def record(names, folder, table, is_val, split, sources, args, rt):
         draws[(rt.world, rt.rank)] = torch.nn.functional.dropout(torch.ones(64), 0.5)
         return None
     monkeypatch.setattr(train, "train_job", record)

@@ -1,0 +1,123 @@
+"""What a training run leaves on disk, read and written in one place: a model folder's history.csv,
+val_predictions.csv and summary.json, and a K-fold run's oof_predictions.csv.
+
+    OUT_DIR/<slug>/                       one model (train.py without --folds)
+        best.pt, last.pt                  model.Checkpoint files
+        history.csv                       HISTORY_COLUMNS, one row per epoch
+        summary.json                      sizes, the best epoch's metrics, the split, the configuration
+        val_predictions.csv               PREDICTION_COLUMNS: the best epoch's validation predictions
+        curves.png
+    OUT_DIR/<slug>/fold<I>/               the same, for fold I of a K-fold run (train.py --folds K)
+    OUT_DIR/<slug>/oof_predictions.csv    PREDICTION_COLUMNS + fold: every row of the K folds' validation
+                                          sets once, each predicted by the model that did not train on it
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common import UserError, write_text
+from dataset import VIEWS
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_mse", "val_mse_cv", "val_mse_cal", "const_mse", "val_auc",
+                   "lr", "seconds", "train_seconds", "train_images_per_s"]
+# val_predictions.csv: one row per validation image and pathology; target on the project's scale,
+# blank = unlabelled; raw (the model's output) and calibrated predictions in [-1, 1]
+PREDICTION_COLUMNS = ["path", "patient", "study", "view", "pathology", "target", "raw", "calibrated"]
+
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, HISTORY_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def read_history(path: Path, before_epoch: int) -> list[dict]:
+    """history.csv's rows of epochs 1..before_epoch ([] when there is no file)."""
+    if not Path(path).is_file():
+        return []
+    return [r for r in pd.read_csv(path).to_dict("records") if r["epoch"] <= before_epoch]
+
+
+def write_predictions(path: Path, rows: pd.DataFrame, names: list[str], targets: np.ndarray, raw: np.ndarray,
+                      calibrated: np.ndarray) -> None:
+    """val_predictions.csv in long format: for each pathology k of `names`, every row of `rows`
+    (path, patient, study, view) with its target[:, k], raw[:, k] and calibrated[:, k] (all (N, K)
+    float, NaN target = unlabelled). Floats are written in full, so a calibrated value can be
+    recomputed from its raw one exactly."""
+    frames = [rows[["path", "patient", "study", "view"]].assign(
+        pathology=name, target=targets[:, k].astype(np.float64), raw=raw[:, k].astype(np.float64),
+        calibrated=calibrated[:, k].astype(np.float64)) for k, name in enumerate(names)]
+    write_text(path, pd.concat(frames).to_csv(index=False, columns=PREDICTION_COLUMNS, lineterminator="\n"))
+
+
+def read_predictions(path: Path, extra: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A val_predictions.csv (or oof_predictions.csv, with extra=("fold",)), checked: the columns,
+    known views, a raw prediction on every row, one row per (path, pathology)."""
+    try:
+        df = pd.read_csv(path, dtype={c: str for c in PREDICTION_COLUMNS[:5]})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from e
+    missing = [c for c in (*PREDICTION_COLUMNS, *extra) if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
+    df["view"] = df["view"].str.lower()
+    bad = df[~df["view"].isin(VIEWS)]
+    if len(bad):
+        raise UserError(f"{path}: view must be frontal or lateral, got {bad['view'].iloc[0]!r} (path {bad['path'].iloc[0]})")
+    for c in ("target", "raw", "calibrated"):
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    if df["raw"].isna().any():
+        raise UserError(f"{path}: {int(df['raw'].isna().sum())} rows have no raw prediction")
+    dup = df.duplicated(["path", "pathology"])
+    if dup.any():
+        raise UserError(f"{path}: {df.loc[dup, 'path'].iloc[0]} appears twice for {df.loc[dup, 'pathology'].iloc[0]}")
+    return df
+
+
+def read_summary(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable summary.json ({e})") from e
+
+
+def fold_folder(folder: Path, fold: int) -> Path:
+    return Path(folder) / f"fold{fold}"
+
+
+def merge_oof(folder: Path, k: int, expected: pd.Series | None = None) -> pd.DataFrame | None:
+    """OUT_DIR/<slug>/oof_predictions.csv from the K folds' val_predictions.csv, once all K are
+    there (None, and nothing written, while one is missing). Checked: every fold records the same
+    folds hash (the same patients in the same folds: same --split-seed and K, same rows), every
+    (path, pathology) appears exactly once, and, given `expected` (the paths of every row the run
+    trains on), every one of them is predicted. A clear error names the folder that does not fit."""
+    folders = [fold_folder(folder, i) for i in range(k)]
+    if not all((f / "val_predictions.csv").is_file() and (f / "summary.json").is_file() for f in folders):
+        return None
+    hashes = {f: (read_summary(f / "summary.json").get("split") or {}).get("folds_sha1") for f in folders}
+    first = hashes[folders[0]]
+    for f, h in hashes.items():
+        if h != first or h is None:
+            raise UserError(f"{f}: its folds (hash {str(h)[:8]}) are not those of {folders[0]} ({str(first)[:8]}): "
+                            f"retrain it with the same --split-seed, --folds and data, or delete it")
+    df = pd.concat([read_predictions(f / "val_predictions.csv").assign(fold=i) for i, f in enumerate(folders)])
+    dup = df.duplicated(["path", "pathology"])
+    if dup.any():
+        row = df[dup].iloc[0]
+        raise UserError(f"{folder}: {row['path']} is predicted for {row['pathology']} by more than one fold")
+    if expected is not None:
+        missed = sorted(set(expected) - set(df["path"]))
+        if missed:
+            raise UserError(f"{folder}: {len(missed)} training rows are in no fold's validation set (e.g. {missed[0]})")
+    write_text(Path(folder) / "oof_predictions.csv", df.to_csv(index=False, columns=[*PREDICTION_COLUMNS, "fold"],
+                                                               lineterminator="\n"))
+    return df
