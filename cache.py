@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from common import UserError, _discard, default_workers, save_torch, test_hook, write_text
@@ -41,24 +41,137 @@ LOCK_POLL_S = 1.0   # how often a process waiting on another's build looks again
 N_NAMED = 10  # bad images named in a warning; the count covers them all
 
 
+class ImageError(ValueError):
+    """A file that is there but holds no image this project can read; the message says why, briefly
+    (it goes into the cache's status and the warning that names the image)."""
+
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL modes of 16-bit PNG/TIFF, 32-bit TIFF
+
+
 def load_image(path: Path, size: int, square: str = "resize") -> np.ndarray:
     """Decode one image to uint8 (size, size) grayscale.
+
+    JPEG and 8-bit PNG decode as PIL gives them (convert('L')), untouched. 16-bit PNG/TIFF (PIL
+    modes I;16, I, F) and DICOM are brought to uint8 by to_uint8's rule (DICOM: see decode_dicom).
+    A file is read as DICOM when its name ends .dcm / .dicom, or when PIL cannot identify it and it
+    starts like a DICOM file (a 'DICM' prefix), so PACS exports without an extension work too.
 
     JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT, to the smallest scale
     that keeps both sides >= size; a 2300 x 2750 X-ray at 256 px decodes at 1/8, about 20x faster
     than a full decode. Non-square images are made square by `square`: 'resize' squashes the whole
     image to size x size (aspect ratio not kept, nothing cut off: the default, as in the original);
-    'crop' takes the central square of side min(w, h), then resizes."""
-    with Image.open(path) as im:
+    'crop' takes the central square of side min(w, h), then resizes. Bilinear, whatever the format.
+    Raises FileNotFoundError, ImageError (DICOM without pixel data, missing codec, ...) or PIL's own
+    errors for a file that is not an image."""
+    if Path(path).suffix.lower() in DICOM_SUFFIXES:
+        return _square(Image.fromarray(decode_dicom(path)), size, square)
+    try:
+        im = Image.open(path)
+    except UnidentifiedImageError:
+        if not _is_dicom(path):
+            raise
+        return _square(Image.fromarray(decode_dicom(path)), size, square)
+    with im:
         im.draft("L", (size, size))
-        im = im.convert("L")
-        w, h = im.size
-        box = None
-        if square == "crop":
-            s = min(w, h)
-            box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
-        im = im.resize((size, size), Image.Resampling.BILINEAR, box=box)
-        return np.asarray(im, dtype=np.uint8)
+        im = Image.fromarray(to_uint8(np.asarray(im))) if im.mode in WIDE_MODES else im.convert("L")
+        return _square(im, size, square)
+
+
+def _square(im: Image.Image, size: int, square: str) -> np.ndarray:
+    """A mode 'L' image -> uint8 (size, size), by `square` ('resize' or 'crop'; see load_image)."""
+    w, h = im.size
+    box = None
+    if square == "crop":
+        s = min(w, h)
+        box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+    im = im.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def to_uint8(a: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
+    """The one rule that brings wider-than-8-bit pixels to uint8 (H, W): the range [lo, hi] maps
+    linearly onto 0..255, lo -> 0 and hi -> 255, rounded to nearest (half up); values outside it
+    clip to 0 or 255. [lo, hi] is `window` when the file declares a display range (a DICOM window or
+    VOI LUT, see decode_dicom), else the image's own min..max.
+
+    Why min..max rather than a percentile range (say 0.5-99.5 %): it clips nothing, needs no tuning
+    constant, and gives back an 8-bit image stored in 16 bits bit for bit (a 16-bit PNG of values
+    k * 257 -> k); a 12-bit image in a 16-bit file fills 0..255 instead of using 1/16 of it. Its
+    cost, a few extreme pixels (burned-in white text) compressing the contrast of the rest, is the
+    same for every image of a set, and a file that wants a display range carries a window, which wins.
+    A constant image (hi == lo) is all 0. Non-finite values are an ImageError."""
+    a = np.asarray(a, dtype=np.float64)
+    lo, hi = (a.min(), a.max()) if window is None else (float(window[0]), float(window[1]))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ImageError("non-finite pixel values")
+    if hi <= lo:
+        return np.zeros(a.shape, dtype=np.uint8)
+    return np.floor((np.clip(a, lo, hi) - lo) * (255.0 / (hi - lo)) + 0.5).astype(np.uint8)
+
+
+def decode_dicom(path: Path) -> np.ndarray:
+    """A single-frame grayscale DICOM -> uint8 (H, W), at full resolution, as a radiologist's viewer
+    shows it by default:
+
+    1. the modality LUT (RescaleSlope / RescaleIntercept, or a Modality LUT Sequence), by pydicom's
+       apply_modality_lut;
+    2. the display range, mapped onto 0..255 by to_uint8: a VOI LUT Sequence when there is one
+       (applied by pydicom's apply_voi; range 0..2**n - 1, n = the LUT's bits per entry, its third
+       LUTDescriptor value), else the first WindowCenter / WindowWidth pair (range center -+ width/2,
+       in modality units: DICOM's LINEAR_EXACT; LINEAR differs by half a stored unit, and a SIGMOID
+       VOILUTFunction is read as linear), else the image's own min..max;
+    3. MONOCHROME1 (low values bright) inverted: 255 - v, so bone is bright as in MONOCHROME2.
+
+    A file that is not DICOM, has no pixel data, is compressed with a codec no installed pydicom
+    plugin decodes, or holds several frames or colour, raises ImageError saying which."""
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+        from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
+    except ImportError as e:
+        raise ImageError("DICOM needs pydicom: pip install pydicom") from e
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError as e:
+        raise ImageError("not a DICOM file") from e
+    if "PixelData" not in ds:
+        raise ImageError("DICOM without pixel data")
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    if ts is not None and ts.is_compressed:
+        try:
+            available = get_decoder(ts).is_available
+        except NotImplementedError:  # a transfer syntax pydicom has no decoder for at all
+            available = False
+        if not available:
+            raise ImageError(f"DICOM compressed as {ts.name}, no decoder installed for it "
+                             "(pydicom plugins: pylibjpeg, gdcm)")
+    kind = ds.get("PhotometricInterpretation", "")
+    if kind not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageError(f"DICOM {kind or 'without PhotometricInterpretation'}: only MONOCHROME1/2 are read")
+    if int(ds.get("NumberOfFrames") or 1) > 1:
+        raise ImageError(f"DICOM with {ds.NumberOfFrames} frames: one is expected")
+    try:
+        values = apply_modality_lut(ds.pixel_array, ds)
+    except Exception as e:  # truncated pixel data, inconsistent Rows/Columns/BitsAllocated
+        raise ImageError(f"DICOM pixel data unreadable ({type(e).__name__}: {e})"[:150]) from e
+    window = None
+    if ds.get("VOILUTSequence"):  # a table indexed by modality values, which are integers
+        values = apply_voi(np.rint(values).astype(np.int64), ds)
+        window = (0, 2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        center, width = (float(np.atleast_1d(v)[0]) for v in (ds.WindowCenter, ds.WindowWidth))
+        if width > 0:
+            window = (center - width / 2, center + width / 2)
+    out = to_uint8(values, window)
+    return 255 - out if kind == "MONOCHROME1" else out
+
+
+def _is_dicom(path: Path) -> bool:
+    """A DICOM Part 10 file: 128 bytes of preamble, then 'DICM'."""
+    with open(path, "rb") as f:
+        return f.read(132)[128:] == b"DICM"
 
 
 def _decode_chunk(task):
@@ -74,6 +187,8 @@ def _decode_chunk(task):
             ok[i] = True
         except FileNotFoundError:
             errors[i] = "missing"
+        except ImageError as e:  # says what is wrong in a few words: DICOM without pixel data, ...
+            errors[i] = f"unreadable ({e})"
         except Exception as e:  # truncated JPEG, random bytes, empty file, not an image
             errors[i] = f"unreadable ({type(e).__name__}: {e})"[:200]
     return start, images, ok, errors
