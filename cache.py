@@ -155,7 +155,8 @@ def decode_dicom(path: Path) -> np.ndarray:
     try:
         values = apply_modality_lut(ds.pixel_array, ds)
     except Exception as e:  # truncated pixel data, inconsistent Rows/Columns/BitsAllocated
-        raise ImageError(f"DICOM pixel data unreadable ({type(e).__name__}: {e})"[:150]) from e
+        reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        raise ImageError(f"DICOM pixel data unreadable ({reason[:100]})") from e
     window = None
     if ds.get("VOILUTSequence"):  # a table indexed by modality values, which are integers
         values = apply_voi(np.rint(values).astype(np.int64), ds)

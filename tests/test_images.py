@@ -12,14 +12,17 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.pixels import get_decoder
 from pydicom.uid import (DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                          JPEGLosslessSV1, generate_uid)
 
 import dataset
 import train
-from cache import build_cache, load_image, to_uint8
+from cache import build_cache, cached_table, load_image, to_uint8
+from common import UserError
 from conftest import TINY
 from dataset import PATHOLOGIES
 
@@ -211,3 +214,128 @@ def test_8_bit_png_is_not_stretched(tmp_path):
     img = (100 + np.arange(S * S) % 32).reshape(S, S).astype(np.uint8)
     Image.fromarray(img).save(tmp_path / "a.png")
     np.testing.assert_array_equal(cached(tmp_path, tmp_path / "a.png")[0], img)
+
+
+# ---------------------------------------------------------------------------------------------
+# files that cannot be read: counted and named, with a short reason
+
+HEADER = ["Unnamed: 0.1", "Unnamed: 0", "Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *PATHOLOGIES]
+
+
+def write_cs156b_csv(path: Path, rels: list[str], seed: int = 0) -> Path:
+    """A CS 156b-layout training CSV of these paths, with random labels (1, 0, -1 or blank)."""
+    rng = np.random.default_rng(seed)
+    rows = [[i, i, rel, "Female", 60, "Lateral" if "lateral" in rel else "Frontal", "AP",
+             *rng.choice(["1.0", "0.0", "-1.0", ""], len(PATHOLOGIES))] for i, rel in enumerate(rels)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=HEADER).to_csv(path, index=False)
+    return path
+
+
+def write_unreadable(root: Path) -> dict[str, str]:
+    """Broken DICOMs under root: {relative path: the reason expected in the warning}."""
+    k = ramp(dtype=np.uint8).astype(np.uint16)
+    write_dicom(root / "train/pid1/study1/view1_frontal.dcm", None)
+    (root / "train/pid2/study1").mkdir(parents=True)
+    (root / "train/pid2/study1/view1_frontal.dcm").write_bytes(np.random.default_rng(0).bytes(300))
+    write_dicom(root / "train/pid3/study1/view1_frontal.dcm", np.stack([k, k]))  # two frames
+    rgb = write_dicom(root / "train/pid4/study1/view1_frontal.dcm", np.stack([k.astype(np.uint8)] * 3, -1), "RGB", 8)
+    cut = write_dicom(root / "train/pid5/study1/view1_frontal.dcm", k)
+    cut.write_bytes(cut.read_bytes()[:-100])  # pixel data cut short
+    return {"train/pid1/study1/view1_frontal.dcm": "unreadable (DICOM without pixel data)",
+            "train/pid2/study1/view1_frontal.dcm": "unreadable (not a DICOM file)",
+            "train/pid3/study1/view1_frontal.dcm": "unreadable (DICOM with 2 frames: one is expected)",
+            str(rgb.relative_to(root)): "unreadable (DICOM RGB: only MONOCHROME1/2 are read)",
+            str(cut.relative_to(root)): "unreadable (DICOM pixel data unreadable ("}
+
+
+def test_unreadable_dicoms_are_counted_and_named(tmp_path):
+    root = tmp_path / "data"
+    expected = write_unreadable(root)
+    good = write_dicom(root / "train/pid6/study1/view1_frontal.dcm", ramp())
+    csv = write_cs156b_csv(root / "student_labels/train2023.csv", [*expected, str(good.relative_to(root))])
+    with pytest.warns(UserWarning) as caught:
+        cache = dataset.main(["--data-root", str(root), "--image-size", str(S), "--cache-dir", str(tmp_path / "cache"),
+                              "--workers", "1"])
+    msg = " ".join(str(w.message) for w in caught)
+    assert f"{len(expected)} images missing or unreadable" in msg
+    for rel, reason in expected.items():
+        assert f"{rel} ({reason}" in msg, (rel, msg)
+    ok, errors = cache.status()
+    assert ok.tolist() == [False] * len(expected) + [True] and all(len(e) <= 200 for e in errors)
+    # training drops the same rows with one warning that names them
+    dropped = r"dropped 5 rows .*pid1/study1/view1_frontal.dcm \(unreadable \(DICOM without pixel data\)\)"
+    with pytest.warns(UserWarning, match=dropped):
+        table, _ = cached_table(dataset.read_train_csv(csv), root, S, tmp_path / "cache", "train2023", workers=1,
+                                progress=False)
+    assert table["path"].tolist() == [str(good.relative_to(root))] and table.attrs["n_bad_images"] == 5
+
+
+def test_dicom_with_a_codec_not_installed_is_named(tmp_path):
+    """JPEG Lossless (Process 14, SV1), common for CR/DX, needs a plugin pydicom lacks by default."""
+    if get_decoder(JPEGLosslessSV1).is_available:
+        pytest.skip("a JPEG Lossless decoder is installed here")
+    f = tmp_path / "data" / "a.dcm"
+    write_dicom(f, ramp())
+    ds = dcmread(f)
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    ds.PixelData = encapsulate([b"\xff\xd8 not really a JPEG \xff\xd9"])
+    ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+    ds.save_as(f, enforce_file_format=True)
+    cache = build_cache(["a.dcm"], tmp_path / "data", S, tmp_path / "cache", "t", workers=1, progress=False)
+    ok, errors = cache.status()
+    assert not ok[0] and errors[0].startswith("unreadable (DICOM compressed as JPEG Lossless") \
+        and "no decoder installed" in errors[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end: a CS 156b-layout dataset of DICOMs through every script
+
+def test_dicom_dataset_end_to_end(tmp_path):
+    """dataset.py builds the cache of a CSV of 12-bit DICOMs (MONOCHROME1 and 2, some windowed,
+    one without pixel data); train.py trains on it; make_submission.py predicts a test CSV of
+    DICOMs; experiments/saliency.py draws a heatmap of one."""
+    import make_submission
+    from experiments import saliency
+    root, rng = tmp_path / "data", np.random.default_rng(0)
+    rels = []
+    for p in range(24):
+        for view in ("frontal", "lateral")[:1 + p % 3 // 2]:
+            rel = f"{'test' if p >= 20 else 'train'}/pid{100 + p}/study1/view1_{view}.dcm"
+            write_dicom(root / rel, rng.integers(0, 4096, (48, 40)).astype(np.uint16),
+                        "MONOCHROME1" if p % 2 else "MONOCHROME2", bits_stored=12,
+                        window=(2048, 3000) if p % 4 == 1 else None)
+            rels.append(rel)
+    write_dicom(root / "train/pid99/study1/view1_frontal.dcm", None)
+    train_rels = [r for r in rels if r.startswith("train")] + ["train/pid99/study1/view1_frontal.dcm"]
+    write_cs156b_csv(root / "student_labels/train2023.csv", train_rels)
+    test_rels = [r for r in rels if r.startswith("test")]
+    pd.DataFrame({"Id": range(7, 7 + len(test_rels)), "Path": test_rels}).to_csv(root / "student_labels/test_ids.csv",
+                                                                                  index=False)
+    common = ["--data-root", str(root), "--cache-dir", str(tmp_path / "cache")]
+
+    with pytest.warns(UserWarning, match=r"1 images missing or unreadable.*pid99/study1/view1_frontal.dcm "
+                                         r"\(unreadable \(DICOM without pixel data\)\)"):
+        cache = dataset.main([*common, "--image-size", "32", "--workers", "1"])
+    ok, _ = cache.status()
+    assert len(cache) == len(train_rels) and ok.sum() == len(train_rels) - 1
+    np.testing.assert_array_equal(cache.get([0])[0, 0].numpy(), load_image(root / train_rels[0], 32))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dropped row's warning, checked above
+        train.main([*common, "--out-dir", str(tmp_path / "ckpt"), *TINY, "--pathology", "Cardiomegaly"])
+    summary = pd.read_json(tmp_path / "ckpt/cardiomegaly/summary.json", typ="series")
+    assert summary["n_bad_images"] == 1
+
+    make_submission.main([*common, "--checkpoints", str(tmp_path / "ckpt"), "--out", str(tmp_path / "sub.csv"),
+                          "--fill-missing", "0", "--workers", "1", "--no-progress"])
+    sub = pd.read_csv(tmp_path / "sub.csv")
+    assert sorted(sub["Id"]) == list(range(7, 7 + len(test_rels))) and sub["Cardiomegaly"].between(-1, 1).all()
+
+    results = saliency.main(["--checkpoint", str(tmp_path / "ckpt/cardiomegaly/best.pt"), "--images",
+                             str(root / test_rels[0]), "--out", str(tmp_path / "sal"), "--no-progress"])
+    assert len(results) == 1 and results[0]["png"].is_file()
+    no_pixels = root / "train/pid99/study1/view1_frontal.dcm"
+    with pytest.raises(UserError, match=r"view1_frontal.dcm: not a readable image \(DICOM without pixel data\)"):
+        saliency.main(["--checkpoint", str(tmp_path / "ckpt/cardiomegaly/best.pt"), "--images", str(no_pixels),
+                       "--out", str(tmp_path / "sal2"), "--no-progress"])
