@@ -1,5 +1,17 @@
 """The grayscale uint8 image cache: decoding, shards, build locks and recovery, augmented copies.
 
+Decoding (load_image): every image becomes uint8 (S, S), S = --image-size.
+    JPEG, 8-bit PNG      as PIL decodes them, converted to 'L'; JPEG in draft mode (fast)
+    16-bit PNG/TIFF      PIL modes I;16 / I / F, brought to uint8 by to_uint8 (below)
+    DICOM (.dcm, .dicom, or any file with the 'DICM' prefix)   decode_dicom: pydicom's modality
+                         LUT (RescaleSlope/Intercept), then to_uint8 over the VOI LUT's or the
+                         window's range when the file has one; MONOCHROME1 inverted
+    then the square mode ('resize' squashes, 'crop' takes the central square) and a bilinear resize.
+One rule for more than 8 bits (to_uint8): a range [lo, hi] maps linearly onto 0..255, clipped
+outside; [lo, hi] is the file's display range (DICOM window or VOI LUT) when it declares one, else
+the image's own min..max. A file that cannot be read (missing, truncated, a DICOM without pixel
+data or in a codec that is not installed) is recorded per image as "missing" or "unreadable (why)".
+
 Cache layout (never under the data root): CACHE_DIR/<csv stem>-<size>px-<key>/
     meta.json            the key's inputs: image paths (row order = slot order), size, square mode
     shard_00000.pt ...   {"images": uint8 (n, S, S)}, shard_size images each (default 1024,
@@ -7,10 +19,11 @@ Cache layout (never under the data root): CACHE_DIR/<csv stem>-<size>px-<key>/
                          name and renamed, so a shard file that exists is complete.
     shard_00000.json     {"ok": [bool], "errors": [str]} for that shard, written just before it.
 The key hashes everything that changes pixels: the data root, the ordered image paths, the size, the
-square mode and CACHE_VERSION (not the shard size, which only changes the layout: a cache built with
-any shard size is found by every script). Augmented copies (experiments/) live beside it as
-<folder>+<name>. A build killed mid-write leaves a '.NAME.tmp-HOST-PID' file; the next build on that
-host removes it once that process is gone.
+square mode and the decoder's version (CACHE_VERSION, or JPEG_CACHE_VERSION for a cache of JPEGs
+only, whose pixels have not changed), but not the shard size, which only changes the layout: a
+cache built with any shard size is found by every script. Augmented copies (experiments/) live
+beside it as <folder>+<name>. A build killed mid-write leaves a '.NAME.tmp-HOST-PID' file; the next
+build on that host removes it once that process is gone.
 
 torch is imported inside the functions that need it (see common.py).
 """
@@ -34,7 +47,8 @@ from tqdm import tqdm
 from common import UserError, _discard, default_workers, save_torch, test_hook, write_text
 
 SQUARE_MODES = ("resize", "crop")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: 16-bit PNG/TIFF rescaled by to_uint8 (version 1 clipped them at 255), DICOM read
+JPEG_CACHE_VERSION = 1  # JPEG pixels are unchanged since version 1: a cache of JPEGs only keeps its key
 SHARD_SIZE = 1024
 LOCK_STALE_S = 600  # a build lock untouched this long is taken over: its builder hung, or its host died
 LOCK_POLL_S = 1.0   # how often a process waiting on another's build looks again
@@ -98,10 +112,10 @@ def to_uint8(a: np.ndarray, window: tuple[float, float] | None = None) -> np.nda
 
     Why min..max rather than a percentile range (say 0.5-99.5 %): it clips nothing, needs no tuning
     constant, and gives back an 8-bit image stored in 16 bits bit for bit (a 16-bit PNG of values
-    k * 257 -> k); a 12-bit image in a 16-bit file fills 0..255 instead of using 1/16 of it. Its
-    cost, a few extreme pixels (burned-in white text) compressing the contrast of the rest, is the
-    same for every image of a set, and a file that wants a display range carries a window, which wins.
-    A constant image (hi == lo) is all 0. Non-finite values are an ImageError."""
+    k * 257, k spanning 0..255 -> k); a 12-bit image in a 16-bit file fills 0..255 instead of 1/16
+    of it. Its cost, a few extreme pixels (burned-in white text) compressing the contrast of the
+    rest, is the same for every image of a set, and a file that wants a display range carries a
+    window, which wins. A constant image (hi == lo) is all 0. Non-finite values are an ImageError."""
     a = np.asarray(a, dtype=np.float64)
     lo, hi = (a.min(), a.max()) if window is None else (float(window[0]), float(window[1]))
     if not (np.isfinite(lo) and np.isfinite(hi)):
@@ -157,16 +171,23 @@ def decode_dicom(path: Path) -> np.ndarray:
     except Exception as e:  # truncated pixel data, inconsistent Rows/Columns/BitsAllocated
         reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
         raise ImageError(f"DICOM pixel data unreadable ({reason[:100]})") from e
-    window = None
     if ds.get("VOILUTSequence"):  # a table indexed by modality values, which are integers
         values = apply_voi(np.rint(values).astype(np.int64), ds)
         window = (0, 2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        center, width = (float(np.atleast_1d(v)[0]) for v in (ds.WindowCenter, ds.WindowWidth))
-        if width > 0:
-            window = (center - width / 2, center + width / 2)
+    else:
+        window = _dicom_window(ds)
     out = to_uint8(values, window)
     return 255 - out if kind == "MONOCHROME1" else out
+
+
+def _dicom_window(ds) -> tuple[float, float] | None:
+    """(center - width/2, center + width/2) of the first WindowCenter / WindowWidth pair; None when
+    the file has none, or an empty or non-positive one."""
+    try:
+        center, width = (float(np.atleast_1d(ds.get(k))[0]) for k in ("WindowCenter", "WindowWidth"))
+    except (TypeError, ValueError, IndexError):
+        return None
+    return (center - width / 2, center + width / 2) if width > 0 else None
 
 
 def _is_dicom(path: Path) -> bool:
@@ -262,7 +283,8 @@ class ImageCache:
 def cache_folder(cache_dir: Path, name: str, data_root: Path, paths: list[str], size: int,
                  square: str, shard_size: int = SHARD_SIZE) -> tuple[Path, dict]:
     """The cache folder for these inputs, and the meta that keys it (shard_size is recorded, not keyed)."""
-    meta = {"version": CACHE_VERSION, "data_root": str(Path(data_root).resolve()), "size": int(size),
+    jpeg_only = all(p.lower().endswith((".jpg", ".jpeg")) for p in paths)
+    meta = {"version": JPEG_CACHE_VERSION if jpeg_only else CACHE_VERSION, "data_root": str(Path(data_root).resolve()), "size": int(size),
             "square": square, "paths": list(paths)}
     key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cache_dir) / f"{name}-{size}px-{key}", {**meta, "shard_size": int(shard_size)}

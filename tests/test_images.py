@@ -21,7 +21,7 @@ from pydicom.uid import (DigitalXRayImageStorageForPresentation, ExplicitVRLittl
 
 import dataset
 import train
-from cache import build_cache, cached_table, load_image, to_uint8
+from cache import build_cache, cache_folder, cached_table, load_image, to_uint8
 from common import UserError
 from conftest import TINY
 from dataset import PATHOLOGIES
@@ -143,6 +143,9 @@ def test_dicom_window_maps_its_range_and_clips(tmp_path):
     # the same pixels without a window: the image's min..max, no clipping
     plain = cached(tmp_path, write_dicom(tmp_path / "b.dcm", values, bits_stored=12))[0]
     np.testing.assert_array_equal(plain, values // 16)
+    # a window of width 0 is no window
+    zero = cached(tmp_path, write_dicom(tmp_path / "c.dcm", values, bits_stored=12, window=(2048, 0)))[0]
+    np.testing.assert_array_equal(zero, plain)
 
 
 def test_dicom_rescale_comes_before_the_window(tmp_path):
@@ -216,6 +219,16 @@ def test_8_bit_png_is_not_stretched(tmp_path):
     np.testing.assert_array_equal(cached(tmp_path, tmp_path / "a.png")[0], img)
 
 
+def test_cache_key_is_new_for_formats_whose_pixels_changed(tmp_path):
+    """A cache of JPEGs keeps the key it had before DICOM and 16-bit files were read (its pixels
+    are the same); one with any other format gets a new key, so a 16-bit PNG cached clipped at 255
+    by the old decoder is never reused."""
+    jpeg = ["train/pid1/study1/view1_frontal.jpg", "train/pid2/study1/view1_frontal.JPEG"]
+    assert cache_folder(tmp_path, "t", tmp_path, jpeg, 32, "resize")[1]["version"] == 1
+    for other in ("a.png", "a.tif", "a.dcm"):
+        assert cache_folder(tmp_path, "t", tmp_path, [*jpeg, other], 32, "resize")[1]["version"] == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # files that cannot be read: counted and named, with a short reason
 
@@ -242,7 +255,8 @@ def write_unreadable(root: Path) -> dict[str, str]:
     rgb = write_dicom(root / "train/pid4/study1/view1_frontal.dcm", np.stack([k.astype(np.uint8)] * 3, -1), "RGB", 8)
     cut = write_dicom(root / "train/pid5/study1/view1_frontal.dcm", k)
     cut.write_bytes(cut.read_bytes()[:-100])  # pixel data cut short
-    return {"train/pid1/study1/view1_frontal.dcm": "unreadable (DICOM without pixel data)",
+    return {"train/pid0/study1/view1_frontal.dcm": "missing",
+            "train/pid1/study1/view1_frontal.dcm": "unreadable (DICOM without pixel data)",
             "train/pid2/study1/view1_frontal.dcm": "unreadable (not a DICOM file)",
             "train/pid3/study1/view1_frontal.dcm": "unreadable (DICOM with 2 frames: one is expected)",
             str(rgb.relative_to(root)): "unreadable (DICOM RGB: only MONOCHROME1/2 are read)",
@@ -264,11 +278,11 @@ def test_unreadable_dicoms_are_counted_and_named(tmp_path):
     ok, errors = cache.status()
     assert ok.tolist() == [False] * len(expected) + [True] and all(len(e) <= 200 for e in errors)
     # training drops the same rows with one warning that names them
-    dropped = r"dropped 5 rows .*pid1/study1/view1_frontal.dcm \(unreadable \(DICOM without pixel data\)\)"
+    dropped = r"dropped 6 rows .*pid1/study1/view1_frontal.dcm \(unreadable \(DICOM without pixel data\)\)"
     with pytest.warns(UserWarning, match=dropped):
         table, _ = cached_table(dataset.read_train_csv(csv), root, S, tmp_path / "cache", "train2023", workers=1,
                                 progress=False)
-    assert table["path"].tolist() == [str(good.relative_to(root))] and table.attrs["n_bad_images"] == 5
+    assert table["path"].tolist() == [str(good.relative_to(root))] and table.attrs["n_bad_images"] == 6
 
 
 def test_dicom_with_a_codec_not_installed_is_named(tmp_path):
