@@ -1,5 +1,17 @@
 """The grayscale uint8 image cache: decoding, shards, build locks and recovery, augmented copies.
 
+Decoding (load_image): every image becomes uint8 (S, S), S = --image-size.
+    JPEG, 8-bit PNG      as PIL decodes them, converted to 'L'; JPEG in draft mode (fast)
+    16-bit PNG/TIFF      PIL modes I;16 / I / F, brought to uint8 by to_uint8 (below)
+    DICOM (.dcm, .dicom, or any file with the 'DICM' prefix)   decode_dicom: pydicom's modality
+                         LUT (RescaleSlope/Intercept), then to_uint8 over the VOI LUT's or the
+                         window's range when the file has one; MONOCHROME1 inverted
+    then the square mode ('resize' squashes, 'crop' takes the central square) and a bilinear resize.
+One rule for more than 8 bits (to_uint8): a range [lo, hi] maps linearly onto 0..255, clipped
+outside; [lo, hi] is the file's display range (DICOM window or VOI LUT) when it declares one, else
+the image's own min..max. A file that cannot be read (missing, truncated, a DICOM without pixel
+data or in a codec that is not installed) is recorded per image as "missing" or "unreadable (why)".
+
 Cache layout (never under the data root): CACHE_DIR/<csv stem>-<size>px-<key>/
     meta.json            the key's inputs: image paths (row order = slot order), size, square mode
     shard_00000.pt ...   {"images": uint8 (n, S, S)}, shard_size images each (default 1024,
@@ -7,10 +19,11 @@ Cache layout (never under the data root): CACHE_DIR/<csv stem>-<size>px-<key>/
                          name and renamed, so a shard file that exists is complete.
     shard_00000.json     {"ok": [bool], "errors": [str]} for that shard, written just before it.
 The key hashes everything that changes pixels: the data root, the ordered image paths, the size, the
-square mode and CACHE_VERSION (not the shard size, which only changes the layout: a cache built with
-any shard size is found by every script). Augmented copies (experiments/) live beside it as
-<folder>+<name>. A build killed mid-write leaves a '.NAME.tmp-HOST-PID' file; the next build on that
-host removes it once that process is gone.
+square mode and the decoder's version (CACHE_VERSION, or JPEG_CACHE_VERSION for a cache of JPEGs
+only, whose pixels have not changed), but not the shard size, which only changes the layout: a
+cache built with any shard size is found by every script. Augmented copies (experiments/) live
+beside it as <folder>+<name>. A build killed mid-write leaves a '.NAME.tmp-HOST-PID' file; the next
+build on that host removes it once that process is gone.
 
 torch is imported inside the functions that need it (see common.py).
 """
@@ -28,37 +41,159 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from common import UserError, _discard, default_workers, save_torch, test_hook, write_text
 
 SQUARE_MODES = ("resize", "crop")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: 16-bit PNG/TIFF rescaled by to_uint8 (version 1 clipped them at 255), DICOM read
+JPEG_CACHE_VERSION = 1  # JPEG pixels are unchanged since version 1: a cache of JPEGs only keeps its key
 SHARD_SIZE = 1024
 LOCK_STALE_S = 600  # a build lock untouched this long is taken over: its builder hung, or its host died
 LOCK_POLL_S = 1.0   # how often a process waiting on another's build looks again
 N_NAMED = 10  # bad images named in a warning; the count covers them all
 
 
+class ImageError(ValueError):
+    """A file that is there but holds no image this project can read; the message says why, briefly
+    (it goes into the cache's status and the warning that names the image)."""
+
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL modes of 16-bit PNG/TIFF, 32-bit TIFF
+
+
 def load_image(path: Path, size: int, square: str = "resize") -> np.ndarray:
     """Decode one image to uint8 (size, size) grayscale.
+
+    JPEG and 8-bit PNG decode as PIL gives them (convert('L')), untouched. 16-bit PNG/TIFF (PIL
+    modes I;16, I, F) and DICOM are brought to uint8 by to_uint8's rule (DICOM: see decode_dicom).
+    A file is read as DICOM when its name ends .dcm / .dicom, or when PIL cannot identify it and it
+    starts like a DICOM file (a 'DICM' prefix), so PACS exports without an extension work too.
 
     JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT, to the smallest scale
     that keeps both sides >= size; a 2300 x 2750 X-ray at 256 px decodes at 1/8, about 20x faster
     than a full decode. Non-square images are made square by `square`: 'resize' squashes the whole
     image to size x size (aspect ratio not kept, nothing cut off: the default, as in the original);
-    'crop' takes the central square of side min(w, h), then resizes."""
-    with Image.open(path) as im:
+    'crop' takes the central square of side min(w, h), then resizes. Bilinear, whatever the format.
+    Raises FileNotFoundError, ImageError (DICOM without pixel data, missing codec, ...) or PIL's own
+    errors for a file that is not an image."""
+    if Path(path).suffix.lower() in DICOM_SUFFIXES:
+        return _square(Image.fromarray(decode_dicom(path)), size, square)
+    try:
+        im = Image.open(path)
+    except UnidentifiedImageError:
+        if not _is_dicom(path):
+            raise
+        return _square(Image.fromarray(decode_dicom(path)), size, square)
+    with im:
         im.draft("L", (size, size))
-        im = im.convert("L")
-        w, h = im.size
-        box = None
-        if square == "crop":
-            s = min(w, h)
-            box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
-        im = im.resize((size, size), Image.Resampling.BILINEAR, box=box)
-        return np.asarray(im, dtype=np.uint8)
+        im = Image.fromarray(to_uint8(np.asarray(im))) if im.mode in WIDE_MODES else im.convert("L")
+        return _square(im, size, square)
+
+
+def _square(im: Image.Image, size: int, square: str) -> np.ndarray:
+    """A mode 'L' image -> uint8 (size, size), by `square` ('resize' or 'crop'; see load_image)."""
+    w, h = im.size
+    box = None
+    if square == "crop":
+        s = min(w, h)
+        box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+    im = im.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def to_uint8(a: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
+    """The one rule that brings wider-than-8-bit pixels to uint8 (H, W): the range [lo, hi] maps
+    linearly onto 0..255, lo -> 0 and hi -> 255, rounded to nearest (half up); values outside it
+    clip to 0 or 255. [lo, hi] is `window` when the file declares a display range (a DICOM window or
+    VOI LUT, see decode_dicom), else the image's own min..max.
+
+    Why min..max rather than a percentile range (say 0.5-99.5 %): it clips nothing, needs no tuning
+    constant, and gives back an 8-bit image stored in 16 bits bit for bit (a 16-bit PNG of values
+    k * 257, k spanning 0..255 -> k); a 12-bit image in a 16-bit file fills 0..255 instead of 1/16
+    of it. Its cost, a few extreme pixels (burned-in white text) compressing the contrast of the
+    rest, is the same for every image of a set, and a file that wants a display range carries a
+    window, which wins. A constant image (hi == lo) is all 0. Non-finite values are an ImageError."""
+    a = np.asarray(a, dtype=np.float64)
+    lo, hi = (a.min(), a.max()) if window is None else (float(window[0]), float(window[1]))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ImageError("non-finite pixel values")
+    if hi <= lo:
+        return np.zeros(a.shape, dtype=np.uint8)
+    return np.floor((np.clip(a, lo, hi) - lo) * (255.0 / (hi - lo)) + 0.5).astype(np.uint8)
+
+
+def decode_dicom(path: Path) -> np.ndarray:
+    """A single-frame grayscale DICOM -> uint8 (H, W), at full resolution, as a radiologist's viewer
+    shows it by default:
+
+    1. the modality LUT (RescaleSlope / RescaleIntercept, or a Modality LUT Sequence), by pydicom's
+       apply_modality_lut;
+    2. the display range, mapped onto 0..255 by to_uint8: a VOI LUT Sequence when there is one
+       (applied by pydicom's apply_voi; range 0..2**n - 1, n = the LUT's bits per entry, its third
+       LUTDescriptor value), else the first WindowCenter / WindowWidth pair (range center -+ width/2,
+       in modality units: DICOM's LINEAR_EXACT; LINEAR differs by half a stored unit, and a SIGMOID
+       VOILUTFunction is read as linear), else the image's own min..max;
+    3. MONOCHROME1 (low values bright) inverted: 255 - v, so bone is bright as in MONOCHROME2.
+
+    A file that is not DICOM, has no pixel data, is compressed with a codec no installed pydicom
+    plugin decodes, or holds several frames or colour, raises ImageError saying which."""
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+        from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
+    except ImportError as e:
+        raise ImageError("DICOM needs pydicom: pip install pydicom") from e
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError as e:
+        raise ImageError("not a DICOM file") from e
+    if "PixelData" not in ds:
+        raise ImageError("DICOM without pixel data")
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    if ts is not None and ts.is_compressed:
+        try:
+            available = get_decoder(ts).is_available
+        except NotImplementedError:  # a transfer syntax pydicom has no decoder for at all
+            available = False
+        if not available:
+            raise ImageError(f"DICOM compressed as {ts.name}, no decoder installed for it "
+                             "(pydicom plugins: pylibjpeg, gdcm)")
+    kind = ds.get("PhotometricInterpretation", "")
+    if kind not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageError(f"DICOM {kind or 'without PhotometricInterpretation'}: only MONOCHROME1/2 are read")
+    if int(ds.get("NumberOfFrames") or 1) > 1:
+        raise ImageError(f"DICOM with {ds.NumberOfFrames} frames: one is expected")
+    try:
+        values = apply_modality_lut(ds.pixel_array, ds)
+    except Exception as e:  # truncated pixel data, inconsistent Rows/Columns/BitsAllocated
+        reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        raise ImageError(f"DICOM pixel data unreadable ({reason[:100]})") from e
+    if ds.get("VOILUTSequence"):  # a table indexed by modality values, which are integers
+        values = apply_voi(np.rint(values).astype(np.int64), ds)
+        window = (0, 2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+    else:
+        window = _dicom_window(ds)
+    out = to_uint8(values, window)
+    return 255 - out if kind == "MONOCHROME1" else out
+
+
+def _dicom_window(ds) -> tuple[float, float] | None:
+    """(center - width/2, center + width/2) of the first WindowCenter / WindowWidth pair; None when
+    the file has none, or an empty or non-positive one."""
+    try:
+        center, width = (float(np.atleast_1d(ds.get(k))[0]) for k in ("WindowCenter", "WindowWidth"))
+    except (TypeError, ValueError, IndexError):
+        return None
+    return (center - width / 2, center + width / 2) if width > 0 else None
+
+
+def _is_dicom(path: Path) -> bool:
+    """A DICOM Part 10 file: 128 bytes of preamble, then 'DICM'."""
+    with open(path, "rb") as f:
+        return f.read(132)[128:] == b"DICM"
 
 
 def _decode_chunk(task):
@@ -74,6 +209,8 @@ def _decode_chunk(task):
             ok[i] = True
         except FileNotFoundError:
             errors[i] = "missing"
+        except ImageError as e:  # says what is wrong in a few words: DICOM without pixel data, ...
+            errors[i] = f"unreadable ({e})"
         except Exception as e:  # truncated JPEG, random bytes, empty file, not an image
             errors[i] = f"unreadable ({type(e).__name__}: {e})"[:200]
     return start, images, ok, errors
@@ -146,7 +283,8 @@ class ImageCache:
 def cache_folder(cache_dir: Path, name: str, data_root: Path, paths: list[str], size: int,
                  square: str, shard_size: int = SHARD_SIZE) -> tuple[Path, dict]:
     """The cache folder for these inputs, and the meta that keys it (shard_size is recorded, not keyed)."""
-    meta = {"version": CACHE_VERSION, "data_root": str(Path(data_root).resolve()), "size": int(size),
+    jpeg_only = all(p.lower().endswith((".jpg", ".jpeg")) for p in paths)
+    meta = {"version": JPEG_CACHE_VERSION if jpeg_only else CACHE_VERSION, "data_root": str(Path(data_root).resolve()), "size": int(size),
             "square": square, "paths": list(paths)}
     key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cache_dir) / f"{name}-{size}px-{key}", {**meta, "shard_size": int(shard_size)}

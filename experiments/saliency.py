@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cache import load_image
+from cache import ImageError, load_image
 from common import UserError, run_cli
 from dataset import slug
 from evaluation import new_figure, save_png
@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--checkpoint", type=Path, required=True, help="a best.pt (or last.pt) of train.py")
-    p.add_argument("--images", type=Path, nargs="+", required=True, metavar="PATH", help="image files (JPEG, PNG)")
+    p.add_argument("--images", type=Path, nargs="+", required=True, metavar="PATH",
+                   help="image files (JPEG, PNG, 16-bit PNG/TIFF, DICOM)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the PNGs")
     p.add_argument("--pathology", metavar="NAME", help="only this head of the model (default: every head)")
     p.add_argument("--alpha", type=float, default=0.4, help="opacity of the heatmap over the image")
@@ -120,6 +121,8 @@ def read_images(paths: list[Path], size: int, square: str) -> np.ndarray:
             images.append(load_image(p, size, square))
         except FileNotFoundError as e:
             raise UserError(f"--images {p}: no such file") from e
+        except ImageError as e:  # a DICOM without pixel data, a codec not installed, ...
+            raise UserError(f"--images {p}: not a readable image ({e})") from e
         except Exception as e:  # not an image, truncated
             raise UserError(f"--images {p}: not a readable image ({type(e).__name__})") from e
     return np.stack(images)
