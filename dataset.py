@@ -104,19 +104,14 @@ _CONVENTION_TEXT = {"cs156b": "CS 156b (1 positive, 0 uncertain, -1 negative",
 _CONVENTION_HOW = {"given": "set by --label-convention", "detected": "detected from the layout",
                    "default": "the layout does not tell, so assumed: "
                               "pass --label-convention chexpert if this is a Stanford CSV"}
+_PATH_EVIDENCE = {"cs156b": "pid… folders", "chexpert": "patient… folders"}
 
 
-
-
-def detect_convention(columns, paths) -> str | None:
-    """The label convention a CSV's layout implies, or None when it cannot tell.
-
-    Columns first: any 'Unnamed: …' index column means CS 156b ('cs156b'; Stanford's CSVs have
-    none). Otherwise the majority of paths: 'train/pid50512/…' is CS 156b, 'CheXpert-v1.0…/' or
-    'patient00001/…' is Stanford ('chexpert'). A few stray 'CheXpert-v1.0/' rows in a CS 156b file
-    do not outvote its own; no paths, or as many of each, is None."""
-    if any(str(c).startswith("Unnamed") for c in columns):
-        return "cs156b"
+def convention_from_paths(paths) -> str | None:
+    """The convention the majority of paths implies: 'train/pid50512/…' is CS 156b ('cs156b'),
+    'CheXpert-v1.0…/' or 'patient00001/…' Stanford ('chexpert'); None when no path is of either
+    kind or as many are of each. A few stray 'CheXpert-v1.0/' rows of train2023.csv do not outvote
+    its own paths."""
     paths = pd.Series(list(paths), dtype=object).astype(str).str.strip()
     n_cs156b = int(paths.str.contains(r"(?:^|/)pid\d+/").sum())
     n_chexpert = int(paths.str.contains(r"^CheXpert-v1\.0|(?:^|/)patient\d+/").sum())
@@ -125,21 +120,45 @@ def detect_convention(columns, paths) -> str | None:
     return "cs156b" if n_cs156b > n_chexpert else "chexpert"
 
 
+def index_column(columns) -> str | None:
+    """The first 'Unnamed: …' column (an index pandas wrote, as in train2023.csv), or None."""
+    return next((str(c) for c in columns if str(c).startswith("Unnamed")), None)
+
+
+def detect_convention(columns, paths) -> str | None:
+    """The label convention a CSV's layout implies, or None when it cannot tell.
+
+    The paths decide when they tell (convention_from_paths). Only when they do not do the columns:
+    an 'Unnamed: …' index column means CS 156b. It is weak evidence, since any CSV that pandas
+    saved with its default to_csv(index=True) has one, Stanford's too."""
+    return convention_from_paths(paths) or ("cs156b" if index_column(columns) else None)
+
+
 def choose_convention(convention: str, columns, paths) -> tuple[str, str]:
     """(name, how) for a CSV: an explicit 'cs156b' / 'chexpert' wins (how 'given'); 'auto' detects
-    it from the layout ('detected'), falling back to 'cs156b' when the layout cannot tell ('default')."""
+    it from the layout ('detected'), falling back to 'cs156b' when the layout cannot tell ('default').
+    When the paths overrule an index column, how is instead the phrase saying so (for
+    describe_convention): "detected from the paths (patient… folders), although the CSV has an
+    'Unnamed: 0' index column"."""
     if convention not in LABEL_CONVENTIONS:
         raise UserError(f"unknown label convention {convention!r} (choose from {', '.join(LABEL_CONVENTIONS)})")
     if convention != "auto":
         return convention, "given"
     found = detect_convention(columns, paths)
-    return (found, "detected") if found else ("cs156b", "default")
+    if found is None:
+        return "cs156b", "default"
+    index = index_column(columns)
+    if found == "chexpert" and index:
+        return found, (f"detected from the paths ({_PATH_EVIDENCE[found]}), "
+                       f"although the CSV has an '{index}' index column")
+    return found, "detected"
 
 
 def describe_convention(name: str, how: str = "detected") -> str:
     """One line for people, e.g. 'labels read as Stanford CheXpert (1 positive, 0 negative,
-    -1 uncertain; detected from the layout)'."""
-    return f"labels read as {_CONVENTION_TEXT[name]}; {_CONVENTION_HOW[how]})"
+    -1 uncertain; detected from the layout)'. how: 'given', 'detected', 'default', or a phrase of
+    choose_convention's, written as it is."""
+    return f"labels read as {_CONVENTION_TEXT[name]}; {_CONVENTION_HOW.get(how, how)})"
 
 
 def to_internal_labels(values: np.ndarray, convention: str) -> np.ndarray:

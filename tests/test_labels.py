@@ -117,8 +117,11 @@ def test_detection_from_the_layout(tmp_path):
     assert detect_convention(CS156B_FRONT, [cs156b_path(0)]) == "cs156b"
     assert detect_convention(STANFORD_FRONT, ["CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg"]) \
         == "chexpert"
-    # the Unnamed columns decide first, whatever the paths
-    assert detect_convention(CS156B_FRONT, ["CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg"]) == "cs156b"
+    # the paths decide when they tell; an Unnamed index column only when they do not
+    assert detect_convention(CS156B_FRONT, ["CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg"]) == "chexpert"
+    assert detect_convention(CS156B_FRONT, ["images/a.jpg"]) == "cs156b"
+    assert detect_convention(CS156B_FRONT, [cs156b_path(0), "CheXpert-v1.0-small/train/patient00001/s/v.jpg"]) \
+        == "cs156b"
     assert detect_convention(STANFORD_FRONT, ["images/a.jpg"]) is None
     assert detect_convention(STANFORD_FRONT, []) is None
 
@@ -238,3 +241,25 @@ def test_train_prints_and_records_the_convention(tiny_args, tmp_path, capsys):
     assert summary["config"]["label_convention"] == "cs156b"
     from model import Checkpoint
     assert Checkpoint.load(tmp_path / "ckpt" / "cardiomegaly" / "best.pt").preprocess["label_convention"] == "cs156b"
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths before columns: a Stanford CSV saved with pandas' index
+
+def test_stanford_csv_with_a_pandas_index_reads_as_stanford(tmp_path, capsys):
+    """pandas' to_csv(index=True) adds an 'Unnamed: 0' column to a Stanford CSV: its patient…
+    paths still decide, and the printed line says the two disagreed."""
+    import pandas as pd
+    plain = pd.read_csv(stanford_csv(tmp_path / "plain.csv"), dtype=str, keep_default_na=False)
+    csv = tmp_path / "valid.csv"
+    plain.to_csv(csv)  # index=True, pandas' default
+    assert pd.read_csv(csv, nrows=0).columns[0] == "Unnamed: 0"
+    df = read_train_csv(csv)
+    assert df.attrs["label_convention"] == "chexpert"
+    np.testing.assert_array_equal(df[CHEXPERT_LABELS].to_numpy(np.float32), expected(CHEXPERT_LABELS))
+    dataset.main(["--csv", str(csv), "--labels-only"])
+    out = capsys.readouterr().out
+    assert table_rows(out)["Atelectasis"] == [1, 3, 1, 1]
+    assert out.rstrip().splitlines()[-1] == (
+        "labels read as Stanford CheXpert (1 positive, 0 negative, -1 uncertain; detected from the paths "
+        "(patient… folders), although the CSV has an 'Unnamed: 0' index column)")
