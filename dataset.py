@@ -187,8 +187,8 @@ def parse_label_column(raw: pd.DataFrame, col: str, convention: str, where: str,
 
 def label_counts(df: pd.DataFrame) -> list[dict]:
     """Per label column of a table from read_train_csv (df.attrs['labels']): how many rows are
-    positive (1), uncertain (0), negative (-1) and blank (NaN), on the project's scale, that is
-    after the convention mapping and the uncertain policy. Rows have LABEL_COUNT_COLUMNS."""
+    positive (1), uncertain (0), negative (-1) and blank (NaN), on the project's scale (the source
+    labels after the convention mapping; no uncertain policy). Rows have LABEL_COUNT_COLUMNS."""
     rows = []
     for name in df.attrs["labels"]:
         v = df[name].to_numpy(np.float64)
@@ -197,20 +197,31 @@ def label_counts(df: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def read_train_csv(csv_path: Path, uncertain: str = "keep", convention: str = "auto") -> pd.DataFrame:
+def uncertain_targets(values: np.ndarray, policy: str) -> np.ndarray:
+    """Training targets from source labels on the project's scale (1, 0 uncertain, -1, NaN blank):
+    the uncertain 0 becomes 0 (keep), NaN (ignore: masked like a blank), 1 (ones) or -1 (zeros).
+    values: any shape, float; returns a new float array of that shape (float64 unless values is
+    floating already). Only training targets: validation and scoring keep the source labels."""
+    if policy not in UNCERTAIN_POLICIES:
+        raise UserError(f"unknown uncertain policy {policy!r} (choose from {', '.join(UNCERTAIN_POLICIES)})")
+    values = np.asarray(values)
+    out = values.astype(values.dtype if np.issubdtype(values.dtype, np.floating) else np.float64, copy=True)
+    out[out == 0.0] = {"keep": 0.0, "ignore": np.nan, "ones": 1.0, "zeros": -1.0}[policy]
+    return out
+
+
+def read_train_csv(csv_path: Path, convention: str = "auto") -> pd.DataFrame:
     """Read a CS 156b train2023.csv or a Stanford CheXpert train.csv/valid.csv.
 
     Returns one row per image with columns path, patient, study, view and one float32 column per
-    label (those after 'AP/PA' in the header) on [-1, 1], NaN = blank (never filled). The labels are
-    first mapped onto the project's scale (1 positive, 0 uncertain, -1 negative) from the source's
-    convention: `convention` 'cs156b' or 'chexpert', or 'auto' to detect it (choose_convention).
-    Then the uncertain policy maps the uncertain 0: keep (0), ignore (NaN), ones (1), zeros (-1).
+    label (those after 'AP/PA' in the header): the SOURCE labels on the project's scale, 1 positive,
+    0 uncertain, -1 negative, NaN blank (never filled), mapped from the source's convention:
+    `convention` 'cs156b' or 'chexpert', or 'auto' to detect it (choose_convention). No uncertain
+    policy is applied: uncertain_targets makes training targets from these.
     df.attrs: 'labels' lists the label columns; 'label_convention' the convention used and
     'label_convention_how' how it was chosen (describe_convention makes a line of the two);
     'n_stray' counts the stray 'CheXpert-v1.0/…' rows of train2023.csv, dropped with one warning
     (a CSV whose every path starts so, Stanford's full-size set, has none)."""
-    if uncertain not in UNCERTAIN_POLICIES:
-        raise UserError(f"unknown uncertain policy {uncertain!r} (choose from {', '.join(UNCERTAIN_POLICIES)})")
     raw = read_csv_text(csv_path)
     name, how = choose_convention(convention, raw.columns, raw["Path"] if "Path" in raw.columns else [])
     _require(raw, ["Path", "AP/PA"], csv_path)
@@ -236,11 +247,8 @@ def read_train_csv(csv_path: Path, uncertain: str = "keep", convention: str = "a
         out.loc[bad, "view"] = view_from_filename(out.loc[bad, "path"])
     else:
         out["view"] = view_from_filename(out["path"])
-    mapping = {"keep": 0.0, "ignore": np.nan, "ones": 1.0, "zeros": -1.0}[uncertain]
     for col in labels:
-        values = parse_label_column(raw, col, name, str(csv_path), line)
-        values = np.where(values == 0.0, mapping, values) if uncertain != "keep" else values
-        out[col] = values.astype(np.float32)
+        out[col] = parse_label_column(raw, col, name, str(csv_path), line).astype(np.float32)
     out = out.reset_index(drop=True)
     out.attrs.update(labels=labels, n_stray=n_stray, label_convention=name, label_convention_how=how)
     return out

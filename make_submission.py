@@ -299,7 +299,7 @@ def read_inputs(args) -> tuple[Path, Path, pd.DataFrame, pd.DataFrame | None, bo
             raise UserError(f"--labels {args.labels} is a labelled CSV with 'Path': its own images are predicted; "
                             f"drop --test-csv, or give --labels an 'Id' + label-columns CSV for the test CSV")
         root, csv_path = resolve_data(args.data_root, args.labels, "")
-        table = read_train_csv(csv_path, "keep", args.label_convention)
+        table = read_train_csv(csv_path, convention=args.label_convention)
         print(f"--labels {csv_path}: "
               + describe_convention(table.attrs["label_convention"], table.attrs["label_convention_how"]))
         test = table[["path", "patient", "study", "view"]].copy()

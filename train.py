@@ -41,7 +41,7 @@ from cache import SQUARE_MODES, cached_table, find_augmented
 from calibration import CALIBRATIONS, apply_calibration, fit_calibration
 from common import UserError, default_workers, format_table, jsonable, run_cli, write_text
 from dataset import (ALL_LABELS, LABEL_CONVENTIONS, UNCERTAIN_POLICIES, XrayDataset, check_pathologies,
-                     describe_convention, read_train_csv, resolve_data, slug, split_by_patient)
+                     describe_convention, read_train_csv, resolve_data, slug, split_by_patient, uncertain_targets)
 from evaluation import PREDICTION_COLUMNS, auc, plot_curves
 from model import (ARCHS, HEAD_TYPES, HEAD_VARIANTS, N_STAGES, Checkpoint, build_model, load_pretrained, model_config,
                    set_frozen)
@@ -451,16 +451,17 @@ def prepare_job(names: list[str], folder: str, table: pd.DataFrame, is_val: np.n
                 rt: Runtime) -> Job | None:
     """Pick the rows labelled for any of `names` (and --view) on each side of the split and build
     the loaders; None (with one line) when either side is empty."""
-    targets_all = table[names].to_numpy(np.float32)
+    targets_all = table[names].to_numpy(np.float32)  # source labels: validation scores against these
+    train_all = uncertain_targets(targets_all, args.uncertain)  # --uncertain shapes training targets only
     labelled = ~np.isnan(targets_all).all(1)
     if args.view != "all":
         labelled &= (table["view"] == args.view).to_numpy()
-    tr, va = np.flatnonzero(labelled & ~is_val), np.flatnonzero(labelled & is_val)
+    tr, va = np.flatnonzero(labelled & ~np.isnan(train_all).all(1) & ~is_val), np.flatnonzero(labelled & is_val)
     label = " + ".join(names) if len(names) <= 3 else f"{len(names)} pathologies"
     if len(tr) == 0 or len(va) == 0:
         rt.log(f"skipping {label} (view {args.view}): {len(tr)} training and {len(va)} validation rows are labelled")
         return None
-    train_t, val_t = targets_all[tr], targets_all[va]
+    train_t, val_t = train_all[tr], targets_all[va]
     train_means = np.array([np.nanmean(train_t[:, k]) if (~np.isnan(train_t[:, k])).any() else 0.0
                             for k in range(len(names))])
     train_set = XrayDataset(sources, table["slot"].to_numpy()[tr], train_t)
@@ -667,7 +668,7 @@ def main(argv=None) -> list[dict]:
         if args.data_root is None:
             rt.log(f"no --data-root: using the demo dataset in {root} ({args.image_size}px, {args.epochs} epochs, "
                    f"batch {args.batch_size}, --weights {args.weights}); see README to train on real data")
-        table = read_train_csv(csv_path, args.uncertain, args.label_convention)
+        table = read_train_csv(csv_path, convention=args.label_convention)
         args.label_convention = table.attrs["label_convention"]  # what was used, in summary.json and checkpoints
         rt.log(describe_convention(args.label_convention, table.attrs["label_convention_how"]))
         names = check_pathologies(args.pathology, table.attrs["labels"])

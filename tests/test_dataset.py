@@ -15,7 +15,7 @@ from augment import flip_images
 from cache import ImageCache, build_cache, cache_folder, cached_table, derive_cache, load_image
 from common import UserError
 from dataset import (ALL_LABELS, CHEXPERT_LABELS, PATHOLOGIES, XrayDataset, read_test_csv, read_train_csv,
-                     split_by_patient)
+                     split_by_patient, uncertain_targets)
 
 CS156B_FRONT = ["Unnamed: 0.1", "Unnamed: 0", "Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"]
 STANFORD_FRONT = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"]
@@ -83,20 +83,25 @@ def test_full_size_chexpert_paths_are_not_stray(tmp_path):
 
 
 @pytest.mark.parametrize("policy, uncertain_to", [("keep", 0.0), ("ignore", np.nan), ("ones", 1.0), ("zeros", -1.0)])
-def test_uncertain_policies(tmp_path, policy, uncertain_to):
+def test_uncertain_policies_make_training_targets_from_source_labels(tmp_path, policy, uncertain_to):
     csv = write_csv(tmp_path / "train2023.csv", CS156B_FRONT + PATHOLOGIES, [
         cs156b_row(0, "train/pid1/study1/view1_frontal.jpg", labels=["1", "0", "-1", "", "0.0", "1.0", "-1.0", "", "0"]),
     ])
-    row = read_train_csv(csv, uncertain=policy).loc[0, PATHOLOGIES].to_numpy(np.float32)
+    source = read_train_csv(csv).loc[[0, 0], PATHOLOGIES].to_numpy(np.float32)  # (2, 9): the shape is kept
+    # the reader applies no policy: uncertain stays 0, as the leaderboard scores it
+    np.testing.assert_array_equal(source[0], np.array([1, 0, -1, np.nan, 0, 1, -1, np.nan, 0], np.float32))
+    targets = uncertain_targets(source, policy)
     u = np.float32(uncertain_to)
     # positives and negatives never change, blanks stay NaN (never filled), only 0 follows the policy
-    np.testing.assert_array_equal(row, np.array([1, u, -1, np.nan, u, 1, -1, np.nan, u], np.float32))
+    assert targets.shape == source.shape and targets.dtype == np.float32
+    np.testing.assert_array_equal(targets, np.array([[1, u, -1, np.nan, u, 1, -1, np.nan, u]] * 2, np.float32))
+    assert targets is not source and np.isnan(source[0, 3]) and source[0, 1] == 0  # a new array
+    assert uncertain_targets([0, 1, np.nan], policy).dtype == np.float64
 
 
-def test_unknown_uncertain_policy(tmp_path):
-    csv = write_csv(tmp_path / "t.csv", CS156B_FRONT + PATHOLOGIES, [cs156b_row(0, "train/pid1/study1/view1_frontal.jpg")])
+def test_unknown_uncertain_policy():
     with pytest.raises(UserError, match="unknown uncertain policy 'maybe'.*keep, ignore, ones, zeros"):
-        read_train_csv(csv, uncertain="maybe")
+        uncertain_targets(np.zeros(3), "maybe")
 
 
 def test_stray_and_missing_rows_are_counted(demo_root, tmp_path):
