@@ -20,6 +20,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -48,6 +49,9 @@ UNCERTAIN_POLICIES = ("keep", "ignore", "ones", "zeros")  # zeros = U-Zeros: unc
 LABEL_CONVENTIONS = ("auto", "cs156b", "chexpert")  # how a source CSV writes its labels (see detect_convention)
 LABEL_COUNT_COLUMNS = ["label", "positive", "uncertain", "negative", "blank"]
 STRAY_PREFIX = "CheXpert-v1.0/"  # rows in train2023.csv whose files do not exist
+# The default train CSV under a data root, in order of preference: the course's, then Stanford's
+# downsampled set, then its full-size one (their paths are relative to the folder holding them).
+TRAIN_CSVS = ("student_labels/train2023.csv", "CheXpert-v1.0-small/train.csv", "CheXpert-v1.0/train.csv")
 
 
 def slug(name: str, view: str = "all") -> str:
@@ -349,8 +353,8 @@ def add_label_convention_flag(p, what: str = "the CSV") -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Build (or finish) the grayscale uint8 image cache for one CSV.")
-    add_data_flags(p, "--csv", "CSV to cache (default: DATA_ROOT/student_labels/train2023.csv); "
-                   "a train CSV or an 'Id, Path' test CSV")
+    add_data_flags(p, "--csv", "CSV to cache (default: the first of DATA_ROOT/student_labels/train2023.csv, "
+                   "CheXpert-v1.0-small/train.csv, CheXpert-v1.0/train.csv); a train CSV or an 'Id, Path' test CSV")
     p.add_argument("--shard-size", type=int, default=SHARD_SIZE,
                    help="images per shard file of a new cache (only the layout: any size is found by every script)")
     add_label_convention_flag(p, "the train CSV")
@@ -366,12 +370,28 @@ def parse_args(argv=None):
     return args
 
 
-def resolve_data(data_root: Path | None, csv: Path | None, default_csv: str) -> tuple[Path, Path]:
-    """(data root, CSV): the demo dataset when data_root is None; errors name a missing path."""
+def find_train_csv(root: Path) -> Path:
+    """The first of TRAIN_CSVS under root; a UserError naming all of them when none exists."""
+    for rel in TRAIN_CSVS:
+        if (root / rel).is_file():
+            return root / rel
+    raise UserError(f"--data-root {root}: no train CSV found (looked for {', '.join(TRAIN_CSVS)}); "
+                    f"pass the CSV with --csv / --train-csv")
+
+
+def resolve_data(data_root: Path | None, csv: Path | None, default_csv: str,
+                 log: Callable[[str], None] = print) -> tuple[Path, Path]:
+    """(data root, CSV): the demo dataset when data_root is None; errors name a missing path.
+    csv None means DATA_ROOT/student_labels/<default_csv>, except for the train CSV
+    ('train2023.csv'): then the first of TRAIN_CSVS that exists (find_train_csv), named in one
+    line through `log`."""
     from demo import ensure_demo  # demo.py imports this module's names
     root = ensure_demo() if data_root is None else Path(data_root)
     if not root.is_dir():
         raise UserError(f"--data-root {root}: no such directory")
+    if csv is None and default_csv == Path(TRAIN_CSVS[0]).name:
+        csv = find_train_csv(root)
+        log(f"train CSV: {csv} (found under the data root; --csv / --train-csv to choose another)")
     csv = Path(csv) if csv is not None else root / "student_labels" / default_csv
     if not csv.is_file():
         raise UserError(f"{csv}: no such CSV file")

@@ -263,3 +263,48 @@ def test_stanford_csv_with_a_pandas_index_reads_as_stanford(tmp_path, capsys):
     assert out.rstrip().splitlines()[-1] == (
         "labels read as Stanford CheXpert (1 positive, 0 negative, -1 uncertain; detected from the paths "
         "(patient… folders), although the CSV has an 'Unnamed: 0' index column)")
+
+
+# ---------------------------------------------------------------------------------------------
+# --data-root alone on Stanford's layout
+
+def stanford_root(root, folder="CheXpert-v1.0-small"):
+    """A Stanford-layout data root: FOLDER/train.csv and a small JPEG for each of its rows."""
+    csv = stanford_csv(root / folder / "train.csv", prefix=folder)
+    for i in range(N_ROWS):
+        image = root / folder / "train" / f"patient{i + 1:05d}" / "study1" / "view1_frontal.jpg"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((20, 16), 40 * i, np.uint8)).save(image)
+    return csv
+
+
+def test_stanford_data_root_alone_finds_its_train_csv(tmp_path, capsys):
+    root = tmp_path / "chexpert"
+    csv = stanford_root(root)
+    dataset.main(["--data-root", str(root), "--image-size", "8", "--workers", "1", "--cache-dir", str(tmp_path / "cache")])
+    out = capsys.readouterr().out
+    assert f"train CSV: {csv}" in out.splitlines()[0]
+    assert f"{N_ROWS} ok, 0 missing" in out
+    assert table_rows(out)["Atelectasis"] == [1, 3, 1, 1]
+    assert out.rstrip().splitlines()[-1] == describe_convention("chexpert", "detected")
+
+
+def test_default_train_csv_prefers_cs156b_then_the_small_set(tmp_path, capsys):
+    root = tmp_path / "data"
+    root.mkdir()
+    with pytest.raises(UserError, match=re.escape(
+            f"--data-root {root}: no train CSV found (looked for student_labels/train2023.csv, "
+            f"CheXpert-v1.0-small/train.csv, CheXpert-v1.0/train.csv)")):
+        dataset.resolve_data(root, None, "train2023.csv")
+    full = stanford_csv(root / "CheXpert-v1.0" / "train.csv", prefix="CheXpert-v1.0")
+    assert dataset.resolve_data(root, None, "train2023.csv") == (root, full)
+    small = stanford_csv(root / "CheXpert-v1.0-small" / "train.csv")
+    assert dataset.resolve_data(root, None, "train2023.csv") == (root, small)
+    course = cs156b_csv(root / "student_labels" / "train2023.csv")
+    assert dataset.resolve_data(root, None, "train2023.csv") == (root, course)
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"train CSV: {course}")
+    # a CSV that is given is read as given, without the line; other defaults (test_ids.csv) as before
+    assert dataset.resolve_data(root, small, "train2023.csv") == (root, small)
+    with pytest.raises(UserError, match=re.escape(f"{root / 'student_labels' / 'test_ids.csv'}: no such CSV file")):
+        dataset.resolve_data(root, None, "test_ids.csv")
+    assert capsys.readouterr().out == ""
