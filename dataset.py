@@ -95,10 +95,26 @@ def _ids_from_paths(paths: pd.Series) -> tuple[pd.Series, pd.Series]:
     return patient, study
 
 
-def view_from_filename(paths: pd.Series) -> pd.Series:
-    """'…/view1_frontal.jpg' -> 'frontal' (test CSVs have no view column)."""
+def view_from_filename(paths: pd.Series, default: str | None = "frontal") -> pd.Series:
+    """'…/view1_frontal.jpg' -> 'frontal', '…/view2_Lateral.jpg' -> 'lateral' (test CSVs have no
+    view column); a name with neither gets `default` (None: NaN)."""
     v = paths.str.extract(r"_(frontal|lateral)\.\w+$", flags=re.IGNORECASE)[0].str.lower()
-    return v.fillna("frontal")
+    return v if default is None else v.fillna(default)
+
+
+_NO_VIEW = {"test": "no _frontal/_lateral in the file name",
+            "train": "no 'Frontal/Lateral' value and no _frontal/_lateral in the file name"}
+
+
+def views_from_filenames(paths: pd.Series, csv_path: Path, kind: str) -> pd.Series:
+    """view_from_filename, where a path that names no view is read as frontal and counted in one
+    warning naming a few (kind 'test' or 'train' words it): never routed as frontal without a word."""
+    views = view_from_filename(paths, default=None)
+    unnamed = paths[views.isna()]
+    if len(unnamed):
+        warnings.warn(f"{csv_path}: {len(unnamed)} {kind} images name no view ({_NO_VIEW[kind]}): treated as "
+                      f"frontal, e.g. {', '.join(unnamed[:3])}", stacklevel=3)
+    return views.fillna("frontal")
 
 
 _CONVENTION_TEXT = {"cs156b": "CS 156b (1 positive, 0 uncertain, -1 negative",
@@ -245,12 +261,10 @@ def read_train_csv(csv_path: Path, convention: str = "auto") -> pd.DataFrame:
 
     out = pd.DataFrame({"path": raw["Path"].str.strip()})
     out["patient"], out["study"] = _ids_from_paths(out["path"])
-    if "Frontal/Lateral" in raw.columns:
-        out["view"] = raw["Frontal/Lateral"].str.strip().str.lower()
-        bad = ~out["view"].isin(VIEWS)
-        out.loc[bad, "view"] = view_from_filename(out.loc[bad, "path"])
-    else:
-        out["view"] = view_from_filename(out["path"])
+    # the view column decides; the file name only where it is missing, blank or odd
+    out["view"] = raw.get("Frontal/Lateral", pd.Series("", index=raw.index)).str.strip().str.lower()
+    bad = ~out["view"].isin(VIEWS)
+    out.loc[bad, "view"] = views_from_filenames(out.loc[bad, "path"], csv_path, "train")
     for col in labels:
         out[col] = parse_label_column(raw, col, name, str(csv_path), line).astype(np.float32)
     out = out.reset_index(drop=True)
@@ -274,7 +288,7 @@ def read_test_csv(csv_path: Path) -> pd.DataFrame:
         raise UserError(f"{csv_path}: line {i + 2}: Id {int(ids[i])} appears more than once")
     out = pd.DataFrame({"Id": ids.astype(np.int64), "path": raw["Path"].str.strip()})
     out["patient"], out["study"] = _ids_from_paths(out["path"])
-    out["view"] = view_from_filename(out["path"])
+    out["view"] = views_from_filenames(out["path"], csv_path, "test")
     return out
 
 

@@ -3,6 +3,7 @@ cache (pixels, key, finishing a build), test CSVs, the Dataset, and every bad in
 import json
 import re
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -357,6 +358,44 @@ def test_read_test_csv_rejects_bad_ids(tmp_path):
     no_path = write_csv(tmp_path / "nopath.csv", ["Id", "File"], [[1, "a.jpg"]])
     with pytest.raises(UserError, match=r"nopath.csv: missing required column 'Path'"):
         read_test_csv(no_path)
+
+
+def no_view_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "name no view" in str(w.message)]
+
+
+def test_test_images_that_name_no_view_are_counted_in_one_warning(tmp_path):
+    csv = write_csv(tmp_path / "test_ids.csv", ["Id", "Path"], [
+        [1, "test/pid1/study1/view1_frontal.jpg"], [2, "test/pid1/study1/image2.jpg"],
+        [3, "test/pid2/study1/scan.png"], [4, "test/pid2/study1/view2_lateral.jpg"], [5, "test/pid3/study1/x.jpg"],
+    ])
+    with pytest.warns(UserWarning) as caught:
+        df = read_test_csv(csv)
+    assert no_view_warnings(caught) == [
+        f"{csv}: 3 test images name no view (no _frontal/_lateral in the file name): treated as frontal, "
+        f"e.g. test/pid1/study1/image2.jpg, test/pid2/study1/scan.png, test/pid3/study1/x.jpg"]
+    assert df["view"].tolist() == ["frontal", "frontal", "frontal", "lateral", "frontal"]
+
+
+def test_train_rows_warn_only_where_the_file_name_fallback_is_used(tmp_path):
+    """The Frontal/Lateral column decides; a blank or odd one falls back to the file name, and only
+    where that names no view either is the row counted."""
+    csv = write_csv(tmp_path / "train2023.csv", CS156B_FRONT + PATHOLOGIES, [
+        cs156b_row(0, "train/pid1/study1/image1.jpg", view="Lateral"),       # the column decides: no warning
+        cs156b_row(1, "train/pid1/study1/view2_lateral.jpg", view=""),      # the name tells
+        cs156b_row(2, "train/pid2/study1/image1.jpg", view="?"),            # neither tells
+    ])
+    with pytest.warns(UserWarning) as caught:
+        df = read_train_csv(csv)
+    assert no_view_warnings(caught) == [
+        f"{csv}: 1 train images name no view (no 'Frontal/Lateral' value and no _frontal/_lateral in the file "
+        f"name): treated as frontal, e.g. train/pid2/study1/image1.jpg"]
+    assert df["view"].tolist() == ["lateral", "lateral", "frontal"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read_train_csv(write_csv(tmp_path / "ok.csv", CS156B_FRONT + PATHOLOGIES,
+                                 [cs156b_row(0, "train/pid1/study1/image1.jpg", view="Frontal")]))
+    assert no_view_warnings(caught) == []
 
 
 # ---------------------------------------------------------------------------------------------
