@@ -272,21 +272,32 @@ def read_train_csv(csv_path: Path, convention: str = "auto") -> pd.DataFrame:
     return out
 
 
+def parse_ids(text: pd.Series, where: str) -> np.ndarray:
+    """A CSV's 'Id' column, read as text, -> int64 (N,): the one rule for Ids (test CSVs, --labels,
+    the written submission). Each must be an integer ('7' or '7.0') and appear once; otherwise a
+    UserError naming `where` (the file) and the line, row i being line i + 2 (the header is line 1)."""
+    text = pd.Series(text, dtype=object).reset_index(drop=True).astype(str)
+    values = pd.to_numeric(text.str.strip(), errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(values) | (values != np.round(values))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise UserError(f"{where}: line {i + 2}, column 'Id': {text[i]!r} is not an integer")
+    ids = values.astype(np.int64)
+    dup = pd.Series(ids).duplicated().to_numpy()
+    if dup.any():
+        i = int(np.argmax(dup))
+        first = int(np.argmax(ids == ids[i]))
+        raise UserError(f"{where}: line {i + 2}: Id {ids[i]} appears more than once (first on line {first + 2})")
+    return ids
+
+
 def read_test_csv(csv_path: Path) -> pd.DataFrame:
-    """Read an 'Id, Path' test CSV (test_ids.csv, solution_ids.csv). Returns columns Id (int), path,
-    patient, study, view; the view comes from the file name (viewN_frontal.jpg / viewN_lateral.jpg)."""
+    """Read an 'Id, Path' test CSV (test_ids.csv, solution_ids.csv). Returns columns Id (int64,
+    parse_ids), path, patient, study, view; the view comes from the file name (viewN_frontal.jpg /
+    viewN_lateral.jpg), frontal with one warning where it names none."""
     raw = read_csv_text(csv_path)
     _require(raw, ["Id", "Path"], csv_path)
-    ids = pd.to_numeric(raw["Id"].str.strip(), errors="coerce")
-    bad = ids.isna() | (ids != ids.round())
-    if bad.any():
-        i = bad.idxmax()
-        raise UserError(f"{csv_path}: line {i + 2}, column 'Id': {raw['Id'][i]!r} is not an integer")
-    dup = ids.duplicated()
-    if dup.any():
-        i = dup.idxmax()
-        raise UserError(f"{csv_path}: line {i + 2}: Id {int(ids[i])} appears more than once")
-    out = pd.DataFrame({"Id": ids.astype(np.int64), "path": raw["Path"].str.strip()})
+    out = pd.DataFrame({"Id": parse_ids(raw["Id"], str(csv_path)), "path": raw["Path"].str.strip()})
     out["patient"], out["study"] = _ids_from_paths(out["path"])
     out["view"] = views_from_filenames(out["path"], csv_path, "test")
     return out

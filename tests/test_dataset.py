@@ -6,6 +6,7 @@ import shutil
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -15,7 +16,7 @@ import socket
 from augment import flip_images
 from cache import ImageCache, build_cache, cache_folder, cached_table, derive_cache, load_image
 from common import UserError
-from dataset import (ALL_LABELS, CHEXPERT_LABELS, PATHOLOGIES, XrayDataset, read_test_csv, read_train_csv,
+from dataset import (ALL_LABELS, CHEXPERT_LABELS, PATHOLOGIES, XrayDataset, parse_ids, read_test_csv, read_train_csv,
                      split_by_patient, uncertain_targets)
 
 CS156B_FRONT = ["Unnamed: 0.1", "Unnamed: 0", "Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"]
@@ -358,6 +359,17 @@ def test_read_test_csv_rejects_bad_ids(tmp_path):
     no_path = write_csv(tmp_path / "nopath.csv", ["Id", "File"], [[1, "a.jpg"]])
     with pytest.raises(UserError, match=r"nopath.csv: missing required column 'Path'"):
         read_test_csv(no_path)
+
+
+def test_parse_ids_takes_integers_once_and_names_the_line():
+    ids = parse_ids(pd.Series(["1001", " 7 ", "20000.0"]), "f.csv")
+    assert ids.dtype == np.int64 and ids.tolist() == [1001, 7, 20000]
+    for cells, message in [(["1", "1.5"], "f.csv: line 3, column 'Id': '1.5' is not an integer"),
+                           (["1", ""], "f.csv: line 3, column 'Id': '' is not an integer"),
+                           (["inf"], "f.csv: line 2, column 'Id': 'inf' is not an integer"),
+                           (["3", "4", "3.0"], "f.csv: line 4: Id 3 appears more than once (first on line 2)")]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            parse_ids(pd.Series(cells), "f.csv")
 
 
 def no_view_warnings(caught) -> list[str]:
