@@ -1,13 +1,17 @@
-"""Data: the pathology names, both CSV layouts and their label conventions, the uncertain policy,
-patient splits, and the Dataset that serves training batches from the image cache (cache.py).
+"""Data: the pathology names, both CSV layouts and their label conventions (detected from the
+paths first), the uncertain policy (training targets only: read_train_csv returns the source
+labels, uncertain_targets makes training targets of them), Ids (parse_ids), patient splits, and the
+Dataset that serves training batches from the image cache (cache.py).
 
     python dataset.py --data-root DIR [--csv FILE] [--image-size N] [--cache-dir DIR] [--workers N]
     python dataset.py --csv FILE --labels-only [--label-convention auto|cs156b|chexpert]
 
 builds (or finishes) the image cache for one CSV and prints a summary, ending, for a train CSV, with
-the per-label counts (positive, uncertain, negative, blank on the project's scale) and the label
-convention it was read with. --labels-only prints just those counts and reads no image. With no
---data-root it uses the demo dataset, made on first use under ./demo_data (demo.py).
+the per-label counts (positive, uncertain, negative, blank on the project's scale: the source
+labels) and the label convention it was read with. --labels-only prints just those counts and reads
+no image. Without --csv it reads the first of TRAIN_CSVS under DATA_ROOT (the course's
+train2023.csv, else Stanford's train.csv) and says which. With no --data-root it uses the demo
+dataset, made on first use under ./demo_data (demo.py).
 
 torch is imported inside the functions that need it: `python dataset.py` on a complete cache then
 returns in well under a second, which matters when a SLURM array starts hundreds of jobs.
