@@ -281,7 +281,8 @@ def stanford_root(root, folder="CheXpert-v1.0-small"):
 def test_stanford_data_root_alone_finds_its_train_csv(tmp_path, capsys):
     root = tmp_path / "chexpert"
     csv = stanford_root(root)
-    dataset.main(["--data-root", str(root), "--image-size", "8", "--workers", "1", "--cache-dir", str(tmp_path / "cache")])
+    dataset.main(["--data-root", str(root), "--image-size", "8", "--workers", "1",
+                  "--cache-dir", str(tmp_path / "cache")])
     out = capsys.readouterr().out
     assert f"train CSV: {csv}" in out.splitlines()[0]
     assert f"{N_ROWS} ok, 0 missing" in out
