@@ -1,13 +1,17 @@
-"""Data: the pathology names, both CSV layouts and their label conventions, the uncertain policy,
-patient splits, and the Dataset that serves training batches from the image cache (cache.py).
+"""Data: the pathology names, both CSV layouts and their label conventions (detected from the
+paths first), the uncertain policy (training targets only: read_train_csv returns the source
+labels, uncertain_targets makes training targets of them), Ids (parse_ids), patient splits, and the
+Dataset that serves training batches from the image cache (cache.py).
 
     python dataset.py --data-root DIR [--csv FILE] [--image-size N] [--cache-dir DIR] [--workers N]
     python dataset.py --csv FILE --labels-only [--label-convention auto|cs156b|chexpert]
 
 builds (or finishes) the image cache for one CSV and prints a summary, ending, for a train CSV, with
-the per-label counts (positive, uncertain, negative, blank on the project's scale) and the label
-convention it was read with. --labels-only prints just those counts and reads no image. With no
---data-root it uses the demo dataset, made on first use under ./demo_data (demo.py).
+the per-label counts (positive, uncertain, negative, blank on the project's scale: the source
+labels) and the label convention it was read with. --labels-only prints just those counts and reads
+no image. Without --csv it reads the first of TRAIN_CSVS under DATA_ROOT (the course's
+train2023.csv, else Stanford's train.csv) and says which. With no --data-root it uses the demo
+dataset, made on first use under ./demo_data (demo.py).
 
 torch is imported inside the functions that need it: `python dataset.py` on a complete cache then
 returns in well under a second, which matters when a SLURM array starts hundreds of jobs.
@@ -20,6 +24,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -48,6 +53,9 @@ UNCERTAIN_POLICIES = ("keep", "ignore", "ones", "zeros")  # zeros = U-Zeros: unc
 LABEL_CONVENTIONS = ("auto", "cs156b", "chexpert")  # how a source CSV writes its labels (see detect_convention)
 LABEL_COUNT_COLUMNS = ["label", "positive", "uncertain", "negative", "blank"]
 STRAY_PREFIX = "CheXpert-v1.0/"  # rows in train2023.csv whose files do not exist
+# The default train CSV under a data root, in order of preference: the course's, then Stanford's
+# downsampled set, then its full-size one (their paths are relative to the folder holding them).
+TRAIN_CSVS = ("student_labels/train2023.csv", "CheXpert-v1.0-small/train.csv", "CheXpert-v1.0/train.csv")
 
 
 def slug(name: str, view: str = "all") -> str:
@@ -91,10 +99,26 @@ def _ids_from_paths(paths: pd.Series) -> tuple[pd.Series, pd.Series]:
     return patient, study
 
 
-def view_from_filename(paths: pd.Series) -> pd.Series:
-    """'…/view1_frontal.jpg' -> 'frontal' (test CSVs have no view column)."""
+def view_from_filename(paths: pd.Series, default: str | None = "frontal") -> pd.Series:
+    """'…/view1_frontal.jpg' -> 'frontal', '…/view2_Lateral.jpg' -> 'lateral' (test CSVs have no
+    view column); a name with neither gets `default` (None: NaN)."""
     v = paths.str.extract(r"_(frontal|lateral)\.\w+$", flags=re.IGNORECASE)[0].str.lower()
-    return v.fillna("frontal")
+    return v if default is None else v.fillna(default)
+
+
+_NO_VIEW = {"test": "no _frontal/_lateral in the file name",
+            "train": "no 'Frontal/Lateral' value and no _frontal/_lateral in the file name"}
+
+
+def views_from_filenames(paths: pd.Series, csv_path: Path, kind: str) -> pd.Series:
+    """view_from_filename, where a path that names no view is read as frontal and counted in one
+    warning naming a few (kind 'test' or 'train' words it): never routed as frontal without a word."""
+    views = view_from_filename(paths, default=None)
+    unnamed = paths[views.isna()]
+    if len(unnamed):
+        warnings.warn(f"{csv_path}: {len(unnamed)} {kind} images name no view ({_NO_VIEW[kind]}): treated as "
+                      f"frontal, e.g. {', '.join(unnamed[:3])}", stacklevel=3)
+    return views.fillna("frontal")
 
 
 _CONVENTION_TEXT = {"cs156b": "CS 156b (1 positive, 0 uncertain, -1 negative",
@@ -104,19 +128,14 @@ _CONVENTION_TEXT = {"cs156b": "CS 156b (1 positive, 0 uncertain, -1 negative",
 _CONVENTION_HOW = {"given": "set by --label-convention", "detected": "detected from the layout",
                    "default": "the layout does not tell, so assumed: "
                               "pass --label-convention chexpert if this is a Stanford CSV"}
+_PATH_EVIDENCE = {"cs156b": "pid… folders", "chexpert": "patient… folders"}
 
 
-
-
-def detect_convention(columns, paths) -> str | None:
-    """The label convention a CSV's layout implies, or None when it cannot tell.
-
-    Columns first: any 'Unnamed: …' index column means CS 156b ('cs156b'; Stanford's CSVs have
-    none). Otherwise the majority of paths: 'train/pid50512/…' is CS 156b, 'CheXpert-v1.0…/' or
-    'patient00001/…' is Stanford ('chexpert'). A few stray 'CheXpert-v1.0/' rows in a CS 156b file
-    do not outvote its own; no paths, or as many of each, is None."""
-    if any(str(c).startswith("Unnamed") for c in columns):
-        return "cs156b"
+def convention_from_paths(paths) -> str | None:
+    """The convention the majority of paths implies: 'train/pid50512/…' is CS 156b ('cs156b'),
+    'CheXpert-v1.0…/' or 'patient00001/…' Stanford ('chexpert'); None when no path is of either
+    kind or as many are of each. A few stray 'CheXpert-v1.0/' rows of train2023.csv do not outvote
+    its own paths."""
     paths = pd.Series(list(paths), dtype=object).astype(str).str.strip()
     n_cs156b = int(paths.str.contains(r"(?:^|/)pid\d+/").sum())
     n_chexpert = int(paths.str.contains(r"^CheXpert-v1\.0|(?:^|/)patient\d+/").sum())
@@ -125,21 +144,45 @@ def detect_convention(columns, paths) -> str | None:
     return "cs156b" if n_cs156b > n_chexpert else "chexpert"
 
 
+def index_column(columns) -> str | None:
+    """The first 'Unnamed: …' column (an index pandas wrote, as in train2023.csv), or None."""
+    return next((str(c) for c in columns if str(c).startswith("Unnamed")), None)
+
+
+def detect_convention(columns, paths) -> str | None:
+    """The label convention a CSV's layout implies, or None when it cannot tell.
+
+    The paths decide when they tell (convention_from_paths). Only when they do not do the columns:
+    an 'Unnamed: …' index column means CS 156b. It is weak evidence, since any CSV that pandas
+    saved with its default to_csv(index=True) has one, Stanford's too."""
+    return convention_from_paths(paths) or ("cs156b" if index_column(columns) else None)
+
+
 def choose_convention(convention: str, columns, paths) -> tuple[str, str]:
     """(name, how) for a CSV: an explicit 'cs156b' / 'chexpert' wins (how 'given'); 'auto' detects
-    it from the layout ('detected'), falling back to 'cs156b' when the layout cannot tell ('default')."""
+    it from the layout ('detected'), falling back to 'cs156b' when the layout cannot tell ('default').
+    When the paths overrule an index column, how is instead the phrase saying so (for
+    describe_convention): "detected from the paths (patient… folders), although the CSV has an
+    'Unnamed: 0' index column"."""
     if convention not in LABEL_CONVENTIONS:
         raise UserError(f"unknown label convention {convention!r} (choose from {', '.join(LABEL_CONVENTIONS)})")
     if convention != "auto":
         return convention, "given"
     found = detect_convention(columns, paths)
-    return (found, "detected") if found else ("cs156b", "default")
+    if found is None:
+        return "cs156b", "default"
+    index = index_column(columns)
+    if found == "chexpert" and index:
+        return found, (f"detected from the paths ({_PATH_EVIDENCE[found]}), "
+                       f"although the CSV has an '{index}' index column")
+    return found, "detected"
 
 
 def describe_convention(name: str, how: str = "detected") -> str:
     """One line for people, e.g. 'labels read as Stanford CheXpert (1 positive, 0 negative,
-    -1 uncertain; detected from the layout)'."""
-    return f"labels read as {_CONVENTION_TEXT[name]}; {_CONVENTION_HOW[how]})"
+    -1 uncertain; detected from the layout)'. how: 'given', 'detected', 'default', or a phrase of
+    choose_convention's, written as it is."""
+    return f"labels read as {_CONVENTION_TEXT[name]}; {_CONVENTION_HOW.get(how, how)})"
 
 
 def to_internal_labels(values: np.ndarray, convention: str) -> np.ndarray:
@@ -168,8 +211,8 @@ def parse_label_column(raw: pd.DataFrame, col: str, convention: str, where: str,
 
 def label_counts(df: pd.DataFrame) -> list[dict]:
     """Per label column of a table from read_train_csv (df.attrs['labels']): how many rows are
-    positive (1), uncertain (0), negative (-1) and blank (NaN), on the project's scale, that is
-    after the convention mapping and the uncertain policy. Rows have LABEL_COUNT_COLUMNS."""
+    positive (1), uncertain (0), negative (-1) and blank (NaN), on the project's scale (the source
+    labels after the convention mapping; no uncertain policy). Rows have LABEL_COUNT_COLUMNS."""
     rows = []
     for name in df.attrs["labels"]:
         v = df[name].to_numpy(np.float64)
@@ -178,20 +221,31 @@ def label_counts(df: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def read_train_csv(csv_path: Path, uncertain: str = "keep", convention: str = "auto") -> pd.DataFrame:
+def uncertain_targets(values: np.ndarray, policy: str) -> np.ndarray:
+    """Training targets from source labels on the project's scale (1, 0 uncertain, -1, NaN blank):
+    the uncertain 0 becomes 0 (keep), NaN (ignore: masked like a blank), 1 (ones) or -1 (zeros).
+    values: any shape, float; returns a new float array of that shape (float64 unless values is
+    floating already). Only training targets: validation and scoring keep the source labels."""
+    if policy not in UNCERTAIN_POLICIES:
+        raise UserError(f"unknown uncertain policy {policy!r} (choose from {', '.join(UNCERTAIN_POLICIES)})")
+    values = np.asarray(values)
+    out = values.astype(values.dtype if np.issubdtype(values.dtype, np.floating) else np.float64, copy=True)
+    out[out == 0.0] = {"keep": 0.0, "ignore": np.nan, "ones": 1.0, "zeros": -1.0}[policy]
+    return out
+
+
+def read_train_csv(csv_path: Path, convention: str = "auto") -> pd.DataFrame:
     """Read a CS 156b train2023.csv or a Stanford CheXpert train.csv/valid.csv.
 
     Returns one row per image with columns path, patient, study, view and one float32 column per
-    label (those after 'AP/PA' in the header) on [-1, 1], NaN = blank (never filled). The labels are
-    first mapped onto the project's scale (1 positive, 0 uncertain, -1 negative) from the source's
-    convention: `convention` 'cs156b' or 'chexpert', or 'auto' to detect it (choose_convention).
-    Then the uncertain policy maps the uncertain 0: keep (0), ignore (NaN), ones (1), zeros (-1).
+    label (those after 'AP/PA' in the header): the SOURCE labels on the project's scale, 1 positive,
+    0 uncertain, -1 negative, NaN blank (never filled), mapped from the source's convention:
+    `convention` 'cs156b' or 'chexpert', or 'auto' to detect it (choose_convention). No uncertain
+    policy is applied: uncertain_targets makes training targets from these.
     df.attrs: 'labels' lists the label columns; 'label_convention' the convention used and
     'label_convention_how' how it was chosen (describe_convention makes a line of the two);
     'n_stray' counts the stray 'CheXpert-v1.0/…' rows of train2023.csv, dropped with one warning
     (a CSV whose every path starts so, Stanford's full-size set, has none)."""
-    if uncertain not in UNCERTAIN_POLICIES:
-        raise UserError(f"unknown uncertain policy {uncertain!r} (choose from {', '.join(UNCERTAIN_POLICIES)})")
     raw = read_csv_text(csv_path)
     name, how = choose_convention(convention, raw.columns, raw["Path"] if "Path" in raw.columns else [])
     _require(raw, ["Path", "AP/PA"], csv_path)
@@ -211,39 +265,45 @@ def read_train_csv(csv_path: Path, uncertain: str = "keep", convention: str = "a
 
     out = pd.DataFrame({"path": raw["Path"].str.strip()})
     out["patient"], out["study"] = _ids_from_paths(out["path"])
-    if "Frontal/Lateral" in raw.columns:
-        out["view"] = raw["Frontal/Lateral"].str.strip().str.lower()
-        bad = ~out["view"].isin(VIEWS)
-        out.loc[bad, "view"] = view_from_filename(out.loc[bad, "path"])
-    else:
-        out["view"] = view_from_filename(out["path"])
-    mapping = {"keep": 0.0, "ignore": np.nan, "ones": 1.0, "zeros": -1.0}[uncertain]
+    # the view column decides; the file name only where it is missing, blank or odd
+    out["view"] = raw.get("Frontal/Lateral", pd.Series("", index=raw.index)).str.strip().str.lower()
+    bad = ~out["view"].isin(VIEWS)
+    out.loc[bad, "view"] = views_from_filenames(out.loc[bad, "path"], csv_path, "train")
     for col in labels:
-        values = parse_label_column(raw, col, name, str(csv_path), line)
-        values = np.where(values == 0.0, mapping, values) if uncertain != "keep" else values
-        out[col] = values.astype(np.float32)
+        out[col] = parse_label_column(raw, col, name, str(csv_path), line).astype(np.float32)
     out = out.reset_index(drop=True)
     out.attrs.update(labels=labels, n_stray=n_stray, label_convention=name, label_convention_how=how)
     return out
 
 
+def parse_ids(text: pd.Series, where: str) -> np.ndarray:
+    """A CSV's 'Id' column, read as text, -> int64 (N,): the one rule for Ids (test CSVs, --labels,
+    the written submission). Each must be an integer ('7' or '7.0') and appear once; otherwise a
+    UserError naming `where` (the file) and the line, row i being line i + 2 (the header is line 1)."""
+    text = pd.Series(text, dtype=object).reset_index(drop=True).astype(str)
+    values = pd.to_numeric(text.str.strip(), errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(values) | (values != np.round(values))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise UserError(f"{where}: line {i + 2}, column 'Id': {text[i]!r} is not an integer")
+    ids = values.astype(np.int64)
+    dup = pd.Series(ids).duplicated().to_numpy()
+    if dup.any():
+        i = int(np.argmax(dup))
+        first = int(np.argmax(ids == ids[i]))
+        raise UserError(f"{where}: line {i + 2}: Id {ids[i]} appears more than once (first on line {first + 2})")
+    return ids
+
+
 def read_test_csv(csv_path: Path) -> pd.DataFrame:
-    """Read an 'Id, Path' test CSV (test_ids.csv, solution_ids.csv). Returns columns Id (int), path,
-    patient, study, view; the view comes from the file name (viewN_frontal.jpg / viewN_lateral.jpg)."""
+    """Read an 'Id, Path' test CSV (test_ids.csv, solution_ids.csv). Returns columns Id (int64,
+    parse_ids), path, patient, study, view; the view comes from the file name (viewN_frontal.jpg /
+    viewN_lateral.jpg), frontal with one warning where it names none."""
     raw = read_csv_text(csv_path)
     _require(raw, ["Id", "Path"], csv_path)
-    ids = pd.to_numeric(raw["Id"].str.strip(), errors="coerce")
-    bad = ids.isna() | (ids != ids.round())
-    if bad.any():
-        i = bad.idxmax()
-        raise UserError(f"{csv_path}: line {i + 2}, column 'Id': {raw['Id'][i]!r} is not an integer")
-    dup = ids.duplicated()
-    if dup.any():
-        i = dup.idxmax()
-        raise UserError(f"{csv_path}: line {i + 2}: Id {int(ids[i])} appears more than once")
-    out = pd.DataFrame({"Id": ids.astype(np.int64), "path": raw["Path"].str.strip()})
+    out = pd.DataFrame({"Id": parse_ids(raw["Id"], str(csv_path)), "path": raw["Path"].str.strip()})
     out["patient"], out["study"] = _ids_from_paths(out["path"])
-    out["view"] = view_from_filename(out["path"])
+    out["view"] = views_from_filenames(out["path"], csv_path, "test")
     return out
 
 
@@ -312,13 +372,6 @@ class XrayDataset:
         return tuple(t[0] for t in out) if single else out
 
 
-# (interim: wt-data and wt-calib bring these two)
-def uncertain_targets(values: np.ndarray, policy: str) -> np.ndarray:
-    mapping = {"keep": 0.0, "ignore": np.nan, "ones": 1.0, "zeros": -1.0}[policy]
-    values = np.asarray(values, dtype=np.float64)
-    return np.where(values == 0.0, mapping, values)
-
-
 def patient_folds(groups, k: int, seed: int, labelled=None) -> np.ndarray:
     patients, inv = np.unique(np.asarray(groups), return_inverse=True)
     order = np.random.default_rng(seed).permutation(len(patients))
@@ -337,8 +390,8 @@ def add_label_convention_flag(p, what: str = "the CSV") -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Build (or finish) the grayscale uint8 image cache for one CSV.")
-    add_data_flags(p, "--csv", "CSV to cache (default: DATA_ROOT/student_labels/train2023.csv); "
-                   "a train CSV or an 'Id, Path' test CSV")
+    add_data_flags(p, "--csv", "CSV to cache (default: the first of DATA_ROOT/student_labels/train2023.csv, "
+                   "CheXpert-v1.0-small/train.csv, CheXpert-v1.0/train.csv); a train CSV or an 'Id, Path' test CSV")
     p.add_argument("--shard-size", type=int, default=SHARD_SIZE,
                    help="images per shard file of a new cache (only the layout: any size is found by every script)")
     add_label_convention_flag(p, "the train CSV")
@@ -354,12 +407,28 @@ def parse_args(argv=None):
     return args
 
 
-def resolve_data(data_root: Path | None, csv: Path | None, default_csv: str) -> tuple[Path, Path]:
-    """(data root, CSV): the demo dataset when data_root is None; errors name a missing path."""
+def find_train_csv(root: Path) -> Path:
+    """The first of TRAIN_CSVS under root; a UserError naming all of them when none exists."""
+    for rel in TRAIN_CSVS:
+        if (root / rel).is_file():
+            return root / rel
+    raise UserError(f"--data-root {root}: no train CSV found (looked for {', '.join(TRAIN_CSVS)}); "
+                    f"pass the CSV with --csv / --train-csv")
+
+
+def resolve_data(data_root: Path | None, csv: Path | None, default_csv: str,
+                 log: Callable[[str], None] = print) -> tuple[Path, Path]:
+    """(data root, CSV): the demo dataset when data_root is None; errors name a missing path.
+    csv None means DATA_ROOT/student_labels/<default_csv>, except for the train CSV
+    ('train2023.csv'): then the first of TRAIN_CSVS that exists (find_train_csv), named in one
+    line through `log`."""
     from demo import ensure_demo  # demo.py imports this module's names
     root = ensure_demo() if data_root is None else Path(data_root)
     if not root.is_dir():
         raise UserError(f"--data-root {root}: no such directory")
+    if csv is None and default_csv == Path(TRAIN_CSVS[0]).name:
+        csv = find_train_csv(root)
+        log(f"train CSV: {csv} (found under the data root; --csv / --train-csv to choose another)")
     csv = Path(csv) if csv is not None else root / "student_labels" / default_csv
     if not csv.is_file():
         raise UserError(f"{csv}: no such CSV file")

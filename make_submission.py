@@ -59,7 +59,8 @@ from augment import flip_images
 from cache import cached_table
 from common import UserError, atomic_write, default_workers, format_table, run_cli
 from dataset import (LABEL_CONVENTIONS, PATHOLOGIES, VIEWS, choose_convention, describe_convention,
-                     parse_label_column, read_csv_text, read_header, read_test_csv, read_train_csv, resolve_data)
+                     parse_ids, parse_label_column, read_csv_text, read_header, read_test_csv, read_train_csv,
+                     resolve_data)
 from calibration import apply_blend
 from evaluation import METRIC_COLUMNS, evaluate, metrics_rows, plot_evaluation, write_metrics
 from calibration import apply_calibration
@@ -299,7 +300,7 @@ def read_inputs(args) -> tuple[Path, Path, pd.DataFrame, pd.DataFrame | None, bo
             raise UserError(f"--labels {args.labels} is a labelled CSV with 'Path': its own images are predicted; "
                             f"drop --test-csv, or give --labels an 'Id' + label-columns CSV for the test CSV")
         root, csv_path = resolve_data(args.data_root, args.labels, "")
-        table = read_train_csv(csv_path, "keep", args.label_convention)
+        table = read_train_csv(csv_path, convention=args.label_convention)
         print(f"--labels {csv_path}: "
               + describe_convention(table.attrs["label_convention"], table.attrs["label_convention_how"]))
         test = table[["path", "patient", "study", "view"]].copy()
@@ -326,7 +327,7 @@ def is_training_layout(path: Path) -> bool:
 def read_id_labels(path: Path, convention: str) -> pd.DataFrame:
     """An 'Id' + label-columns CSV (other columns ignored) -> float64 labels indexed by Id, one column
     per submission column it has, mapped from its convention onto the project's scale (1 positive,
-    0 uncertain, -1 negative, NaN blank). Errors name the line and column of a bad value."""
+    0 uncertain, -1 negative, NaN blank). Errors name the line and column of a bad value or Id (parse_ids)."""
     header = read_header(path, "--labels ")
     names = [n for n in PATHOLOGIES if n in header]
     if "Id" not in header or not names:
@@ -334,16 +335,12 @@ def read_id_labels(path: Path, convention: str) -> pd.DataFrame:
                         f"({', '.join(PATHOLOGIES)}), or 'Path' and 'AP/PA' columns (a training layout); "
                         f"has: {', '.join(header)}")
     raw = read_csv_text(path, "--labels ")
-    ids = pd.to_numeric(raw["Id"].str.strip(), errors="coerce")
-    bad = ids.isna() | (ids != ids.round()) | ids.duplicated()
-    if bad.any():
-        i = bad.idxmax()
-        raise UserError(f"--labels {path}: line {i + 2}, column 'Id': {raw['Id'][i]!r} is not an integer or repeats one")
+    ids = parse_ids(raw["Id"], f"--labels {path}")
     convention, how = choose_convention(convention, header, raw["Path"] if "Path" in header else [])
     print(f"--labels {path}: {describe_convention(convention, how)}")
     line = pd.Series(raw.index + 2, index=raw.index)  # header is line 1
     out = {col: parse_label_column(raw, col, convention, f"--labels {path}", line) for col in names}
-    return pd.DataFrame(out, index=ids.astype(np.int64).to_numpy())
+    return pd.DataFrame(out, index=ids)
 
 
 def decode_images(test: pd.DataFrame, keys: set, root: Path, name: str, args,
@@ -465,17 +462,16 @@ def fuse_studies(values: np.ndarray, studies: np.ndarray) -> np.ndarray:
 
 def check_submission(path: Path, ids) -> None:
     """The CSV at path is a valid submission for these test Ids: exact header, every Id once and no
-    other (any order), every value finite and in [-1, 1]. Raises UserError saying what is wrong."""
+    other (any order; Ids as parse_ids reads them), every value finite and in [-1, 1]. Raises
+    UserError saying what is wrong, and where."""
     with open(path) as f:
         header = f.readline().rstrip("\r\n")
     if header != HEADER:
         raise UserError(f"{path}: header is {header!r}, expected {HEADER!r}")
-    df = pd.read_csv(path)
-    got = pd.to_numeric(df["Id"], errors="coerce")
-    if got.isna().any() or got.duplicated().any():
-        raise UserError(f"{path}: Ids are not unique integers")
+    df = pd.read_csv(path, converters={"Id": str})
+    got = set(parse_ids(df["Id"], str(path)).tolist())
     want = set(int(i) for i in ids)
-    extra, missing = set(got.astype(np.int64)) - want, want - set(got.astype(np.int64))
+    extra, missing = got - want, want - got
     if extra or missing:
         raise UserError(f"{path}: {len(missing)} test Ids missing (e.g. {sorted(missing)[:3]}) and "
                         f"{len(extra)} extra (e.g. {sorted(extra)[:3]})")

@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("data")
     g.add_argument("--data-root", type=Path, help="dataset root; none: the demo dataset in ./demo_data, made on first use")
     g.add_argument("--train-csv", type=Path, help="training CSV (default DATA_ROOT/student_labels/train2023.csv, or "
-                   "Stanford's CheXpert-v1.0-small/train.csv under DATA_ROOT)")
+                   "Stanford's CheXpert-v1.0-small/train.csv or CheXpert-v1.0/train.csv under DATA_ROOT)")
     g.add_argument("--image-size", type=int, help="side of the square input, px (default 224; 64 on the demo data)")
     g.add_argument("--square", choices=SQUARE_MODES, default="resize", help="how non-square images are made square")
     g.add_argument("--cache-dir", type=Path, default=Path("cache"), help="image cache folder (never under the data root)")
@@ -323,16 +323,18 @@ def prepare_job(names: list[str], folder: Path, table: pd.DataFrame, is_val: np.
     loaders; None (with one line) when either side is empty. Validation keeps the source labels;
     the --uncertain policy applies to the training targets only."""
     source = table[names].to_numpy(np.float32)
+    targets = uncertain_targets(source, args.uncertain).astype(np.float32)
     labelled = ~np.isnan(source).all(1)
     if args.view != "all":
         labelled &= (table["view"] == args.view).to_numpy()
-    tr, va = np.flatnonzero(labelled & ~is_val), np.flatnonzero(labelled & is_val)
+    # a training row needs a target after the policy (--uncertain ignore masks uncertain-only rows)
+    tr, va = np.flatnonzero(labelled & ~np.isnan(targets).all(1) & ~is_val), np.flatnonzero(labelled & is_val)
     label = (" + ".join(names) if len(names) <= 3 else f"{len(names)} pathologies") + (
         f" fold {split['fold']}" if "fold" in split else "")
     if len(tr) == 0 or len(va) == 0:
         rt.log(f"skipping {label} (view {args.view}): {len(tr)} training and {len(va)} validation rows are labelled")
         return None
-    train_t = uncertain_targets(source[tr], args.uncertain).astype(np.float32)
+    train_t = targets[tr]
     train_means = np.array([np.nanmean(c) if (~np.isnan(c)).any() else 0.0 for c in train_t.T])
     slots = table["slot"].to_numpy()
     train_set = XrayDataset(sources, slots[tr], train_t)
@@ -685,11 +687,11 @@ def load_data(args, rt: Runtime) -> tuple[pd.DataFrame, list]:
     copies). Under torchrun every process gets its data ready on its own, before the process group:
     the first to need the demo data or the cache makes it, the others wait on the files, never in a
     collective whose timeout a long cache build would outlast."""
-    root, csv_path = resolve_data(args.data_root, args.train_csv, "train2023.csv")
+    root, csv_path = resolve_data(args.data_root, args.train_csv, "train2023.csv", log=rt.log)
     if args.data_root is None:
         rt.log(f"no --data-root: using the demo dataset in {root} ({args.image_size}px, {args.epochs} epochs, "
                f"batch {args.batch_size}, --weights {args.weights}); see README to train on real data")
-    table = read_train_csv(csv_path, "keep", args.label_convention)
+    table = read_train_csv(csv_path, convention=args.label_convention)
     args.label_convention = table.attrs["label_convention"]  # what was used, in summary.json and checkpoints
     rt.log(describe_convention(args.label_convention, table.attrs["label_convention_how"]))
     table, cache = cached_table(table, root, args.image_size, args.cache_dir, csv_path.stem, args.square,

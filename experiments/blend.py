@@ -158,7 +158,7 @@ def pathology_frame(name: str, members: list[Member], tables: dict[str, pd.DataF
     """One row per validation image any member predicts for this pathology: path, patient, study,
     view, target, and one column per member (its raw prediction, NaN where it has none: its own
     calibration map was fitted on these rows, so the blend calibrates in-fold instead).
-    Members disagreeing on a label (different uncertain policies?) is an error."""
+    Members disagreeing on a label (other CSVs or label conventions?) is an error."""
     out = None
     for m in members:
         df = tables[m.name]
@@ -171,7 +171,7 @@ def pathology_frame(name: str, members: list[Member], tables: dict[str, pd.DataF
             clash = both & (out["target"].reindex(df.index) != df["target"])
             if clash.any():
                 raise UserError(f"{name}: {m.name} has other labels than {members[0].name} for {int(clash.sum())} "
-                                f"images (e.g. {clash[clash].index[0]}): trained with different --uncertain policies?")
+                                f"images (e.g. {clash[clash].index[0]}): trained on other CSVs or --label-convention?")
             out = out.combine_first(cols)
         out[m.name] = df["raw"]
     out = out.reindex(columns=["patient", "study", "view", "target", *[m.name for m in members]])

@@ -31,7 +31,8 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     """The flags every augmentation script takes: the same ones that key the base cache in train.py."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--data-root", type=Path, help="dataset root (default: the demo dataset in ./demo_data)")
-    p.add_argument("--csv", type=Path, help="training CSV (default: DATA_ROOT/student_labels/train2023.csv)")
+    p.add_argument("--csv", type=Path, help="training CSV (default: the first of DATA_ROOT/student_labels/"
+                   "train2023.csv, CheXpert-v1.0-small/train.csv, CheXpert-v1.0/train.csv)")
     p.add_argument("--image-size", type=int, help="side of the cached images, px (default 224; 64 on the demo "
                    "data, as in train.py)")
     p.add_argument("--square", choices=SQUARE_MODES, default="resize", help="how non-square images are made square")

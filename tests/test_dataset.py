@@ -3,8 +3,10 @@ cache (pixels, key, finishing a build), test CSVs, the Dataset, and every bad in
 import json
 import re
 import shutil
+import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -14,8 +16,8 @@ import socket
 from augment import flip_images
 from cache import ImageCache, build_cache, cache_folder, cached_table, derive_cache, load_image
 from common import UserError
-from dataset import (ALL_LABELS, CHEXPERT_LABELS, PATHOLOGIES, XrayDataset, read_test_csv, read_train_csv,
-                     split_by_patient)
+from dataset import (ALL_LABELS, CHEXPERT_LABELS, PATHOLOGIES, XrayDataset, parse_ids, read_test_csv, read_train_csv,
+                     split_by_patient, uncertain_targets)
 
 CS156B_FRONT = ["Unnamed: 0.1", "Unnamed: 0", "Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"]
 STANFORD_FRONT = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"]
@@ -83,20 +85,25 @@ def test_full_size_chexpert_paths_are_not_stray(tmp_path):
 
 
 @pytest.mark.parametrize("policy, uncertain_to", [("keep", 0.0), ("ignore", np.nan), ("ones", 1.0), ("zeros", -1.0)])
-def test_uncertain_policies(tmp_path, policy, uncertain_to):
+def test_uncertain_policies_make_training_targets_from_source_labels(tmp_path, policy, uncertain_to):
     csv = write_csv(tmp_path / "train2023.csv", CS156B_FRONT + PATHOLOGIES, [
         cs156b_row(0, "train/pid1/study1/view1_frontal.jpg", labels=["1", "0", "-1", "", "0.0", "1.0", "-1.0", "", "0"]),
     ])
-    row = read_train_csv(csv, uncertain=policy).loc[0, PATHOLOGIES].to_numpy(np.float32)
+    source = read_train_csv(csv).loc[[0, 0], PATHOLOGIES].to_numpy(np.float32)  # (2, 9): the shape is kept
+    # the reader applies no policy: uncertain stays 0, as the leaderboard scores it
+    np.testing.assert_array_equal(source[0], np.array([1, 0, -1, np.nan, 0, 1, -1, np.nan, 0], np.float32))
+    targets = uncertain_targets(source, policy)
     u = np.float32(uncertain_to)
     # positives and negatives never change, blanks stay NaN (never filled), only 0 follows the policy
-    np.testing.assert_array_equal(row, np.array([1, u, -1, np.nan, u, 1, -1, np.nan, u], np.float32))
+    assert targets.shape == source.shape and targets.dtype == np.float32
+    np.testing.assert_array_equal(targets, np.array([[1, u, -1, np.nan, u, 1, -1, np.nan, u]] * 2, np.float32))
+    assert targets is not source and np.isnan(source[0, 3]) and source[0, 1] == 0  # a new array
+    assert uncertain_targets([0, 1, np.nan], policy).dtype == np.float64
 
 
-def test_unknown_uncertain_policy(tmp_path):
-    csv = write_csv(tmp_path / "t.csv", CS156B_FRONT + PATHOLOGIES, [cs156b_row(0, "train/pid1/study1/view1_frontal.jpg")])
+def test_unknown_uncertain_policy():
     with pytest.raises(UserError, match="unknown uncertain policy 'maybe'.*keep, ignore, ones, zeros"):
-        read_train_csv(csv, uncertain="maybe")
+        uncertain_targets(np.zeros(3), "maybe")
 
 
 def test_stray_and_missing_rows_are_counted(demo_root, tmp_path):
@@ -352,6 +359,55 @@ def test_read_test_csv_rejects_bad_ids(tmp_path):
     no_path = write_csv(tmp_path / "nopath.csv", ["Id", "File"], [[1, "a.jpg"]])
     with pytest.raises(UserError, match=r"nopath.csv: missing required column 'Path'"):
         read_test_csv(no_path)
+
+
+def test_parse_ids_takes_integers_once_and_names_the_line():
+    ids = parse_ids(pd.Series(["1001", " 7 ", "20000.0"]), "f.csv")
+    assert ids.dtype == np.int64 and ids.tolist() == [1001, 7, 20000]
+    for cells, message in [(["1", "1.5"], "f.csv: line 3, column 'Id': '1.5' is not an integer"),
+                           (["1", ""], "f.csv: line 3, column 'Id': '' is not an integer"),
+                           (["inf"], "f.csv: line 2, column 'Id': 'inf' is not an integer"),
+                           (["3", "4", "3.0"], "f.csv: line 4: Id 3 appears more than once (first on line 2)")]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            parse_ids(pd.Series(cells), "f.csv")
+
+
+def no_view_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "name no view" in str(w.message)]
+
+
+def test_test_images_that_name_no_view_are_counted_in_one_warning(tmp_path):
+    csv = write_csv(tmp_path / "test_ids.csv", ["Id", "Path"], [
+        [1, "test/pid1/study1/view1_frontal.jpg"], [2, "test/pid1/study1/image2.jpg"],
+        [3, "test/pid2/study1/scan.png"], [4, "test/pid2/study1/view2_lateral.jpg"], [5, "test/pid3/study1/x.jpg"],
+    ])
+    with pytest.warns(UserWarning) as caught:
+        df = read_test_csv(csv)
+    assert no_view_warnings(caught) == [
+        f"{csv}: 3 test images name no view (no _frontal/_lateral in the file name): treated as frontal, "
+        f"e.g. test/pid1/study1/image2.jpg, test/pid2/study1/scan.png, test/pid3/study1/x.jpg"]
+    assert df["view"].tolist() == ["frontal", "frontal", "frontal", "lateral", "frontal"]
+
+
+def test_train_rows_warn_only_where_the_file_name_fallback_is_used(tmp_path):
+    """The Frontal/Lateral column decides; a blank or odd one falls back to the file name, and only
+    where that names no view either is the row counted."""
+    csv = write_csv(tmp_path / "train2023.csv", CS156B_FRONT + PATHOLOGIES, [
+        cs156b_row(0, "train/pid1/study1/image1.jpg", view="Lateral"),       # the column decides: no warning
+        cs156b_row(1, "train/pid1/study1/view2_lateral.jpg", view=""),      # the name tells
+        cs156b_row(2, "train/pid2/study1/image1.jpg", view="?"),            # neither tells
+    ])
+    with pytest.warns(UserWarning) as caught:
+        df = read_train_csv(csv)
+    assert no_view_warnings(caught) == [
+        f"{csv}: 1 train images name no view (no 'Frontal/Lateral' value and no _frontal/_lateral in the file "
+        f"name): treated as frontal, e.g. train/pid2/study1/image1.jpg"]
+    assert df["view"].tolist() == ["lateral", "lateral", "frontal"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read_train_csv(write_csv(tmp_path / "ok.csv", CS156B_FRONT + PATHOLOGIES,
+                                 [cs156b_row(0, "train/pid1/study1/image1.jpg", view="Frontal")]))
+    assert no_view_warnings(caught) == []
 
 
 # ---------------------------------------------------------------------------------------------

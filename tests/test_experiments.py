@@ -161,7 +161,9 @@ def test_flipped_pixels_are_the_source_flipped(demo_root, tmp_path, capsys):
     base = cache_module.ImageCache(copy.folder.with_name(copy.folder.name.split("+")[0]))
     assert copy.folder.name == base.folder.name + "+flip" and copy.paths == base.paths
     assert torch.equal(_all(copy), _all(base).flip(-1)) and not torch.equal(_all(copy), _all(base))
-    assert f"copy       {copy.folder}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"copy       {copy.folder}" in out
+    assert f"train CSV: {demo_root / 'student_labels' / 'train2023.csv'} (found under the data root" in out
     stamp = copy.shard_path(0).stat().st_mtime_ns
     again = flip_images.main(_aug_argv(demo_root, tmp_path))  # complete: found, not rebuilt
     assert again.folder == copy.folder and copy.shard_path(0).stat().st_mtime_ns == stamp

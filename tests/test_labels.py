@@ -11,7 +11,8 @@ from PIL import Image
 import dataset
 import train
 from common import UserError
-from dataset import CHEXPERT_LABELS, PATHOLOGIES, describe_convention, detect_convention, label_counts, read_train_csv
+from dataset import (CHEXPERT_LABELS, PATHOLOGIES, describe_convention, detect_convention, label_counts, read_train_csv,
+                     uncertain_targets)
 
 CS156B_FRONT = ["Unnamed: 0.1", "Unnamed: 0", "Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"]
 STANFORD_FRONT = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"]
@@ -72,11 +73,12 @@ def expected_counts(names):
 
 @pytest.mark.parametrize("policy", ["keep", "ignore", "ones", "zeros"])
 def test_both_layouts_give_the_same_internal_labels(tmp_path, policy):
-    cs = read_train_csv(cs156b_csv(tmp_path / "train2023.csv"), uncertain=policy)
-    st = read_train_csv(stanford_csv(tmp_path / "train.csv"), uncertain=policy)
-    np.testing.assert_array_equal(cs[PATHOLOGIES].to_numpy(np.float32), expected(PATHOLOGIES, policy))
-    np.testing.assert_array_equal(st[PATHOLOGIES].to_numpy(np.float32), expected(PATHOLOGIES, policy))
-    np.testing.assert_array_equal(st[CHEXPERT_LABELS].to_numpy(np.float32), expected(CHEXPERT_LABELS, policy))
+    cs = read_train_csv(cs156b_csv(tmp_path / "train2023.csv"))
+    st = read_train_csv(stanford_csv(tmp_path / "train.csv"))
+    targets = lambda df, names: uncertain_targets(df[names].to_numpy(np.float32), policy)
+    np.testing.assert_array_equal(targets(cs, PATHOLOGIES), expected(PATHOLOGIES, policy))
+    np.testing.assert_array_equal(targets(st, PATHOLOGIES), expected(PATHOLOGIES, policy))
+    np.testing.assert_array_equal(targets(st, CHEXPERT_LABELS), expected(CHEXPERT_LABELS, policy))
     assert cs.attrs["label_convention"] == "cs156b" and st.attrs["label_convention"] == "chexpert"
 
 
@@ -85,8 +87,8 @@ def test_stanford_negatives_and_uncertain_cases_are_not_swapped(tmp_path):
     st = read_train_csv(stanford_csv(tmp_path / "train.csv"))
     np.testing.assert_array_equal(st["Pneumonia"].to_numpy(), np.array([0, 0, 0, 1, -1, np.nan], np.float32))
     # U-Ones must not turn Stanford's negatives (0) into positives
-    ones = read_train_csv(stanford_csv(tmp_path / "train.csv"), uncertain="ones")
-    np.testing.assert_array_equal(ones["Cardiomegaly"].to_numpy(), np.array([1, 1, -1, -1, -1, 1], np.float32))
+    ones = uncertain_targets(st["Cardiomegaly"].to_numpy(), "ones")
+    np.testing.assert_array_equal(ones, np.array([1, 1, -1, -1, -1, 1], np.float32))
 
 
 def test_full_size_stanford_paths_read_as_stanford(tmp_path):
@@ -117,8 +119,11 @@ def test_detection_from_the_layout(tmp_path):
     assert detect_convention(CS156B_FRONT, [cs156b_path(0)]) == "cs156b"
     assert detect_convention(STANFORD_FRONT, ["CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg"]) \
         == "chexpert"
-    # the Unnamed columns decide first, whatever the paths
-    assert detect_convention(CS156B_FRONT, ["CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg"]) == "cs156b"
+    # the paths decide when they tell; an Unnamed index column only when they do not
+    assert detect_convention(CS156B_FRONT, ["CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg"]) == "chexpert"
+    assert detect_convention(CS156B_FRONT, ["images/a.jpg"]) == "cs156b"
+    assert detect_convention(CS156B_FRONT, [cs156b_path(0), "CheXpert-v1.0-small/train/patient00001/s/v.jpg"]) \
+        == "cs156b"
     assert detect_convention(STANFORD_FRONT, ["images/a.jpg"]) is None
     assert detect_convention(STANFORD_FRONT, []) is None
 
@@ -174,9 +179,7 @@ def test_label_counts_match_the_findings(tmp_path):
     assert label_counts(cs) == expected_counts(PATHOLOGIES)
     pneumonia = next(r for r in label_counts(st) if r["label"] == "Pneumonia")
     assert pneumonia == {"label": "Pneumonia", "positive": 1, "uncertain": 3, "negative": 1, "blank": 1}
-    # counts are taken after the uncertain policy: ignored uncertain labels are blank
-    ignored = {r["label"]: r for r in label_counts(read_train_csv(stanford_csv(tmp_path / "train.csv"), "ignore"))}
-    assert ignored["Pneumonia"] == {"label": "Pneumonia", "positive": 1, "uncertain": 0, "negative": 1, "blank": 4}
+    # the counts are the source labels: read_train_csv applies no uncertain policy
 
 
 def table_rows(text: str) -> dict:
@@ -238,3 +241,71 @@ def test_train_prints_and_records_the_convention(tiny_args, tmp_path, capsys):
     assert summary["config"]["label_convention"] == "cs156b"
     from model import Checkpoint
     assert Checkpoint.load(tmp_path / "ckpt" / "cardiomegaly" / "best.pt").preprocess["label_convention"] == "cs156b"
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths before columns: a Stanford CSV saved with pandas' index
+
+def test_stanford_csv_with_a_pandas_index_reads_as_stanford(tmp_path, capsys):
+    """pandas' to_csv(index=True) adds an 'Unnamed: 0' column to a Stanford CSV: its patient…
+    paths still decide, and the printed line says the two disagreed."""
+    import pandas as pd
+    plain = pd.read_csv(stanford_csv(tmp_path / "plain.csv"), dtype=str, keep_default_na=False)
+    csv = tmp_path / "valid.csv"
+    plain.to_csv(csv)  # index=True, pandas' default
+    assert pd.read_csv(csv, nrows=0).columns[0] == "Unnamed: 0"
+    df = read_train_csv(csv)
+    assert df.attrs["label_convention"] == "chexpert"
+    np.testing.assert_array_equal(df[CHEXPERT_LABELS].to_numpy(np.float32), expected(CHEXPERT_LABELS))
+    dataset.main(["--csv", str(csv), "--labels-only"])
+    out = capsys.readouterr().out
+    assert table_rows(out)["Atelectasis"] == [1, 3, 1, 1]
+    assert out.rstrip().splitlines()[-1] == (
+        "labels read as Stanford CheXpert (1 positive, 0 negative, -1 uncertain; detected from the paths "
+        "(patient… folders), although the CSV has an 'Unnamed: 0' index column)")
+
+
+# ---------------------------------------------------------------------------------------------
+# --data-root alone on Stanford's layout
+
+def stanford_root(root, folder="CheXpert-v1.0-small"):
+    """A Stanford-layout data root: FOLDER/train.csv and a small JPEG for each of its rows."""
+    csv = stanford_csv(root / folder / "train.csv", prefix=folder)
+    for i in range(N_ROWS):
+        image = root / folder / "train" / f"patient{i + 1:05d}" / "study1" / "view1_frontal.jpg"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((20, 16), 40 * i, np.uint8)).save(image)
+    return csv
+
+
+def test_stanford_data_root_alone_finds_its_train_csv(tmp_path, capsys):
+    root = tmp_path / "chexpert"
+    csv = stanford_root(root)
+    dataset.main(["--data-root", str(root), "--image-size", "8", "--workers", "1",
+                  "--cache-dir", str(tmp_path / "cache")])
+    out = capsys.readouterr().out
+    assert f"train CSV: {csv}" in out.splitlines()[0]
+    assert f"{N_ROWS} ok, 0 missing" in out
+    assert table_rows(out)["Atelectasis"] == [1, 3, 1, 1]
+    assert out.rstrip().splitlines()[-1] == describe_convention("chexpert", "detected")
+
+
+def test_default_train_csv_prefers_cs156b_then_the_small_set(tmp_path, capsys):
+    root = tmp_path / "data"
+    root.mkdir()
+    with pytest.raises(UserError, match=re.escape(
+            f"--data-root {root}: no train CSV found (looked for student_labels/train2023.csv, "
+            f"CheXpert-v1.0-small/train.csv, CheXpert-v1.0/train.csv)")):
+        dataset.resolve_data(root, None, "train2023.csv")
+    full = stanford_csv(root / "CheXpert-v1.0" / "train.csv", prefix="CheXpert-v1.0")
+    assert dataset.resolve_data(root, None, "train2023.csv") == (root, full)
+    small = stanford_csv(root / "CheXpert-v1.0-small" / "train.csv")
+    assert dataset.resolve_data(root, None, "train2023.csv") == (root, small)
+    course = cs156b_csv(root / "student_labels" / "train2023.csv")
+    assert dataset.resolve_data(root, None, "train2023.csv") == (root, course)
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"train CSV: {course}")
+    # a CSV that is given is read as given, without the line; other defaults (test_ids.csv) as before
+    assert dataset.resolve_data(root, small, "train2023.csv") == (root, small)
+    with pytest.raises(UserError, match=re.escape(f"{root / 'student_labels' / 'test_ids.csv'}: no such CSV file")):
+        dataset.resolve_data(root, None, "test_ids.csv")
+    assert capsys.readouterr().out == ""

@@ -362,3 +362,22 @@ def test_bad_flag_values_are_rejected():
         with pytest.raises(SystemExit) as e:
             make_submission.parse_args(argv)
         assert e.value.code == 2
+
+
+def test_ids_are_checked_by_one_rule_in_labels_and_in_the_written_csv(tiny_root, tmp_path):
+    """--labels and the check of the written CSV read Ids as read_test_csv does (dataset.parse_ids):
+    integers, each once; an error names the file and the line."""
+    import re
+    (tmp_path / "ckpt" / "a").mkdir(parents=True)
+    (tmp_path / "ckpt" / "a" / "best.pt").write_bytes(b"")  # never loaded: the Ids fail first
+    ids = [str(i) for i, _ in TINY_ROWS]
+    for cell, message in [("x1", "line 3, column 'Id': 'x1' is not an integer"),
+                          (ids[0], f"line 3: Id {ids[0]} appears more than once (first on line 2)")]:
+        rows = [ids[0], cell, *ids[2:]]
+        pd.DataFrame({"Id": rows, "Cardiomegaly": "1"}).to_csv(tmp_path / "labels.csv", index=False)
+        with pytest.raises(UserError, match=re.escape(f"--labels {tmp_path / 'labels.csv'}: {message}")):
+            make_submission.main(["--data-root", str(tiny_root), "--checkpoints", str(tmp_path / "ckpt"),
+                                  "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "sub.csv")])
+        pd.DataFrame({"Id": rows, **{p: "0.0" for p in PATHOLOGIES}}).to_csv(tmp_path / "bad.csv", index=False)
+        with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'bad.csv'}: {message}")):
+            make_submission.check_submission(tmp_path / "bad.csv", [int(i) for i in ids])

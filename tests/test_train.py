@@ -307,3 +307,25 @@ def test_history_and_summary_report_in_and_out_of_sample_scores(tiny_args, tmp_p
     best = Checkpoint.load(tmp_path / "ckpt" / "cardiomegaly" / "best.pt")
     assert float(rows[0]["val_loss"]) == pytest.approx(best.calibration["Cardiomegaly"]["cv_mse"], abs=1e-6)
     assert s["val_loss"] == pytest.approx(s["per_pathology"]["Cardiomegaly"]["val_mse_cv"])
+
+
+def test_uncertain_policy_shapes_training_targets_only(tiny_args, tmp_path):
+    """--uncertain ones / ignore change what the model trains on, never what it is scored against:
+    validation (val_predictions.csv, n_val, best.pt's choice) keeps the source labels, uncertain = 0,
+    as the leaderboard scores them."""
+    import pandas as pd
+    runs = {}
+    for policy in ("keep", "ones", "ignore"):
+        summary = train.main(tiny_args("--pathology", "Cardiomegaly", "--uncertain", policy,
+                                       "--out-dir", str(tmp_path / policy)))[0]
+        runs[policy] = summary, pd.read_csv(tmp_path / policy / "cardiomegaly" / "val_predictions.csv")
+    keep, keep_val = runs["keep"]
+    assert (keep_val["target"] == 0).sum() > 0, "the demo has uncertain validation rows"
+    for policy in ("ones", "ignore"):
+        summary, val = runs[policy]
+        assert summary["n_val"] == keep["n_val"] == len(val)
+        pd.testing.assert_frame_equal(val[["path", "target"]], keep_val[["path", "target"]])
+    # the training targets do follow the policy: ignore masks the uncertain training rows, ones raises the mean
+    assert runs["ignore"][0]["n_train"] < keep["n_train"] == runs["ones"][0]["n_train"]
+    train_mean = {p: s["per_pathology"]["Cardiomegaly"]["train_mean"] for p, (s, _) in runs.items()}
+    assert train_mean["ones"] > train_mean["keep"]
