@@ -222,7 +222,12 @@ class XrayNet(nn.Module):
         self.pathologies = [h["pathology"] for h in config["heads"]]
         if is_timm(self.arch):
             self.family = "timm"
-            b = create_timm(self.arch, config.get("image_size"), pretrained=False)
+            try:
+                b = create_timm(self.arch, config.get("image_size"), pretrained=False)
+            except Exception as e:  # e.g. an image size the model cannot take
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise UserError(f"--arch {self.arch}: timm cannot build it for image size {config.get('image_size')} "
+                                f"({type(e).__name__}: {first})") from e
             self.stem = timm_stem(b)  # e.g. 'conv1.0', 'stem.0', 'patch_embed.proj'
             width = getattr(b, "head_hidden_size", None) or b.num_features
         else:
