@@ -103,7 +103,8 @@ def check_arch(name: str) -> str:
             return name
         hint = (f"; timm has it: --arch {TIMM_PREFIX}{name}" if timm.is_model(name)
                 else f", or {TIMM_PREFIX}NAME for any model timm.list_models() names")
-        raise UserError(f"--arch {name}: not a torchvision backbone this code builds (choices: {', '.join(ARCHS)}{hint})")
+        raise UserError(f"--arch {name}: not a torchvision backbone this code builds "
+                        f"(choices: {', '.join(ARCHS)}{hint})")
     model = name[len(TIMM_PREFIX):]
     arch, tag = split_model_name_tag(model)
     if not timm.is_model(arch):
@@ -218,7 +219,8 @@ class XrayNet(nn.Module):
         self.arch = check_arch(config.get("arch", "resnet50"))
         self.head_type = config.get("head_type", "regression")
         if self.head_type not in HEAD_TYPES:
-            raise UserError(f"a model this code cannot build: head type {self.head_type!r} (known: {', '.join(HEAD_TYPES)})")
+            raise UserError(f"a model this code cannot build: head type {self.head_type!r} "
+                            f"(known: {', '.join(HEAD_TYPES)})")
         self.pathologies = [h["pathology"] for h in config["heads"]]
         if is_timm(self.arch):
             self.family = "timm"
@@ -303,7 +305,7 @@ class XrayNet(nn.Module):
             if self.family != "timm":
                 self._has_feature_map = True
             else:
-                size = self.config.get("image_size") or self.backbone.pretrained_cfg.get("input_size", (1, 224, 224))[-1]
+                size = self.config.get("image_size") or self.backbone.pretrained_cfg.get("input_size", (1, 224))[-1]
                 mode = self.training
                 self.eval()
                 with torch.no_grad():
@@ -385,7 +387,8 @@ def param_groups(model: XrayNet, weight_decay: float, layer_decay: float = 1.0) 
     by_depth: dict[int, list] = {}
     for name, p in model.named_parameters():  # heads: depth 0
         by_depth.setdefault(depth.get(name, 0), []).append(p)
-    return [{"params": by_depth[d], "weight_decay": weight_decay, "lr_scale": layer_decay ** d} for d in sorted(by_depth)]
+    return [{"params": by_depth[d], "weight_decay": weight_decay, "lr_scale": layer_decay ** d}
+            for d in sorted(by_depth)]
 
 
 def set_grad_checkpointing(model: XrayNet, enable: bool = True) -> None:
@@ -462,8 +465,8 @@ def timm_state(model: XrayNet, path: Path | None = None) -> dict:
             return create_timm(model.arch, size, pretrained=True).state_dict()
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else "no network?"
-            raise UserError(f"could not download the pretrained {model.arch} weights ({type(e).__name__}: {first}); use "
-                            f"--weights PATH with a local copy of {where}, or --weights none") from e
+            raise UserError(f"could not download the pretrained {model.arch} weights ({type(e).__name__}: {first}); "
+                            f"use --weights PATH with a local copy of {where}, or --weights none") from e
     try:
         state = timm.models.load_state_dict(str(path))
     except Exception as e:
