@@ -1,26 +1,41 @@
-"""The network (a torchvision backbone with a one-channel stem and one small MLP head per pathology)
-and the checkpoint format. No other file knows the checkpoint format.
+"""The network: a backbone (a torchvision model of ARCHS, or any timm model as `timm/NAME[.TAG]`)
+with a one-channel stem and one small MLP head per pathology; its layer groups (--freeze,
+--layer-decay), gradient checkpointing, the checkpoint format (no other file knows it) and the one
+prediction loop. Pretrained weights: weights.py.
+
+Backbones. A torchvision backbone gets a one-channel first convolution and loses its classifier. A
+timm backbone is timm.create_model(NAME, in_chans=1, num_classes=0), with img_size = the image size
+for models whose input size is fixed (ViT, Swin): timm folds pretrained RGB stem weights to one
+channel itself, and its own pooling and head norm (forward_features, then
+forward_head(pre_logits=True)) feed our heads.
 
 Output scale: a 'regression' head ends in tanh, so raw outputs are on the label scale [-1, 1]
 already (1 positive, 0 uncertain, -1 negative); a 'three-class' head gives logits over negative /
 uncertain / positive, and XrayNet.score turns them into p(positive) - p(negative), on [-1, 1] too.
 A calibration map fitted on the validation split (calibration.py) then moves scores to where
 the MSE metric wants them, still on [-1, 1].
+
+Public API: check_arch, model_config, build_model, n_stages, set_frozen, param_groups,
+set_grad_checkpointing, Checkpoint, load_checkpoint, predict.
 """
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field, fields
+from itertools import chain
 import re
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-
+from timm.models import group_parameters, split_model_name_tag
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -29,9 +44,10 @@ from common import UserError, save_torch
 from runtime import Runtime, to_device
 
 CHECKPOINT_FORMAT = "cxr-regression"
-CHECKPOINT_VERSION = 2  # 2: model_config may name another arch or head type; version 1 files still load
+CHECKPOINT_VERSION = 3  # 3: model_config records image_size (timm ViTs are built for it); versions 1-2 still load
 IMAGE_MEAN, IMAGE_STD = 0.449, 0.226  # ImageNet's RGB statistics averaged to one gray channel
-N_STAGES = 5  # stem and four stages (strides 4, 8, 16, 32 on ResNets): what --freeze N counts
+N_STAGES = 5  # torchvision archs: stem and four stages (strides 4, 8, 16, 32 on ResNets), what --freeze N counts
+TIMM_PREFIX = "timm/"  # --arch timm/NAME[.TAG]: any model timm.list_models() knows
 
 # --arch: torchvision name -> (family, width of the pooled features, name in messages)
 ARCHS = {
@@ -47,12 +63,6 @@ CLASSIFIER = {"resnet": "fc", "densenet": "classifier", "convnext": "classifier.
 # 'three-class': logits over (negative, uncertain, positive), class = label + 1
 HEAD_TYPES = ("regression", "three-class")
 N_CLASSES = 3
-# torchxrayvision's input scale, (2 x/255 - 1) * 1024 in [-1024, 1024], as our (x/255 - mean) / std
-XRV_MEAN, XRV_STD = 0.5, 0.5 / 1024
-# torchvision's DenseNet ImageNet files still use the old 'norm.1' names for what is now 'norm1'
-OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
-                              r"([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
-
 # Head variants. 'regularized' (a smaller head, more dropout) is what the original found best for
 # Fracture, a rare finding with a faint signal where a wide head over-fits; 'auto' picks it there.
 HEAD_VARIANTS = {
@@ -70,6 +80,61 @@ def head_config(pathology: str, variant: str, hidden: int, dropout: float) -> di
     return {"pathology": pathology, "variant": variant, "hidden": int(h), "dropout": float(d)}
 
 
+# ---------------------------------------------------------------------------------------------
+# Backbones: torchvision's and timm's
+
+def is_timm(arch: str) -> bool:
+    return arch.startswith(TIMM_PREFIX)
+
+
+def arch_label(arch: str) -> str:
+    """The arch's name in messages: 'ResNet-50', 'timm/convnext_atto'."""
+    return arch if is_timm(arch) else ARCHS[arch][2]
+
+
+def check_arch(name: str) -> str:
+    """The canonical --arch: a torchvision name of ARCHS, or 'timm/NAME' or 'timm/NAME.TAG' for a
+    model timm knows (with a pretrained tag it has). Anything else is a one-line UserError."""
+    name = name.strip()
+    if not is_timm(name):
+        if name in ARCHS:
+            return name
+        hint = (f"; timm has it: --arch {TIMM_PREFIX}{name}" if timm.is_model(name)
+                else f", or {TIMM_PREFIX}NAME for any model timm.list_models() names")
+        raise UserError(f"--arch {name}: not a torchvision backbone this code builds "
+                        f"(choices: {', '.join(ARCHS)}{hint})")
+    model = name[len(TIMM_PREFIX):]
+    arch, tag = split_model_name_tag(model)
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        raise UserError(f"--arch {name}: not a model timm {timm.__version__} knows"
+                        + (f" (close: {', '.join(close)})" if close else "") + "; see timm.list_models()")
+    if tag and model not in timm.list_pretrained(model):
+        tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
+        raise UserError(f"--arch {name}: timm has no pretrained tag {tag!r} for {arch} "
+                        f"(tags: {', '.join(tags) or 'none'})")
+    return TIMM_PREFIX + model
+
+
+def create_timm(arch: str, image_size: int | None, **kwargs) -> nn.Module:
+    """timm's model for arch 'timm/NAME[.TAG]': one input channel, no classifier (forward_head with
+    pre_logits=True gives the pooled, normed features), built for image_size where its input size is
+    fixed (ViT, Swin; others take any size). kwargs go to timm.create_model (pretrained=...)."""
+    name = arch[len(TIMM_PREFIX):]
+    cfg = timm.models.get_pretrained_cfg(name)
+    if image_size and cfg is not None and cfg.fixed_input_size:
+        kwargs["img_size"] = int(image_size)
+    return timm.create_model(name, in_chans=1, num_classes=0, **kwargs)
+
+
+def timm_stem(b: nn.Module) -> str:
+    """The name of a timm model's first convolution (its pretrained_cfg's first_conv)."""
+    stem = b.pretrained_cfg.get("first_conv")
+    if isinstance(stem, (tuple, list)):
+        stem = stem[0]
+    return stem or next(n for n, m in b.named_modules() if isinstance(m, nn.Conv2d))
+
+
 def one_channel_stem(net: nn.Module) -> str:
     """Replace net's first convolution (RGB in) by one of the same shape taking one channel; its name."""
     name, conv = next((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
@@ -85,8 +150,8 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def backbone_stages(family: str, b: nn.Module) -> list[nn.Module]:
-    """The N_STAGES groups that --freeze counts: the stem, then the four stages up to the last block
-    (for ResNets stem, layer1..layer4; each later stage opens with its downsampling)."""
+    """A torchvision backbone's N_STAGES groups that --freeze counts: the stem, then the four stages
+    up to the last block (for ResNets stem, layer1..layer4; each later stage opens with its downsampling)."""
     group = nn.ModuleList
     if family == "resnet":
         return [group([b.conv1, b.bn1]), b.layer1, b.layer2, b.layer3, b.layer4]
@@ -99,29 +164,79 @@ def backbone_stages(family: str, b: nn.Module) -> list[nn.Module]:
     return [group([f[0], f[1]]), f[2], f[3], group([f[4], f[5]]), group([f[6], f[7]])]  # efficientnet
 
 
+def forward_steps(family: str, b: nn.Module) -> list:
+    """A torchvision backbone's forward up to its last feature map, as steps run in order (what
+    gradient checkpointing wraps one by one): the ResNet stem and its four layers, or the children
+    of `features`."""
+    if family == "resnet":
+        return [lambda x: b.maxpool(b.relu(b.bn1(b.conv1(x)))), b.layer1, b.layer2, b.layer3, b.layer4]
+    return list(b.features)
+
+
+def parameter_names(root: nn.Module, module: nn.Module) -> list[str]:
+    """Names (relative to root) of the parameters of module, a submodule of root."""
+    names = {id(p): n for n, p in root.named_parameters()}
+    return [names[id(p)] for p in module.parameters()]
+
+
+def timm_groups(b: nn.Module, coarse: bool) -> list[list[str]]:
+    """A timm model's layer groups, stem first, by its own group_matcher: names of parameters.
+    coarse: the stem and each stage (what --freeze counts); fine: the stem and each block (what
+    --layer-decay scales). Parameters the matcher leaves out (the norm before the head) join the last
+    group, as timm's (99999,) suffix (MATCH_PREV_GROUP) does."""
+    matcher = b.group_matcher(coarse=coarse)
+    if isinstance(matcher, dict):
+        matcher = {**matcher, "_rest": [(r".*", (99999,))]}
+    by_id = group_parameters(b, matcher)
+    return [list(by_id[i]) for i in sorted(by_id)]
+
+
+def modules_within(root: nn.Module, names: set[str]) -> list[nn.Module]:
+    """root's submodules (root too) that hold parameters, every one of them among names."""
+    found = []
+    for prefix, m in root.named_modules():
+        own = [f"{prefix}.{k}" if prefix else k for k, _ in m.named_parameters()]
+        if own and all(n in names for n in own):
+            found.append(m)
+    return found
+
+
 class XrayNet(nn.Module):
     """uint8 (B, 1, S, S) images -> raw outputs: (B, K) in [-1, 1] for a regression head, (B, K, 3)
     logits for a three-class head; score() maps either to (B, K) on [-1, 1], one column per pathology.
 
-    forward = heads(pool(feature_map(x))). Normalisation happens here, on whatever device the model
-    is on, so loaders move uint8 (four times fewer bytes than float32) and never wait on arithmetic.
-    Pooling, heads and tanh run in float32 even under autocast: bf16 would round outputs near +-1 to
-    steps of about 0.004 and tie saturated scores."""
+    forward = from_feature_map(feature_map(x)): the backbone's features, then its pooling (and, for
+    timm models, their head norm) and our heads. Normalisation happens here, on whatever device the
+    model is on, so loaders move uint8 (four times fewer bytes than float32) and never wait on
+    arithmetic. Pooling, heads and tanh run in float32 even under autocast: bf16 would round outputs
+    near +-1 to steps of about 0.004 and tie saturated scores."""
 
     def __init__(self, config: dict):
         super().__init__()
         self.config = config
-        self.arch = config.get("arch", "resnet50")
+        self.arch = check_arch(config.get("arch", "resnet50"))
         self.head_type = config.get("head_type", "regression")
-        if self.arch not in ARCHS or self.head_type not in HEAD_TYPES:
-            raise UserError(f"a model this code cannot build: arch {self.arch!r}, head type {self.head_type!r} "
-                            f"(known: {', '.join(ARCHS)}; {', '.join(HEAD_TYPES)})")
-        self.family, width, _ = ARCHS[self.arch]
+        if self.head_type not in HEAD_TYPES:
+            raise UserError(f"a model this code cannot build: head type {self.head_type!r} "
+                            f"(known: {', '.join(HEAD_TYPES)})")
         self.pathologies = [h["pathology"] for h in config["heads"]]
-        b = torchvision.models.get_model(self.arch, weights=None)
-        self.stem = one_channel_stem(b)  # e.g. 'conv1', 'features.conv0', 'features.0.0'
-        replace_module(b, CLASSIFIER[self.family], nn.Identity())
+        if is_timm(self.arch):
+            self.family = "timm"
+            try:
+                b = create_timm(self.arch, config.get("image_size"), pretrained=False)
+            except Exception as e:  # e.g. an image size the model cannot take
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise UserError(f"--arch {self.arch}: timm cannot build it for image size {config.get('image_size')} "
+                                f"({type(e).__name__}: {first})") from e
+            self.stem = timm_stem(b)  # e.g. 'conv1.0', 'stem.0', 'patch_embed.proj'
+            width = getattr(b, "head_hidden_size", None) or b.num_features
+        else:
+            self.family, width, _ = ARCHS[self.arch]
+            b = torchvision.models.get_model(self.arch, weights=None)
+            self.stem = one_channel_stem(b)  # e.g. 'conv1', 'features.conv0', 'features.0.0'
+            replace_module(b, CLASSIFIER[self.family], nn.Identity())
         self.backbone = b
+        self.nhwc = getattr(b, "output_fmt", "NCHW") == "NHWC"  # Swin's features are (B, h, w, C)
         n_out = 1 if self.head_type == "regression" else N_CLASSES
         self.heads = nn.ModuleList(
             nn.Sequential(nn.Linear(width, h["hidden"]), nn.ReLU(inplace=True), nn.Dropout(h["dropout"]),
@@ -129,10 +244,18 @@ class XrayNet(nn.Module):
             for h in config["heads"])
         self.register_buffer("mean", torch.tensor(float(config.get("mean", IMAGE_MEAN))), persistent=False)
         self.register_buffer("std", torch.tensor(float(config.get("std", IMAGE_STD))), persistent=False)
-        self.frozen = 0
+        self.frozen = 0  # set_frozen's n
+        self.frozen_modules: list[nn.Module] = []  # kept in eval while frozen
+        self.grad_checkpointing = False  # torchvision archs; timm models keep their own flag
+        self._has_feature_map: bool | None = None
 
-    def stages(self) -> list[nn.Module]:
-        return backbone_stages(self.family, self.backbone)
+    def groups(self, coarse: bool = True) -> list[list[str]]:
+        """The backbone's layer groups, stem first, as names of its parameters (relative to
+        self.backbone): for torchvision archs the N_STAGES of backbone_stages; for timm models
+        those of timm_groups (coarse: stages, what --freeze counts; fine: blocks, for --layer-decay)."""
+        if self.family == "timm":
+            return timm_groups(self.backbone, coarse)
+        return [parameter_names(self.backbone, s) for s in backbone_stages(self.family, self.backbone)]
 
     def set_normalisation(self, mean: float, std: float) -> None:
         """Feed uint8 x to the backbone as (x/255 - mean) / std; kept in config, so checkpoints record it."""
@@ -141,30 +264,53 @@ class XrayNet(nn.Module):
         self.std.fill_(float(std))
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 1, S, S) (or already normalised float) -> the last convolutional feature map
-        (B, C, ~S/32, ~S/32) before pooling: what Grad-CAM hooks."""
+        """uint8 (B, 1, S, S) (or already normalised float) -> the backbone's last features before
+        pooling: a feature map (B, C, ~S/32, ~S/32), what Grad-CAM hooks, for every torchvision arch and
+        timm's convolutional models and Swin; tokens (B, N, C) for ViTs (see has_feature_map)."""
         if x.dtype == torch.uint8:
             x = (x.float() / 255.0 - self.mean) / self.std
-        b = self.backbone
-        if self.family == "resnet":
-            x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
-            return b.layer4(b.layer3(b.layer2(b.layer1(x))))
-        f = b.features(x)
-        return F.relu(f) if self.family == "densenet" else f
+        if self.family == "timm":
+            f = self.backbone.forward_features(x)
+            return f.permute(0, 3, 1, 2) if self.nhwc else f
+        save_memory = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for step in forward_steps(self.family, self.backbone):
+            # recomputed in the backward pass instead of keeping the step's activations
+            x = checkpoint(step, x, use_reentrant=False) if save_memory else step(x)
+        return F.relu(x) if self.family == "densenet" else x
 
     def from_feature_map(self, f: torch.Tensor) -> torch.Tensor:
-        """Feature map (B, C, h, w) -> raw outputs (see the class), computed in float32 outside autocast."""
+        """feature_map's output -> raw outputs (see the class), computed in float32 outside autocast."""
         with torch.autocast(device_type=f.device.type, enabled=False):
             f = f.float()
-            pooled = F.adaptive_avg_pool2d(f, 1)
-            if self.family == "convnext":
-                pooled = self.backbone.classifier[0](pooled)  # its LayerNorm2d
-            pooled = torch.flatten(pooled, 1)
+            if self.family == "timm":  # its own pooling and head norm: (B, width)
+                pooled = self.backbone.forward_head(f.permute(0, 2, 3, 1) if self.nhwc else f, pre_logits=True)
+            else:
+                pooled = F.adaptive_avg_pool2d(f, 1)
+                if self.family == "convnext":
+                    pooled = self.backbone.classifier[0](pooled)  # its LayerNorm2d
+                pooled = torch.flatten(pooled, 1)
             out = torch.stack([h(pooled) for h in self.heads], dim=1)  # (B, K, 1 or 3)
             return torch.tanh(out[..., 0]) if self.head_type == "regression" else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.from_feature_map(self.feature_map(x))
+
+    @property
+    def has_feature_map(self) -> bool:
+        """Whether feature_map is spatial, (B, C, h, w), which Grad-CAM needs: true for torchvision
+        archs and timm's CNNs and Swin, false for ViTs (tokens). Found once, by one small forward."""
+        if self._has_feature_map is None:
+            if self.family != "timm":
+                self._has_feature_map = True
+            else:
+                size = self.config.get("image_size") or self.backbone.pretrained_cfg.get("input_size", (1, 224))[-1]
+                mode = self.training
+                self.eval()
+                with torch.no_grad():
+                    x = torch.zeros(1, 1, size, size, dtype=torch.uint8, device=self.mean.device)
+                    self._has_feature_map = self.feature_map(x).dim() == 4
+                self.train(mode)
+        return self._has_feature_map
 
     def score(self, out: torch.Tensor) -> torch.Tensor:
         """Raw outputs -> (B, K) float on [-1, 1]: the regression output itself, or for three-class
@@ -176,135 +322,84 @@ class XrayNet(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for stage in self.stages()[:self.frozen]:
-            stage.eval()  # frozen stages keep their BatchNorm statistics
+        for m in self.frozen_modules:
+            m.eval()  # frozen groups keep their BatchNorm statistics
         return self
 
 
 def build_model(config: dict) -> XrayNet:
+    """The model a model_config (or a checkpoint's) describes, with random weights."""
     return XrayNet(config)
 
 
 def model_config(pathologies: list[str], head: str = "auto", hidden: int = 512, dropout: float = 0.2,
                  arch: str = "resnet50", head_type: str = "regression", image_size: int | None = None) -> dict:
-    """The model's description, stored in checkpoints. A config without 'arch' or 'head_type'
-    (older checkpoints) means resnet50 and regression."""
-    if arch not in ARCHS or head_type not in HEAD_TYPES:
-        raise ValueError(f"unknown arch {arch!r} or head type {head_type!r}")
-    return {"arch": arch, "head_type": head_type, "in_channels": 1, "mean": IMAGE_MEAN, "std": IMAGE_STD,
+    """The model's description, stored in checkpoints. arch: see check_arch (a one-line UserError
+    for an unknown one). image_size: the training image size, which timm models of a fixed input size
+    (ViT, Swin) are built for; torchvision models ignore it. A config without 'arch', 'head_type' or
+    'image_size' (older checkpoints) means resnet50, regression, none."""
+    arch = check_arch(arch)
+    if head_type not in HEAD_TYPES:
+        raise ValueError(f"unknown head type {head_type!r}")
+    return {"arch": arch, "head_type": head_type, "image_size": None if image_size is None else int(image_size),
+            "in_channels": 1, "mean": IMAGE_MEAN, "std": IMAGE_STD,
             "heads": [head_config(p, head, hidden, dropout) for p in pathologies]}
 
 
+# ---------------------------------------------------------------------------------------------
+# Training controls: --freeze, --layer-decay, --grad-checkpointing
+
+def n_stages(model: XrayNet) -> int:
+    """How many layer groups --freeze counts: N_STAGES (5) for torchvision archs, the number of
+    timm's coarse groups (stem and stages) for timm models."""
+    return len(model.groups())
+
+
 def set_frozen(model: XrayNet, n: int) -> None:
-    """Freeze the first n of the N_STAGES backbone stages (requires_grad off, BatchNorm in eval)."""
+    """Freeze the first n of the n_stages(model) groups, stem first: requires_grad off, and every
+    backbone module whose parameters are all frozen kept in eval (BatchNorm keeps its statistics).
+    n = 0 trains everything; n = n_stages(model) only the heads."""
+    groups = model.groups()
+    if not 0 <= n <= len(groups):
+        raise ValueError(f"--freeze {n}: {model.arch} has {len(groups)} groups")
+    frozen = set(chain.from_iterable(groups[:n]))
+    for name, p in model.backbone.named_parameters():
+        p.requires_grad_(name not in frozen)
     model.frozen = n
-    for i, stage in enumerate(model.stages()):
-        for p in stage.parameters():
-            p.requires_grad_(i >= n)
+    model.frozen_modules = modules_within(model.backbone, frozen) if n else []
     model.train(model.training)
 
 
-# (interim: wt-timm brings the timm-aware versions of these four)
-def check_arch(name: str) -> str:
-    if name not in ARCHS:
-        raise UserError(f"unknown --arch {name!r} (choose from {', '.join(ARCHS)})")
-    return name
-
-
-def n_stages(model: XrayNet) -> int:
-    return N_STAGES
-
-
 def param_groups(model: XrayNet, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
-    return [{"params": list(model.parameters()), "weight_decay": weight_decay, "lr_scale": 1.0}]
+    """Optimizer parameter groups [{"params", "weight_decay", "lr_scale"}] over every parameter (frozen
+    ones too), each in exactly one group. layer_decay 1: one group, lr_scale 1 (plain AdamW). Below 1,
+    layer-wise decay: the heads get lr_scale 1, the deepest backbone group layer_decay, ... the stem
+    layer_decay ** L, over L = the 5 stages of a torchvision arch or timm's fine groups (stem, each
+    block). Groups come heads first, so param_groups[0]'s lr is the base rate."""
+    if not 0 < layer_decay <= 1:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    if layer_decay == 1:
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay, "lr_scale": 1.0}]
+    layers = model.groups(coarse=False)
+    depth = {f"backbone.{name}": len(layers) - i for i, names in enumerate(layers) for name in names}
+    by_depth: dict[int, list] = {}
+    for name, p in model.named_parameters():  # heads: depth 0
+        by_depth.setdefault(depth.get(name, 0), []).append(p)
+    return [{"params": by_depth[d], "weight_decay": weight_decay, "lr_scale": layer_decay ** d}
+            for d in sorted(by_depth)]
 
 
 def set_grad_checkpointing(model: XrayNet, enable: bool = True) -> None:
-    raise UserError("--grad-checkpointing is not supported yet")
-
-
-def load_pretrained(model: XrayNet, weights: str) -> dict:
-    """Load backbone weights into model and set the input normalisation they expect.
-
-    weights: 'none' (random init, normalisation unchanged), 'imagenet' (torchvision's weights API
-    for model.arch), or a PATH to one of: a torchvision state dict of that arch; torchxrayvision's
-    DenseNet-121 (densenet121-res224-all) or ResNet-50 (resnet50-res512-all) state dict, its
-    classifier and op_threshs dropped and its [-1024, 1024] input scale kept (mean XRV_MEAN, std
-    XRV_STD); one of our checkpoints of that arch (its backbone and normalisation). RGB stem filters
-    are summed over colour, which is what a gray image copied to three channels would see.
-    The normalisation goes into model.config (so the checkpoint records it). Returns
-    {"source": 'none'|'imagenet'|'torchvision'|'torchxrayvision'|'checkpoint', "mean", "std"}."""
-    if weights == "none":
-        return {"source": "none", "mean": float(model.mean), "std": float(model.std)}
-    if weights == "imagenet":
-        state, source, norm = imagenet_state(model.arch), "imagenet", (IMAGE_MEAN, IMAGE_STD)
-    else:
-        state, source, norm = read_weights(Path(weights), model.arch)
-    load_backbone(model, state, weights)
-    model.set_normalisation(*norm)
-    return {"source": source, "mean": norm[0], "std": norm[1]}
-
-
-def imagenet_state(arch: str) -> dict:
-    w = torchvision.models.get_model_weights(arch).DEFAULT
-    try:
-        return w.get_state_dict(progress=True)
-    except Exception as e:
-        raise UserError(f"could not download the ImageNet {ARCHS[arch][2]} weights ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else 'no network?'}); use --weights PATH with a "
-                        f"local copy of {w.url.rsplit('/', 1)[-1]}, or --weights none") from e
-
-
-def read_weights(path: Path, arch: str) -> tuple[dict, str, tuple[float, float]]:
-    """(backbone state dict, source, (mean, std)) from a --weights file; see load_pretrained."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise UserError(f"--weights {path}: no such file (use imagenet, none or a path)") from e
-    except Exception as e:
-        raise UserError(f"--weights {path}: not a loadable state dict ({type(e).__name__}); torchxrayvision's "
-                        f"DenseNet release files are pickled models: save their state_dict() first (docs/training.md)") from e
-    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-        cfg = state.get("model_config", {})
-        if cfg.get("arch", "resnet50") != arch:
-            raise UserError(f"--weights {path}: a checkpoint of a {cfg.get('arch', 'resnet50')} model; "
-                            f"use --arch {cfg.get('arch', 'resnet50')}")
-        backbone = {k[len("backbone."):]: v for k, v in state["state_dict"].items() if k.startswith("backbone.")}
-        return backbone, "checkpoint", (cfg.get("mean", IMAGE_MEAN), cfg.get("std", IMAGE_STD))
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"--weights {path}: not a state dict (a mapping of names to tensors)")
-    if state and all(k.startswith("model.") or k == "op_threshs" for k in state):
-        state = {k.removeprefix("model."): v for k, v in state.items()}  # xrv.models.ResNet wraps torchvision's
-        state.setdefault("op_threshs", torch.zeros(0))  # a marker: only torchxrayvision writes this layout
-    one_channel = [k for k in ("conv1.weight", "features.conv0.weight") if k in state and state[k].ndim == 4
-                   and state[k].shape[1] == 1]
-    if "op_threshs" not in state and not one_channel:
-        return state, "torchvision", (IMAGE_MEAN, IMAGE_STD)
-    xrv_arch = "densenet121" if "features.conv0.weight" in state else (
-        "resnet101" if "layer3.22.conv1.weight" in state else "resnet50")
-    if xrv_arch != arch:
-        raise UserError(f"--weights {path}: torchxrayvision {ARCHS[xrv_arch][2]} weights; use --arch {xrv_arch}")
-    return state, "torchxrayvision", (XRV_MEAN, XRV_STD)
-
-
-def load_backbone(model: XrayNet, state: dict, weights: str) -> None:
-    """Load a torchvision-named state dict into model.backbone (classifier dropped, RGB stem summed)."""
-    head = CLASSIFIER[model.family] + "."
-    state = {OLD_DENSENET_KEY.sub(r"\1\2", k): v for k, v in state.items() if not k.startswith(head) and k != "op_threshs"}
-    stem = model.stem + ".weight"
-    if stem in state and state[stem].ndim == 4 and state[stem].shape[1] == 3:
-        state[stem] = state[stem].sum(dim=1, keepdim=True)
-    label = ARCHS[model.arch][2]
-    expected = (f"expected torchvision's {model.arch} state dict, torchxrayvision's densenet121-res224-all or "
-                f"resnet50-res512-all, or one of our checkpoints")
-    try:
-        missing, unexpected = model.backbone.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise UserError(f"--weights {weights}: tensors of the wrong shape for a {label} ({expected}): "
-                        f"{str(e).splitlines()[-1].strip()}") from e
-    if missing or unexpected:
-        raise UserError(f"--weights {weights}: not a {label} backbone ({expected}; {len(missing)} missing and "
-                        f"{len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[0]})")
+    """Recompute backbone activations in the backward pass instead of storing them (less memory,
+    about a third more compute): timm's own set_grad_checkpointing, or for torchvision archs each
+    forward step (stem, stages) checkpointed in feature_map while training."""
+    if model.family == "timm":
+        try:
+            model.backbone.set_grad_checkpointing(enable)
+        except (AssertionError, NotImplementedError, AttributeError) as e:
+            raise UserError(f"--grad-checkpointing: timm implements none for {model.arch}; drop the flag or use "
+                            f"another --arch") from e
+    model.grad_checkpointing = enable
 
 
 # ---------------------------------------------------------------------------------------------

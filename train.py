@@ -47,12 +47,13 @@ from dataset import (ALL_LABELS, LABEL_CONVENTIONS, UNCERTAIN_POLICIES, XrayData
                      describe_convention, patient_folds, read_train_csv, resolve_data, slug, split_by_patient,
                      uncertain_targets)
 from evaluation import auc, evaluate as score_predictions, plot_curves
-from model import (HEAD_TYPES, HEAD_VARIANTS, N_STAGES, Checkpoint, build_model, check_arch, load_pretrained,
+from model import (HEAD_TYPES, HEAD_VARIANTS, N_STAGES, Checkpoint, build_model, check_arch,
                    model_config, n_stages, param_groups, predict, set_frozen, set_grad_checkpointing)
 from runs import HISTORY_COLUMNS, fold_folder, merge_oof, read_history, write_history, write_predictions
 from runtime import (Runtime, StopSignals, agree, close_loader, join_process_group, on_main, rng_state,
                      seed_everything, set_rng_state, setup_runtime, sync_buffers, to_device)
 from sampler import SAMPLER_CAP, EpochSampler, sample_weights, train_loader
+from weights import load_pretrained
 
 TABLE_COLUMNS = ["pathology", "view", "fold", "n_train", "n_val", "best_epoch", "val_mse", "val_mse_cv", "val_mse_cal",
                  "const_mse", "val_auc"]

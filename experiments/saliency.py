@@ -9,11 +9,13 @@ the checkpoint's image size and square mode) under a translucent heatmap, titled
 and the model's calibrated score (the value make_submission.py would write) and its raw output.
 A heatmap on tubes, text markers or laterality tags rather than on the anatomy is shortcut learning.
 
-Grad-CAM (Selvaraju et al. 2017): the last convolutional feature map A (C, h, w) of any --arch
+Grad-CAM (Selvaraju et al. 2017): the last feature map A (C, h, w) of the backbone
 (XrayNet.feature_map), each channel weighted by the spatial mean of d score / d A, summed, ReLU'd,
 upsampled to the image and scaled to [0, 1]; the score is the model's [-1, 1] output (for a
 three-class head p(positive) - p(negative)). Coarse by nature: h = w = about the checkpoint's image
 size / 32 (7 x 7 at 224 px; a model trained at 32 px has a single cell, so no map to speak of).
+It needs a spatial map: every torchvision --arch and timm's convolutional models and Swin have one;
+a ViT's features are tokens, and the script says so and stops.
 The images are only read; files are written under --out only.
 """
 from __future__ import annotations
@@ -59,13 +61,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def grad_cam(model, images: torch.Tensor, heads: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Grad-CAM maps of a model (put in eval mode). images uint8 (B, 1, S, S) on the model's device;
+    """Grad-CAM maps of a model (put in eval mode) whose feature_map is spatial (B, C, h, w), not
+    tokens (model.has_feature_map). images uint8 (B, 1, S, S) on the model's device;
     heads: output columns. Returns (maps (B, len(heads), S, S) float32 in [0, 1], each scaled by its
     own maximum (all 0 where nothing drives the score up), scores (B, K) float32 in [-1, 1]: the
     model's uncalibrated output, model.score of its raw output)."""
     model.eval()
     with torch.no_grad():
         feats = model.feature_map(images).float()
+    if feats.dim() != 4:
+        raise ValueError(f"Grad-CAM needs a spatial feature map (B, C, h, w), got shape {tuple(feats.shape)}")
     with torch.enable_grad():
         feats.requires_grad_(True)
         scores = model.score(model.from_feature_map(feats))
@@ -134,6 +139,9 @@ def main(argv=None) -> list[dict]:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     model, ckpt = load_checkpoint(args.checkpoint, device)
+    if not model.has_feature_map:
+        raise UserError(f"--checkpoint {args.checkpoint}: its {model.arch} has no spatial feature map (its features "
+                        f"are tokens), which Grad-CAM needs; use a model of a convolutional --arch")
     heads = pick_heads(ckpt.pathologies, args.pathology, args.checkpoint)
     size, square = int(ckpt.preprocess["image_size"]), ckpt.preprocess["square"]
     images = read_images(args.images, size, square)

@@ -1,5 +1,7 @@
-"""model.py's backbones (--arch), freeze stages, one-channel stem, torchxrayvision weights, the
-three-class head, and float32 heads under autocast. Each arch is built once per module, at 32 px."""
+"""model.py's torchvision backbones (--arch), freeze stages, layer-decay groups, gradient
+checkpointing, one-channel stem, torchxrayvision weights, the three-class head, float32 heads under
+autocast and older checkpoints. Each arch is built once per module, at 32 px. timm backbones:
+test_timm.py."""
 import math
 
 import numpy as np
@@ -11,9 +13,10 @@ import torchvision
 import make_submission
 import train
 from common import UserError
-from model import IMAGE_MEAN, IMAGE_STD
-from model import (ARCHS, N_STAGES, XRV_MEAN, XRV_STD, build_model, load_checkpoint, load_pretrained, model_config,
-                   set_frozen)
+
+from model import (ARCHS, CHECKPOINT_FORMAT, IMAGE_MEAN, IMAGE_STD, N_STAGES, Checkpoint, backbone_stages, build_model,
+                   load_checkpoint, model_config, n_stages, param_groups, set_frozen, set_grad_checkpointing)
+from weights import XRV_MEAN, XRV_STD, load_pretrained
 
 NAMES = ["Cardiomegaly", "Fracture"]
 
@@ -63,10 +66,11 @@ def test_every_arch_gives_k_outputs_in_range_through_its_feature_map(models, arc
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_set_frozen_freezes_exactly_the_first_n_stages(models, arch):
     model = models(arch)
-    stages = model.stages()
+    stages = backbone_stages(model.family, model.backbone)
     sizes = [n_params(s) for s in stages]
-    assert len(stages) == N_STAGES and all(sizes)
+    assert n_stages(model) == len(stages) == N_STAGES and all(sizes)
     assert sum(sizes) == n_params(model.backbone)  # the stages cover the backbone, without overlap
+    assert [len(g) for g in model.groups()] == [len(list(s.parameters())) for s in stages]
     for n in range(N_STAGES + 1):
         set_frozen(model, n)
         model.train()
@@ -75,7 +79,40 @@ def test_set_frozen_freezes_exactly_the_first_n_stages(models, arch):
         assert all(m.training for s in stages[n:] for m in leaves(s))
     assert n_params(model, trainable_only=True) == n_params(model.heads)  # --freeze 5: only the heads train
     set_frozen(model, 0)
-    assert all(p.requires_grad for p in model.parameters())
+    model.train()
+    assert all(p.requires_grad for p in model.parameters()) and all(m.training for m in model.modules())
+
+
+def test_layer_decay_scales_the_five_stages_from_the_heads_down(models):
+    model = models("resnet18")
+    groups = param_groups(model, weight_decay=1e-4, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(scale) == len(list(model.parameters()))  # each once
+    assert [g["lr_scale"] for g in groups] == [1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125]  # heads first
+    assert all(g["weight_decay"] == 1e-4 for g in groups)
+    b = model.backbone
+    assert scale[id(model.heads[1][3].weight)] == 1.0 and scale[id(b.layer4[1].conv2.weight)] == 0.5
+    assert scale[id(b.layer1[0].bn1.bias)] == 0.5 ** 4 and scale[id(b.conv1.weight)] == scale[id(b.bn1.weight)] == 0.5 ** 5
+    (off,) = param_groups(model, weight_decay=1e-4)  # --layer-decay 1: today's single group
+    assert off["lr_scale"] == 1.0 and [id(p) for p in off["params"]] == [id(p) for p in model.parameters()]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "convnext_tiny"])  # the ResNet steps; the children of `features`
+def test_grad_checkpointing_gives_the_same_outputs_and_gradients(models, arch):
+    model = models(arch).train()  # training mode: BatchNorm uses batch statistics, so both passes agree
+    results = []
+    for enable in (False, True):
+        set_grad_checkpointing(model, enable)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same dropout and stochastic-depth draws
+        out = model(images(2))
+        out.pow(2).sum().backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    set_grad_checkpointing(model, False)
+    model.zero_grad(set_to_none=True)
+    (out, grads), (out_ckpt, grads_ckpt) = results
+    assert torch.allclose(out, out_ckpt, atol=1e-6) and grads.keys() == grads_ckpt.keys() and grads
+    assert all(torch.allclose(grads[n], grads_ckpt[n], atol=1e-5) for n in grads)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -282,3 +319,16 @@ def test_resuming_a_run_keeps_the_normalisation_of_its_weights(tiny_args, tmp_pa
     assert last.epoch == 2
     assert (last.model_config["mean"], last.model_config["std"]) == (XRV_MEAN, XRV_STD)
     assert (last.preprocess["mean"], last.preprocess["std"]) == (XRV_MEAN, XRV_STD)
+
+
+def test_a_version_2_checkpoint_without_image_size_still_loads(models, tmp_path):
+    """Version 3 added model_config['image_size'] (timm ViTs are built for it); older files lack it."""
+    model = models("resnet18").eval()
+    ckpt = Checkpoint.of(model, epoch=1, preprocess={"image_size": 32, "square": "resize", "mean": IMAGE_MEAN,
+                                                     "std": IMAGE_STD, "uncertain": "keep"})
+    config = {k: v for k, v in model.config.items() if k != "image_size"}
+    torch.save({"format": CHECKPOINT_FORMAT, "version": 2, **vars(ckpt), "model_config": config}, tmp_path / "v2.pt")
+    rebuilt, loaded = load_checkpoint(tmp_path / "v2.pt")
+    assert "image_size" not in loaded.model_config
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images(2)), model(images(2)))

@@ -221,14 +221,14 @@ def test_imagenet_weights_that_cannot_be_downloaded_are_one_clear_error(monkeypa
     def offline(self, *a, **k):
         raise OSError("<urlopen error [Errno -2] Name or service not known>")
     monkeypatch.setattr(torchvision.models.ResNet50_Weights, "get_state_dict", offline)
-    from model import load_pretrained
+    from weights import load_pretrained
     with pytest.raises(UserError, match=r"could not download the ImageNet ResNet-50 weights .*--weights PATH .*--weights none"):
         load_pretrained(build_model(model_config(["Cardiomegaly"], hidden=8)), "imagenet")
 
 
 def test_weights_path_loads_a_torchvision_state_dict_with_conv1_summed_over_colour(tmp_path):
     import torchvision
-    from model import load_pretrained
+    from weights import load_pretrained
     reference = torchvision.models.resnet50(weights=None)
     torch.save(reference.state_dict(), tmp_path / "resnet50.pth")
     model = build_model(model_config(["Cardiomegaly"], hidden=8))
