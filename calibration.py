@@ -16,6 +16,8 @@ import math
 
 import numpy as np
 
+from dataset import patient_folds
+
 CALIBRATIONS = ("affine", "isotonic", "none")
 
 SHRINK_ROWS = 5        # affine: slope shrunk by n / (n + 5), toward the constant (validation mean)
@@ -167,7 +169,7 @@ def fit_blend(preds: np.ndarray, target: np.ndarray, groups, studies, views, k: 
               f"{n_pat} labelled patients, fewer than 2 per fold for {k} folds" if n_pat < 2 * k else None)
     if reason:  # too few rows to measure anything out of fold: the uniform mean, calibrated on them all
         return {**_fit_fixed(P, t, uniform_w), "fallback": True, "reason": reason, "oof": oof}
-    folds = _patient_folds(groups, lab, k, seed)
+    folds = patient_folds(groups, k, seed, labelled=lab)
     blend, uniform, single = (np.full(len(t), np.nan) for _ in range(3))
     whole = np.flatnonzero(~np.isnan(P[lab]).any(axis=0))  # members that predict every labelled image
     for f in range(k):
@@ -233,23 +235,11 @@ def _mse(pred: np.ndarray, t: np.ndarray) -> float:
     return float(np.mean((pred[m] - t[m]) ** 2)) if m.any() else float("nan")
 
 
-def _patient_folds(groups, labelled, k: int, seed: int) -> np.ndarray:
-    """(N,) fold of each row, 0..k-1, whole patients per fold; patients with labels are dealt out
-    first, so each fold gets its share of them."""
-    patients, inv = np.unique(groups, return_inverse=True)
-    has = np.bincount(inv, labelled, minlength=len(patients)) > 0
-    order = np.random.default_rng(seed).permutation(len(patients))
-    order = order[np.argsort(~has[order], kind="stable")]
-    fold = np.empty(len(patients), dtype=np.int64)
-    fold[order] = np.arange(len(patients)) % k
-    return fold[inv]
-
-
 def _fit_pipeline(P, t, groups, s, frontal, k: int, seed: int) -> dict:
     """The whole fit on one set of images: lambda by grouped CV (without fusion), then w_frontal by
     grouped CV (with that lambda), then weights, fusion and a, b refitted on all of them. fit_blend
     calls it once per outer fold and once on everything."""
-    folds = _patient_folds(groups, ~np.isnan(t), k, seed)
+    folds = patient_folds(groups, k, seed, labelled=~np.isnan(t))
     lam = min(LAMBDAS, key=lambda v: _cv_mse(P, t, s, frontal, folds, k, v, None))  # first of ties: more shrinkage
     w = min(FUSION_GRID, key=lambda v: _cv_mse(P, t, s, frontal, folds, k, lam, v))
     return _fit(P, t, s, frontal, lam, w)

@@ -97,6 +97,34 @@ def test_apply_blend_by_hand_with_a_member_missing_on_some_images():
         ev.apply_blend(params, preds, studies, ["frontal", "lateral", "AP"])
 
 
+def _old_blend_folds(groups, labelled, k, seed):
+    """calibration._patient_folds as it was before dataset.patient_folds replaced it (a copy)."""
+    patients, inv = np.unique(groups, return_inverse=True)
+    has = np.bincount(inv, labelled, minlength=len(patients)) > 0
+    order = np.random.default_rng(seed).permutation(len(patients))
+    order = order[np.argsort(~has[order], kind="stable")]
+    fold = np.empty(len(patients), dtype=np.int64)
+    fold[order] = np.arange(len(patients)) % k
+    return fold[inv]
+
+
+def test_patient_folds_keep_whole_patients_and_the_blends_assignment():
+    rng = np.random.default_rng(11)
+    groups = rng.choice([f"pid{i}" for i in range(23)], 200)
+    labelled = np.isin(groups, [f"pid{i}" for i in range(7)]) & (rng.random(200) < 0.7)
+    for k, seed in ((5, 0), (3, 1), (4, 7)):
+        fold = dataset.patient_folds(groups, k, seed, labelled=labelled)
+        assert fold.dtype == np.int64 and set(fold) <= set(range(k))
+        assert all(len(set(fold[groups == g])) == 1 for g in set(groups))  # whole patients
+        np.testing.assert_array_equal(fold, _old_blend_folds(groups, labelled, k, seed))  # blend numbers unchanged
+        per_fold = np.bincount([fold[groups == g][0] for g in set(groups[labelled])], minlength=k)
+        assert per_fold.max() - per_fold.min() <= 1  # labelled patients dealt out first
+    # labelled=None: every row labelled; hard-coded to pin the assignment; row order does not matter
+    groups = np.array(["c", "a", "b", "a", "d", "e", "c"])
+    np.testing.assert_array_equal(dataset.patient_folds(groups, 2, 0), [0, 1, 0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(dataset.patient_folds(groups[::-1], 2, 0), [0, 1, 0, 1, 0, 1, 0][::-1])
+
+
 # ---------------------------------------------------------------------------------------------
 # experiments/blend.py
 
