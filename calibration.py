@@ -22,8 +22,11 @@ CALIBRATIONS = ("affine", "isotonic", "none")
 
 SHRINK_ROWS = 5        # affine: slope shrunk by n / (n + 5), toward the constant (validation mean)
 ISOTONIC_ROWS = 200    # isotonic: weight n / (n + 200) on the step fit, the rest on the affine map
-MIN_SLOPE = 1e-6       # strictly increasing, so the ranking (and AUC) never changes
-BLEND_MIN_SLOPE = 1e-3  # the blend's calibration slope is kept at least this (> 0: more blend, more label)
+# Every affine slope (per-model maps, the guard's constant choice, the blend) is kept at least this:
+# strictly increasing, so the ranking (and AUC) never changes. Where the fit wants a slope <= 0 this
+# costs at most about 2 * MIN_SLOPE of MSE over the flat (constant) map, on the [-1, 1] scale. Distinct
+# outputs stay distinct in float64 and in the submission CSV, which is written with every digit.
+MIN_SLOPE = 1e-6
 CV_FOLDS = 5           # the over-fitting guard's cross-validation
 
 LAMBDAS = (1.0, 0.1, 0.01, 0.001, 0.0)  # shrinkage toward uniform weights; most first, so ties keep more
@@ -47,13 +50,27 @@ def pav(t: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
     return np.repeat(values, counts)
 
 
+def fit_affine(x: np.ndarray, t: np.ndarray, shrink_rows: int = 0) -> tuple[float, float]:
+    """(a, b) of t ~ a * x + b by least squares; x, t (n,) finite floats. The slope is shrunk by
+    n / (n + shrink_rows) toward 0, b recentred so the mean of a * x + b stays the mean of t, then
+    kept >= MIN_SLOPE; when x does not vary there is no slope to learn: a = MIN_SLOPE, the mean of t.
+    (1.0, 0.0), the identity, when n == 0. Used by per-model calibration and by the blend."""
+    n = len(x)
+    if n == 0:
+        return 1.0, 0.0
+    vx = x.var()
+    a = ((x - x.mean()) * (t - t.mean())).mean() / vx if vx > 1e-12 else 0.0
+    if shrink_rows:
+        a = a * n / (n + shrink_rows)
+    a = float(max(a, MIN_SLOPE))
+    return a, float(t.mean() - a * x.mean())
+
+
 def _fit_map(kind: str, y: np.ndarray, t: np.ndarray) -> dict:
     """The map itself (see fit_calibration), fitted on all of (y, t)."""
     n = len(y)
-    vy = y.var()
-    a = ((y - y.mean()) * (t - t.mean())).mean() / vy if vy > 1e-12 else 0.0
-    a = max(a * n / (n + SHRINK_ROWS), MIN_SLOPE)
-    cal = {"kind": "affine", "a": float(a), "b": float(t.mean() - a * y.mean()), "n": n}
+    a, b = fit_affine(y, t, SHRINK_ROWS)
+    cal = {"kind": "affine", "a": a, "b": b, "n": n}
     if kind == "isotonic":
         order = np.argsort(y, kind="stable")
         fitted = pav(t[order])
@@ -148,7 +165,7 @@ def fit_blend(preds: np.ndarray, target: np.ndarray, groups, studies, views, k: 
     one view the study has; then a * value + b, clipped to [-1, 1]. Weights are non-negative, sum to
     1 and are fitted by least squares (intercept free) on the labelled images that every member
     predicts (uniform if there are none), plus lambda * |w - uniform|^2; a and b by least squares
-    after fusion (a >= BLEND_MIN_SLOPE). lambda (LAMBDAS), then w_frontal (FUSION_GRID) are chosen by
+    after fusion (fit_affine: a >= MIN_SLOPE). lambda (LAMBDAS), then w_frontal (FUSION_GRID) are chosen by
     patient-grouped k-fold CV.
 
     oof: MSE over the n labelled images, each predicted by a pipeline fitted without its patient's
@@ -189,7 +206,7 @@ def fit_blend(preds: np.ndarray, target: np.ndarray, groups, studies, views, k: 
 def _fit_fixed(P, t, weights) -> dict:
     """Given member weights: only the intercept and slope (a, b) fitted, on the labelled rows; no fusion."""
     lab = ~np.isnan(t)
-    a, b = _fit_affine(_combine(P, weights)[lab], t[lab])
+    a, b = fit_affine(_combine(P, weights)[lab], t[lab])
     return _params(weights, None, a, b, None)
 
 
@@ -267,7 +284,7 @@ def _fit(P, t, s, frontal, lam: float, w_frontal) -> dict:
     complete = lab & ~np.isnan(P).any(axis=1)
     weights = simplex_weights(P[complete], t[complete], lam)
     x = _fuse(_combine(P, weights), s, frontal, w_frontal)
-    a, b = _fit_affine(x[lab], t[lab])
+    a, b = fit_affine(x[lab], t[lab])
     return _params(weights, lam, a, b, w_frontal)
 
 
@@ -333,15 +350,4 @@ def _fuse(x, s, frontal, w_frontal) -> np.ndarray:
         mf, ml = np.bincount(s, xz * f, size) / nf, np.bincount(s, xz * l, size) / nl
     fused = np.where((nf > 0) & (nl > 0), w_frontal * mf + (1 - w_frontal) * ml, np.where(nf > 0, mf, ml))
     return fused[s]
-
-
-def _fit_affine(x, t) -> tuple[float, float]:
-    """Least-squares a, b of t ~ a * x + b with a >= BLEND_MIN_SLOPE; a = 1 when x does not vary."""
-    if len(x) == 0:
-        return 1.0, 0.0
-    vx = float(x.var())
-    a = float(((x - x.mean()) * (t - t.mean())).mean()) / vx if vx > 1e-12 else 1.0
-    a = max(a, BLEND_MIN_SLOPE)
-    return a, float(t.mean() - a * x.mean())
-
 

@@ -53,6 +53,14 @@ def test_simplex_weights_exact_cases():
     assert ev.simplex_weights(P, t, 1e6) == pytest.approx([1 / 3] * 3, abs=1e-3)  # all shrinkage: uniform
 
 
+def test_the_blends_slope_has_the_calibrations_floor():
+    rng = np.random.default_rng(12)
+    patients, studies, views, t = _studies(rng, 150, blank=0)
+    fit = ev.fit_blend(_member(rng, t, -0.5, 0.3)[:, None], t, patients, studies, views)  # anti-correlated
+    assert fit["a"] == ev.MIN_SLOPE
+    assert ev.apply_blend(fit, _member(rng, t, -0.5, 0.3)[:, None], studies, views) == pytest.approx(fit["b"], abs=1e-5)
+
+
 def test_fallback_to_uniform_without_enough_labelled_rows():
     rng = np.random.default_rng(2)
     patients, studies, views, t = _studies(rng, 10, blank=0)  # 20 rows

@@ -4,7 +4,7 @@ import pytest
 
 import evaluation
 import train
-from calibration import apply_calibration, fit_calibration, pav
+from calibration import MIN_SLOPE, apply_calibration, fit_affine, fit_calibration, pav
 
 
 def test_affine_fit_recovers_known_slope_and_intercept():
@@ -22,6 +22,22 @@ def test_affine_slope_stays_positive_when_the_fit_wants_it_negative():
     assert cal["a"] > 0
     out = apply_calibration(cal, y)
     assert np.all(np.diff(out) > 0)
+
+
+def test_fit_affine_least_squares_shrinkage_and_one_minimum_slope():
+    rng = np.random.default_rng(10)
+    x = rng.uniform(-1, 1, 500)
+    t = 0.5 * x + 0.2 + rng.normal(0, 0.1, 500)
+    a, b = fit_affine(x, t)
+    assert (a, b) == pytest.approx(tuple(np.polyfit(x, t, 1)), rel=1e-9)
+    a5, b5 = fit_affine(x, t, shrink_rows=5)
+    assert a5 == pytest.approx(a * 500 / 505) and a5 * x.mean() + b5 == pytest.approx(t.mean())
+    assert fit_affine(x, -t) == (MIN_SLOPE, pytest.approx(-t.mean() - MIN_SLOPE * x.mean()))  # wants < 0
+    assert fit_affine(np.full(10, 0.3), t[:10]) == (MIN_SLOPE, pytest.approx(t[:10].mean() - MIN_SLOPE * 0.3))
+    assert fit_affine(np.array([]), np.array([])) == (1.0, 0.0)
+    # the per-model map and the guard's constant use the same fit and the same floor
+    cal = fit_calibration("affine", x, -t)
+    assert (cal["a"], cal["b"]) == fit_affine(x, -t, shrink_rows=5)
 
 
 def test_pav_matches_known_answers():
