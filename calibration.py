@@ -82,11 +82,12 @@ def _fit_map(kind: str, y: np.ndarray, t: np.ndarray) -> dict:
     return cal
 
 
-def _cross_validate(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None) -> dict[str, float]:
+def _cross_validate(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None, groups) -> dict[str, float]:
     """Mean squared error of each choice ('map', 'identity', and 'constant' when prior is given) in
-    CV_FOLDS-fold cross-validation on (y, t), the map refitted on each fold's complement: every
-    row is scored by a map that did not see it."""
-    fold = np.random.default_rng(0).permutation(len(y)) % CV_FOLDS
+    CV_FOLDS-fold cross-validation on (y, t) with whole patients per fold (groups (n,) patient ids),
+    the map refitted on each fold's complement: every row is scored by a map that saw none of its
+    patient's rows, which share its labels and look alike. NaN when no fold can be scored."""
+    fold = patient_folds(groups, CV_FOLDS, seed=0)
     se = {"constant": 0.0, "identity": 0.0, "map": 0.0}
     n = 0
     for f in range(CV_FOLDS):
@@ -103,28 +104,34 @@ def _cross_validate(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None
     return out
 
 
-def fit_calibration(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None = None) -> dict | None:
-    """Fit a map raw output y -> target t on labelled validation rows (y, t: (n,), finite).
+def fit_calibration(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None = None,
+                    groups=None) -> dict | None:
+    """Fit a map raw output y -> target t on labelled validation rows (y, t: (n,), finite; y in
+    [-1, 1], t in {-1, 0, 1}); groups (n,) the rows' patient ids, None = each row its own patient.
 
     affine: t ~ a*y + b by least squares, the slope shrunk by n/(n+SHRINK_ROWS) toward 0 (b
       recentred): negligible at the thousands of rows a real validation split has, a pull toward
       the constant on tiny ones. The slope is kept >= MIN_SLOPE.
     isotonic: PAV step fit blended with that affine map, weight n/(n+ISOTONIC_ROWS) on the step fit.
     The guard against over-fitting: given `prior` (the training mean, the constant predictor the
-    metric compares with), CV_FOLDS-fold cross-validation on these rows picks the best of the
-    fitted map, the raw output (identity) and the constant prior (slope MIN_SLOPE); 'chosen' says
-    which, and 'cv_mse' is the chosen option's cross-validated MSE: an out-of-sample estimate of
-    what the map scores on rows it was not fitted on (the MSE of the final map on these same rows
-    is in-sample, and optimistic). Every map is strictly increasing. Returns None for 'none' or
-    fewer than 2 rows."""
+    metric compares with), CV_FOLDS-fold cross-validation on these rows, folded by patient,
+    picks the best of the fitted map, the raw output (identity) and the constant prior (slope
+    MIN_SLOPE); 'chosen' says which, and 'cv_mse' is the chosen option's cross-validated MSE: an
+    out-of-sample estimate of what the map scores on patients it was not fitted on (the MSE of the
+    final map on these same rows is in-sample, and optimistic). Where no fold can be scored (one
+    patient, or no fold whose complement has 2 rows) cv_mse is NaN and, given a prior, the constant
+    is chosen. Every map is strictly increasing. Returns None for 'none' or fewer than 2 rows."""
     y, t = np.asarray(y, np.float64), np.asarray(t, np.float64)
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    if len(groups) != len(y) or len(t) != len(y):
+        raise ValueError(f"fit_calibration: y ({len(y)},), t ({len(t)},) and groups ({len(groups)},) do not match")
     if kind == "none" or len(y) < 2:
         return None
     if kind not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {kind!r}")
-    cv = _cross_validate(kind, y, t, prior)
-    order = ["constant", "identity", "map"]  # ties go to the simpler choice
-    chosen = "map" if prior is None else min(cv, key=lambda k: (cv[k], order.index(k)))
+    cv = _cross_validate(kind, y, t, prior, groups)
+    order = ["constant", "identity", "map"]  # ties, and no score at all (NaN), go to the simpler choice
+    chosen = "map" if prior is None else min(cv, key=lambda k: (np.nan_to_num(cv[k], nan=np.inf), order.index(k)))
     common = {"n": len(y), "chosen": chosen, "cv_mse": float(cv[chosen])}
     if chosen == "constant":
         return {"kind": "affine", "a": MIN_SLOPE, "b": float(prior - MIN_SLOPE * y.mean()), **common}

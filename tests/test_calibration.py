@@ -151,3 +151,37 @@ def test_already_calibrated_outputs_are_left_alone():
     t = rng.choice([-1.0, 0.0, 1.0], 60)
     cal = fit_calibration("affine", t, t, prior=0.0)  # perfect predictions: the shrunk map would cost
     assert cal["chosen"] == "identity" and np.array_equal(apply_calibration(cal, t), t)
+
+
+def _look_alike_patients(rng, n_patients: int, per: int):
+    """per images of each patient with near-identical outputs (one draw, +-1e-3) and one shared label
+    (30% positive) that the outputs say nothing about. Returns y, t, patient ids (n_patients * per,)."""
+    y = np.repeat(rng.normal(0, 0.4, n_patients), per) + rng.normal(0, 1e-3, n_patients * per)
+    t = np.repeat(np.where(rng.random(n_patients) < 0.3, 1.0, -1.0), per)
+    return y, t, np.repeat(np.arange(n_patients), per)
+
+
+def test_guard_folds_by_patient_so_look_alike_images_do_not_flatter_the_map():
+    """Row folds put a patient's look-alike images on both sides of every split: the isotonic map
+    recalls their shared label and cross-validates better than the constant, although on other
+    patients it is worse. Folded by patient, the guard sees that and keeps the constant."""
+    prior = -0.4
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        y, t, patients = _look_alike_patients(rng, 100, 8)
+        y_new, t_new, _ = _look_alike_patients(rng, 2000, 1)  # other patients, never fitted on
+        on_new = np.mean((apply_calibration(fit_calibration("isotonic", y, t), y_new) - t_new) ** 2)
+        assert on_new > np.mean((prior - t_new) ** 2)  # the map really loses to the constant
+        by_row = fit_calibration("isotonic", y, t, prior=prior)  # each row its own patient
+        assert by_row["chosen"] == "map" and by_row["cv_mse"] < np.mean((prior - t) ** 2)  # fooled
+        by_patient = fit_calibration("isotonic", y, t, prior=prior, groups=patients)
+        assert by_patient["chosen"] == "constant"
+        assert by_patient["cv_mse"] == pytest.approx(np.mean((prior - t) ** 2))
+
+
+def test_guard_with_one_patient_or_mismatched_groups():
+    y, t = np.linspace(-1, 1, 10), np.where(np.arange(10) > 4, 1.0, -1.0)
+    cal = fit_calibration("affine", y, t, prior=0.0, groups=np.zeros(10))  # one patient: nothing to cross-validate
+    assert cal["chosen"] == "constant" and np.isnan(cal["cv_mse"])
+    with pytest.raises(ValueError, match="groups"):
+        fit_calibration("affine", y, t, groups=np.zeros(9))
