@@ -152,6 +152,44 @@ def apply_calibration(cal: dict | None, y) -> np.ndarray:
     return np.clip(out, -1.0, 1.0)
 
 
+def fuse_studies(x: np.ndarray, studies, frontal=None, w_frontal: float | None = None) -> np.ndarray:
+    """Study fusion: every image of a study takes one value, made from the study's images where x
+    is not NaN (NaN = not predicted: it does not count, and takes the study's value when another
+    image has one; a study with none stays NaN).
+
+    x (N,) or (N, P) floats; studies (N,) study ids (any sortable values); frontal (N,) bool, True
+    for a frontal image. w_frontal None: the plain mean over the study's images (frontal unused;
+    make_submission.py --study-fusion). w_frontal in [0, 1]: w_frontal * mean(frontal images) +
+    (1 - w_frontal) * mean(lateral images), or the mean of the one view the study has (the blend).
+    Returns float64 of x's shape."""
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) == 0:
+        return x.copy()
+    codes = np.unique(np.asarray(studies), return_inverse=True)[1].reshape(-1)
+    cols = x.reshape(len(x), -1)
+    if w_frontal is None:
+        return _study_means(cols, codes, np.ones(len(x), dtype=bool))[codes].reshape(x.shape)
+    if frontal is None:
+        raise ValueError("fuse_studies: w_frontal needs frontal, the images' views")
+    frontal = np.asarray(frontal, dtype=bool)
+    mf, ml = _study_means(cols, codes, frontal), _study_means(cols, codes, ~frontal)
+    both = ~np.isnan(mf) & ~np.isnan(ml)
+    fused = np.where(both, w_frontal * mf + (1 - w_frontal) * ml, np.where(np.isnan(mf), ml, mf))
+    return fused[codes].reshape(x.shape)
+
+
+def _study_means(x: np.ndarray, codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(S, P) mean of x (N, P) over each study's rows where rows (N,) is True and x is not NaN, NaN
+    where there are none; codes (N,) the study of each row, 0..S-1."""
+    size = int(codes.max()) + 1
+    ok = ~np.isnan(x) & rows[:, None]
+    xz = np.where(ok, x, 0.0)
+    sums = np.stack([np.bincount(codes, xz[:, j], size) for j in range(x.shape[1])], axis=1)
+    counts = np.stack([np.bincount(codes, ok[:, j], size) for j in range(x.shape[1])], axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / counts
+
+
 # ---------------------------------------------------------------------------------------------
 # Blending: members' raw predictions on the same validation images -> one calibrated prediction
 
@@ -167,13 +205,13 @@ def fit_blend(preds: np.ndarray, target: np.ndarray, groups, studies, views, k: 
     count for study fusion (their predictions join their study's mean), never as targets.
 
     The blend of an image (apply_blend): the weighted mean of the members that predict it (weights
-    renormalised over them); then, if w_frontal is not None, every image of a study takes
-    w_frontal * mean(frontal images) + (1 - w_frontal) * mean(lateral images), or the mean of the
-    one view the study has; then a * value + b, clipped to [-1, 1]. Weights are non-negative, sum to
-    1 and are fitted by least squares (intercept free) on the labelled images that every member
-    predicts (uniform if there are none), plus lambda * |w - uniform|^2; a and b by least squares
-    after fusion (fit_affine: a >= MIN_SLOPE). lambda (LAMBDAS), then w_frontal (FUSION_GRID) are chosen by
-    patient-grouped k-fold CV.
+    renormalised over them); then, if w_frontal is not None, fuse_studies: every image of a study
+    takes w_frontal * mean(frontal images) + (1 - w_frontal) * mean(lateral images), or the mean of
+    the one view the study has; then a * value + b, clipped to [-1, 1]. Weights are non-negative,
+    sum to 1 and are fitted by least squares (intercept free) on the labelled images that every
+    member predicts (uniform if there are none), plus lambda * |w - uniform|^2 (simplex_weights); a
+    and b by least squares after fusion (fit_affine: a >= MIN_SLOPE). lambda (LAMBDAS), then
+    w_frontal (FUSION_GRID) are chosen by k-fold CV with whole patients per fold (patient_folds).
 
     oof: MSE over the n labelled images, each predicted by a pipeline fitted without its patient's
     fold, every calibration included: "blend" (the selection of lambda and w_frontal too); the
@@ -290,13 +328,18 @@ def _fit(P, t, s, frontal, lam: float, w_frontal) -> dict:
     lab = ~np.isnan(t)
     complete = lab & ~np.isnan(P).any(axis=1)
     weights = simplex_weights(P[complete], t[complete], lam)
-    x = _fuse(_combine(P, weights), s, frontal, w_frontal)
+    x = _fused(_combine(P, weights), s, frontal, w_frontal)
     a, b = fit_affine(x[lab], t[lab])
     return _params(weights, lam, a, b, w_frontal)
 
 
+def _fused(x, s, frontal, w_frontal) -> np.ndarray:
+    """The blend's fusion step: fuse_studies with w_frontal, or x unchanged where w_frontal is None."""
+    return x if w_frontal is None else fuse_studies(x, s, frontal, w_frontal)
+
+
 def _predict(params: dict, P, s, frontal) -> np.ndarray:
-    x = _fuse(_combine(P, np.asarray(params["weights"])), s, frontal, params["w_frontal"])
+    x = _fused(_combine(P, np.asarray(params["weights"])), s, frontal, params["w_frontal"])
     return np.clip(params["a"] * x + params["b"], -1.0, 1.0)
 
 
@@ -342,19 +385,3 @@ def _combine(P, weights) -> np.ndarray:
     num, den, count = Pz @ weights, avail @ weights, avail.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 1e-12, num / den, Pz.sum(axis=1) / count)
-
-
-def _fuse(x, s, frontal, w_frontal) -> np.ndarray:
-    """Study fusion: each image takes its study's w * mean(frontal) + (1 - w) * mean(lateral), or the
-    mean of the one view the study has; w_frontal None leaves x as it is. x (N,), s (N,) study codes."""
-    if w_frontal is None or len(x) == 0:
-        return x
-    ok = ~np.isnan(x)
-    xz, f, l = np.where(ok, x, 0.0), ok & frontal, ok & ~frontal
-    size = int(s.max()) + 1
-    nf, nl = np.bincount(s, f, size), np.bincount(s, l, size)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mf, ml = np.bincount(s, xz * f, size) / nf, np.bincount(s, xz * l, size) / nl
-    fused = np.where((nf > 0) & (nl > 0), w_frontal * mf + (1 - w_frontal) * ml, np.where(nf > 0, mf, ml))
-    return fused[s]
-

@@ -60,9 +60,8 @@ from cache import cached_table
 from common import UserError, atomic_write, default_workers, format_table, run_cli
 from dataset import (LABEL_CONVENTIONS, PATHOLOGIES, VIEWS, choose_convention, describe_convention,
                      parse_label_column, read_csv_text, read_header, read_test_csv, read_train_csv, resolve_data)
-from calibration import apply_blend
+from calibration import apply_blend, apply_calibration, fuse_studies
 from evaluation import METRIC_COLUMNS, evaluate, metrics_rows, plot_evaluation, write_metrics
-from calibration import apply_calibration
 from model import Checkpoint, load_checkpoint
 from runtime import Runtime, setup_runtime
 
@@ -452,12 +451,6 @@ def assemble(sources: list[Source], raw: list[np.ndarray], routes: Routes, views
             if chosen and rows.any():
                 values[rows, j] = np.mean([calibrated(sources[s], name, raw[s][rows, k]) for s, k in chosen], axis=0)
     return values, ~np.isnan(values)
-
-
-def fuse_studies(values: np.ndarray, studies: np.ndarray) -> np.ndarray:
-    """Average each column over the images of one study; NaN (uncovered) entries do not count, and
-    get the study's mean when another view of the study has one. values (N, P), NaN = uncovered."""
-    return pd.DataFrame(values).groupby(studies).transform("mean").to_numpy()
 
 
 # ---------------------------------------------------------------------------------------------

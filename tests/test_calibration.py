@@ -1,10 +1,11 @@
-"""Calibration maps (model.py) and the metrics that report them (train.py)."""
+"""Calibration maps, their fits and guard, study fusion (calibration.py), and the metrics that report them (train.py)."""
 import numpy as np
+import pandas as pd
 import pytest
 
 import evaluation
 import train
-from calibration import MIN_SLOPE, apply_calibration, fit_affine, fit_calibration, pav
+from calibration import MIN_SLOPE, apply_calibration, fit_affine, fit_calibration, fuse_studies, pav
 
 
 def test_affine_fit_recovers_known_slope_and_intercept():
@@ -185,3 +186,48 @@ def test_guard_with_one_patient_or_mismatched_groups():
     assert cal["chosen"] == "constant" and np.isnan(cal["cv_mse"])
     with pytest.raises(ValueError, match="groups"):
         fit_calibration("affine", y, t, groups=np.zeros(9))
+
+
+def _old_submission_fusion(values, studies):
+    """make_submission.fuse_studies before calibration.fuse_studies replaced it (a copy)."""
+    return pd.DataFrame(values).groupby(studies).transform("mean").to_numpy()
+
+
+def _old_blend_fusion(x, s, frontal, w_frontal):
+    """calibration._fuse before fuse_studies replaced it (a copy); s (N,) int study codes."""
+    ok = ~np.isnan(x)
+    xz, f, l = np.where(ok, x, 0.0), ok & frontal, ok & ~frontal
+    size = int(s.max()) + 1
+    nf, nl = np.bincount(s, f, size), np.bincount(s, l, size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mf, ml = np.bincount(s, xz * f, size) / nf, np.bincount(s, xz * l, size) / nl
+    fused = np.where((nf > 0) & (nl > 0), w_frontal * mf + (1 - w_frontal) * ml, np.where(nf > 0, mf, ml))
+    return fused[s]
+
+
+def test_fuse_studies_plain_mean_by_hand_and_as_make_submission_did():
+    x = np.array([[0.2, np.nan], [0.4, 0.5], [np.nan, np.nan], [-1.0, 0.3], [0.9, np.nan]])
+    studies = np.array(["p1/s1", "p1/s1", "p2/s1", "p3/s1", "p3/s1"])
+    want = [[0.3, 0.5], [0.3, 0.5], [np.nan, np.nan], [-0.05, 0.3], [-0.05, 0.3]]  # NaN ignored, filled
+    np.testing.assert_allclose(fuse_studies(x, studies), want)
+    np.testing.assert_allclose(fuse_studies(x[:, 1], studies), np.array(want)[:, 1])  # (N,) too
+    rng = np.random.default_rng(13)
+    x = np.where(rng.random((300, 4)) < 0.2, np.nan, rng.uniform(-1, 1, (300, 4)))
+    studies = rng.choice([f"pid{i}/study1" for i in range(120)], 300)
+    np.testing.assert_allclose(fuse_studies(x, studies), _old_submission_fusion(x, studies), rtol=0, atol=1e-15)
+
+
+def test_fuse_studies_frontal_weight_by_hand_and_as_the_blend_did():
+    x = np.array([0.2, 0.6, 0.0, 0.5, np.nan, -0.4, np.nan])
+    studies = ["a", "a", "a", "b", "b", "c", "d"]
+    frontal = np.array([True, True, False, True, False, False, True])
+    # a: 0.25 * mean(0.2, 0.6) + 0.75 * 0.0; b: frontal only (its lateral is NaN); c: lateral only; d: none
+    want = [0.1, 0.1, 0.1, 0.5, 0.5, -0.4, np.nan]
+    np.testing.assert_allclose(fuse_studies(x, studies, frontal, 0.25), want)
+    with pytest.raises(ValueError, match="frontal"):
+        fuse_studies(x, studies, w_frontal=0.25)
+    rng = np.random.default_rng(14)
+    x = np.where(rng.random(400) < 0.2, np.nan, rng.uniform(-1, 1, 400))
+    s, frontal = rng.integers(0, 150, 400), rng.random(400) < 0.6
+    for w in (0.0, 0.3, 0.5, 1.0):
+        np.testing.assert_array_equal(fuse_studies(x, s, frontal, w), _old_blend_fusion(x, s, frontal, w))
