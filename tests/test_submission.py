@@ -314,7 +314,9 @@ def test_trained_multi_head_applies_its_calibration_maps(demo_root, tiny_args, t
     """Train a tiny lateral multi-head model; a test CSV of its validation images must get exactly
     the calibrated validation predictions (apply_calibration of each head's map on its raw output)."""
     names = ["Cardiomegaly", "Support Devices"]
-    train.main(tiny_args("--pathology", *names, "--multi-head", "--view", "lateral", "--val-frac", "0.5"))
+    # seed 2: the guard picks a map that moves the outputs (on ~10 rows it often keeps them as they are)
+    train.main(tiny_args("--pathology", *names, "--multi-head", "--view", "lateral", "--val-frac", "0.5",
+                         "--seed", "2"))
     ckpt_path = tmp_path / "ckpt" / "multi_head_lateral" / "best.pt"
     model, ckpt = load_checkpoint(ckpt_path)
     assert ckpt.pathologies == names and ckpt.view == "lateral"
@@ -322,7 +324,7 @@ def test_trained_multi_head_applies_its_calibration_maps(demo_root, tiny_args, t
     # the validation rows exactly as train.py chose them: same table, same patient split
     table, cache = cached_table(read_train_csv(demo_root / "student_labels" / "train2023.csv"), demo_root, 32,
                                 tmp_path / "cache", "train2023", workers=1, progress=False)
-    is_val = split_by_patient(table["patient"], 0.5, 0)
+    is_val = split_by_patient(table["patient"], 0.5, 2)
     val = table[is_val & (table["view"] == "lateral").to_numpy() & table[names].notna().any(axis=1).to_numpy()]
     assert len(val) >= 2
     rt = train.Runtime(torch.device("cpu"), progress=False)
