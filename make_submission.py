@@ -69,7 +69,10 @@ HEADER = ",".join(["Id", *PATHOLOGIES])
 MODEL_VIEWS = ("all", *VIEWS)
 TABLE_COLUMNS = ["pathology", "view", "source", "trained_on", "images", "val_mse", "val_mse_cv", "val_mse_cal",
                  "const_mse", "val_auc", "mean", "min", "max"]
-FLOAT_FORMAT = "%.6f"
+# None: pandas writes each float64 as its shortest repr (0.1, -0.899999999, 0.0), which reads back as the
+# same float64. Fewer digits would merge values that a map with a tiny slope (the guard's constant
+# choice) keeps apart by ~1e-9, and the AUC scored from the file would not be the model's.
+FLOAT_FORMAT = None
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""Calibration maps, their fits and guard, study fusion (calibration.py), and the metrics that report them (train.py)."""
+"""Calibration maps, their fit and guard, study fusion (calibration.py), and the metrics that report them."""
 import numpy as np
 import pandas as pd
 import pytest
