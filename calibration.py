@@ -1,20 +1,23 @@
 """Calibration: maps from raw model outputs to the values that minimise MSE, per model and blended.
 
 - fit_calibration, apply_calibration: one model's monotone map (affine, or isotonic blended with
-  affine), with a patient-grouped cross-validated guard that may choose the raw output or the
-  constant training mean instead; stored in its checkpoint.
+  affine), with a cross-validated guard (whole patients per fold) that may choose the raw output or
+  the constant training mean instead; stored in its checkpoint.
 - fit_blend, apply_blend: per pathology, non-negative member weights shrunk toward uniform, a
   frontal/lateral study fusion and an affine calibration, chosen by patient-grouped K-fold CV, with
   the out-of-fold MSE of the best single member, the uniform average and the blend.
+- What both use: fit_affine (one least-squares fit, one MIN_SLOPE), fuse_studies (also
+  make_submission.py --study-fusion), and dataset.patient_folds.
 
-Plain numpy. Scale throughout: predictions in [-1, 1]; targets 1 positive, 0 uncertain, -1
-negative, NaN blank.
+numpy, with scikit-learn's isotonic regression (the step fit) rather than a hand-written one.
+Scale throughout: predictions in [-1, 1]; targets 1 positive, 0 uncertain, -1 negative, NaN blank.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
+from sklearn.isotonic import isotonic_regression
 
 from dataset import patient_folds
 
@@ -33,21 +36,6 @@ LAMBDAS = (1.0, 0.1, 0.01, 0.001, 0.0)  # shrinkage toward uniform weights; most
 # Frontal weights tried for study fusion, preferred first on ties (0.5 when no study has both views);
 # None = no fusion, each image keeps its own value.
 FUSION_GRID = (0.5, 0.6, 0.4, 0.7, 0.3, 0.8, 0.2, 0.9, 0.1, 1.0, 0.0, None)
-
-
-def pav(t: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
-    """Pool-adjacent-violators: the non-decreasing sequence closest to t in (weighted) least squares."""
-    t = np.asarray(t, dtype=np.float64)
-    w = np.ones_like(t) if w is None else np.asarray(w, dtype=np.float64)
-    values, weights, counts = [], [], []
-    for ti, wi in zip(t, w):
-        values.append(ti), weights.append(wi), counts.append(1)
-        while len(values) > 1 and values[-2] > values[-1]:
-            v, wt, c = values.pop(), weights.pop(), counts.pop()
-            values[-1] = (values[-1] * weights[-1] + v * wt) / (weights[-1] + wt)
-            weights[-1] += wt
-            counts[-1] += c
-    return np.repeat(values, counts)
 
 
 def fit_affine(x: np.ndarray, t: np.ndarray, shrink_rows: int = 0) -> tuple[float, float]:
@@ -73,7 +61,7 @@ def _fit_map(kind: str, y: np.ndarray, t: np.ndarray) -> dict:
     cal = {"kind": "affine", "a": a, "b": b, "n": n}
     if kind == "isotonic":
         order = np.argsort(y, kind="stable")
-        fitted = pav(t[order])
+        fitted = isotonic_regression(t[order], increasing=True)  # pool-adjacent-violators
         edges = np.flatnonzero(np.diff(fitted))
         right = np.append(y[order][edges], np.inf)  # block j covers y <= right[j]
         cal.update(kind="isotonic", right=[float(v) for v in right[:-1]],

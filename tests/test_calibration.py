@@ -2,10 +2,11 @@
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.isotonic import isotonic_regression
 
 import evaluation
 import train
-from calibration import MIN_SLOPE, apply_calibration, fit_affine, fit_calibration, fuse_studies, pav
+from calibration import MIN_SLOPE, apply_calibration, fit_affine, fit_calibration, fuse_studies
 
 
 def test_affine_fit_recovers_known_slope_and_intercept():
@@ -41,11 +42,46 @@ def test_fit_affine_least_squares_shrinkage_and_one_minimum_slope():
     assert (cal["a"], cal["b"]) == fit_affine(x, -t, shrink_rows=5)
 
 
-def test_pav_matches_known_answers():
+def pav(t, w=None) -> np.ndarray:
+    """calibration.pav before scikit-learn's isotonic_regression replaced it (a copy): the
+    non-decreasing sequence closest to t in (weighted) least squares."""
+    t = np.asarray(t, dtype=np.float64)
+    w = np.ones_like(t) if w is None else np.asarray(w, dtype=np.float64)
+    values, weights, counts = [], [], []
+    for ti, wi in zip(t, w):
+        values.append(ti), weights.append(wi), counts.append(1)
+        while len(values) > 1 and values[-2] > values[-1]:
+            v, wt, c = values.pop(), weights.pop(), counts.pop()
+            values[-1] = (values[-1] * weights[-1] + v * wt) / (weights[-1] + wt)
+            weights[-1] += wt
+            counts[-1] += c
+    return np.repeat(values, counts)
+
+
+def test_pav_matches_known_answers_and_scikit_learns_isotonic_regression():
     assert np.allclose(pav([1, 3, 2, 4]), [1, 2.5, 2.5, 4])
     assert np.allclose(pav([3, 2, 1]), [2, 2, 2])
     assert np.allclose(pav([-1, -1, 1, 0, 1]), [-1, -1, 0.5, 0.5, 1])
     assert np.allclose(pav([1, 2, 3]), [1, 2, 3])
+    rng = np.random.default_rng(15)
+    for n in (2, 7, 50, 1000):
+        t, w = rng.choice([-1.0, 0.0, 1.0], n), rng.uniform(0.1, 3, n)
+        np.testing.assert_allclose(isotonic_regression(t), pav(t), rtol=0, atol=1e-14)
+        np.testing.assert_allclose(isotonic_regression(t, sample_weight=w), pav(t, w), rtol=0, atol=1e-14)
+
+
+def test_isotonic_map_is_what_it_was_before_scikit_learn():
+    """The step map fitted by isotonic_regression equals the one the hand-written PAV gave, ties in
+    the outputs included (they are fitted in the stable sort order, as before)."""
+    rng = np.random.default_rng(16)
+    y = np.round(rng.normal(0, 0.4, 600), 2)  # many tied outputs
+    t = np.where(rng.random(600) < 0.2 + 0.4 * (y > 0), 1.0, -1.0)
+    cal = fit_calibration("isotonic", y, t)
+    order = np.argsort(y, kind="stable")
+    fitted = pav(t[order])
+    edges = np.flatnonzero(np.diff(fitted))
+    assert cal["right"] == pytest.approx(y[order][edges].tolist(), abs=0)
+    assert cal["values"] == pytest.approx(np.append(fitted[edges], fitted[-1]).tolist(), abs=1e-14)
 
 
 def test_isotonic_output_is_monotone_and_fits_the_step_on_sorted_inputs():
