@@ -9,14 +9,14 @@
 - What both use: fit_affine (one least-squares fit, one MIN_SLOPE), fuse_studies (also
   make_submission.py --study-fusion), and dataset.patient_folds.
 
-numpy, with scikit-learn's isotonic regression (the step fit) rather than a hand-written one.
-Scale throughout: predictions in [-1, 1]; targets 1 positive, 0 uncertain, -1 negative, NaN blank.
+numpy, with scikit-learn's isotonic regression (the step fit) and scipy's SLSQP (the blend's
+weights) rather than hand-written solvers. Scale throughout: predictions in [-1, 1]; targets 1
+positive, 0 uncertain, -1 negative, NaN blank.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
+from scipy.optimize import minimize
 from sklearn.isotonic import isotonic_regression
 
 from dataset import patient_folds
@@ -331,10 +331,11 @@ def _predict(params: dict, P, s, frontal) -> np.ndarray:
     return np.clip(params["a"] * x + params["b"], -1.0, 1.0)
 
 
-def simplex_weights(P: np.ndarray, t: np.ndarray, lam: float = 0.0, iters: int = 2000) -> np.ndarray:
+def simplex_weights(P: np.ndarray, t: np.ndarray, lam: float = 0.0) -> np.ndarray:
     """Non-negative weights (M,) summing to 1 minimising mean((Pc @ w - tc)^2) + lam * |w - 1/M|^2,
     Pc and tc centred (the intercept is left to the calibration that follows). P (n, M) finite,
-    t (n,). Accelerated projected gradient; uniform when there are fewer than 2 rows."""
+    t (n,). A quadratic program in M variables, solved by scipy's SLSQP from uniform weights;
+    uniform when there are fewer than 2 rows, one member, or no member varies."""
     n, M = P.shape
     uniform = np.full(M, 1.0 / M)
     if n < 2 or M == 1:
@@ -342,27 +343,15 @@ def simplex_weights(P: np.ndarray, t: np.ndarray, lam: float = 0.0, iters: int =
     Pc, tc = P - P.mean(axis=0), t - t.mean()
     H = Pc.T @ Pc / n + lam * np.eye(M)
     g = Pc.T @ tc / n + lam * uniform  # objective w'Hw - 2 g'w (+ constant)
-    L = 2 * float(np.linalg.eigvalsh(H).max())
-    if L <= 1e-12:
+    if float(np.linalg.eigvalsh(H).max()) <= 5e-13:
         return uniform
-    w, y, step = uniform, uniform, 1.0
-    for _ in range(iters):
-        w_next = _project_simplex(y - 2 * (H @ y - g) / L)
-        if np.abs(w_next - w).max() < 1e-10:
-            w = w_next
-            break
-        step_next = (1 + math.sqrt(1 + 4 * step * step)) / 2
-        y = w_next + (step - 1) / step_next * (w_next - w)
-        w, step = w_next, step_next
-    return w
-
-
-def _project_simplex(v: np.ndarray) -> np.ndarray:
-    """Euclidean projection onto {w >= 0, sum w = 1} (sort-based, exact)."""
-    u = np.sort(v)[::-1]
-    css = np.cumsum(u) - 1
-    rho = np.flatnonzero(u - css / np.arange(1, len(v) + 1) > 0)[-1]
-    return np.maximum(v - css[rho] / (rho + 1), 0.0)
+    res = minimize(lambda w: w @ H @ w - 2 * g @ w, uniform, jac=lambda w: 2 * (H @ w - g), method="SLSQP",
+                   bounds=[(0.0, 1.0)] * M, options={"ftol": 1e-16, "maxiter": 500},
+                   constraints={"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones((1, M))})
+    # SLSQP leaves about 1e-16 where a bound is active: exact zeros make a corner solution the same
+    # for every lambda that reaches it, so a tie in the lambda choice still goes to more shrinkage
+    w = np.where(res.x < 1e-12, 0.0, res.x)
+    return w / w.sum()
 
 
 def _combine(P, weights) -> np.ndarray:

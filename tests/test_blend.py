@@ -53,6 +53,51 @@ def test_simplex_weights_exact_cases():
     assert ev.simplex_weights(P, t, 1e6) == pytest.approx([1 / 3] * 3, abs=1e-3)  # all shrinkage: uniform
 
 
+def _old_simplex_weights(P, t, lam=0.0, iters=2000):
+    """calibration.simplex_weights before scipy's SLSQP replaced it (a copy): accelerated projected
+    gradient onto the simplex."""
+    n, M = P.shape
+    uniform = np.full(M, 1.0 / M)
+    if n < 2 or M == 1:
+        return uniform
+    Pc, tc = P - P.mean(axis=0), t - t.mean()
+    H = Pc.T @ Pc / n + lam * np.eye(M)
+    g = Pc.T @ tc / n + lam * uniform
+    L = 2 * float(np.linalg.eigvalsh(H).max())
+    if L <= 1e-12:
+        return uniform
+
+    def project(v):
+        u = np.sort(v)[::-1]
+        css = np.cumsum(u) - 1
+        rho = np.flatnonzero(u - css / np.arange(1, len(v) + 1) > 0)[-1]
+        return np.maximum(v - css[rho] / (rho + 1), 0.0)
+    w, y, step = uniform, uniform, 1.0
+    for _ in range(iters):
+        w_next = project(y - 2 * (H @ y - g) / L)
+        if np.abs(w_next - w).max() < 1e-10:
+            return w_next
+        step_next = (1 + np.sqrt(1 + 4 * step * step)) / 2
+        y = w_next + (step - 1) / step_next * (w_next - w)
+        w, step = w_next, step_next
+    return w
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_simplex_weights_are_the_weights_they_were_before_scipy(seed):
+    rng = np.random.default_rng(seed)
+    n, M = int(rng.integers(30, 1000)), int(rng.integers(2, 7))
+    t = rng.choice([-1.0, 0.0, 1.0], n)
+    P = np.clip(rng.normal(0, 0.5, (n, M)) + rng.uniform(-0.5, 1, M) * t[:, None], -1, 1)
+    for lam in (0.0, 0.001, 0.1, 1.0):
+        w = ev.simplex_weights(P, t, lam)
+        assert (w >= 0).all() and w.sum() == pytest.approx(1, abs=1e-12)
+        np.testing.assert_allclose(w, _old_simplex_weights(P, t, lam), rtol=0, atol=1e-6)
+    corner = ev.simplex_weights(np.stack([t, -t], axis=1), t)  # exactly one member, not 1 - 1e-16
+    assert corner.tolist() == [1.0, 0.0]
+    assert ev.simplex_weights(np.ones((10, 3)), t[:10]).tolist() == [1 / 3] * 3  # no member varies
+
+
 def test_the_blends_slope_has_the_calibrations_floor():
     rng = np.random.default_rng(12)
     patients, studies, views, t = _studies(rng, 150, blank=0)
