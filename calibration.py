@@ -27,8 +27,8 @@ SHRINK_ROWS = 5        # affine: slope shrunk by n / (n + 5), toward the constan
 ISOTONIC_ROWS = 200    # isotonic: weight n / (n + 200) on the step fit, the rest on the affine map
 # Every affine slope (per-model maps, the guard's constant choice, the blend) is kept at least this:
 # strictly increasing, so the ranking (and AUC) never changes. Where the fit wants a slope <= 0 this
-# costs at most about 2 * MIN_SLOPE of MSE over the flat (constant) map, on the [-1, 1] scale. Distinct
-# outputs stay distinct in float64 and in the submission CSV, which is written with every digit.
+# costs at most about 2 * MIN_SLOPE of MSE over a flat map, on the [-1, 1] scale. Distinct outputs
+# stay distinct in float64 and in the submission CSV, which is written with every digit.
 MIN_SLOPE = 1e-6
 CV_FOLDS = 5           # the over-fitting guard's cross-validation
 
@@ -119,7 +119,8 @@ def fit_calibration(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None
         raise ValueError(f"unknown calibration {kind!r}")
     cv = _cross_validate(kind, y, t, prior, groups)
     order = ["constant", "identity", "map"]  # ties, and no score at all (NaN), go to the simpler choice
-    chosen = "map" if prior is None else min(cv, key=lambda k: (np.nan_to_num(cv[k], nan=np.inf), order.index(k)))
+    score = {k: (np.inf if np.isnan(v) else v, order.index(k)) for k, v in cv.items()}
+    chosen = "map" if prior is None else min(cv, key=score.get)
     common = {"n": len(y), "chosen": chosen, "cv_mse": float(cv[chosen])}
     if chosen == "constant":
         return {"kind": "affine", "a": MIN_SLOPE, "b": float(prior - MIN_SLOPE * y.mean()), **common}
