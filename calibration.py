@@ -1,27 +1,35 @@
 """Calibration: maps from raw model outputs to the values that minimise MSE, per model and blended.
 
 - fit_calibration, apply_calibration: one model's monotone map (affine, or isotonic blended with
-  affine), with a patient-grouped cross-validated guard that may choose the raw output or the
-  constant training mean instead; stored in its checkpoint.
+  affine), with a cross-validated guard (whole patients per fold) that may choose the raw output or
+  the constant training mean instead; stored in its checkpoint.
 - fit_blend, apply_blend: per pathology, non-negative member weights shrunk toward uniform, a
   frontal/lateral study fusion and an affine calibration, chosen by patient-grouped K-fold CV, with
   the out-of-fold MSE of the best single member, the uniform average and the blend.
+- What both use: fit_affine (one least-squares fit, one MIN_SLOPE), fuse_studies (also
+  make_submission.py --study-fusion), and dataset.patient_folds.
 
-Plain numpy. Scale throughout: predictions in [-1, 1]; targets 1 positive, 0 uncertain, -1
-negative, NaN blank.
+numpy, with scikit-learn's isotonic regression (the step fit) and scipy's SLSQP (the blend's
+weights) rather than hand-written solvers. Scale throughout: predictions in [-1, 1]; targets 1
+positive, 0 uncertain, -1 negative, NaN blank.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
+from scipy.optimize import minimize
+from sklearn.isotonic import isotonic_regression
+
+from dataset import patient_folds
 
 CALIBRATIONS = ("affine", "isotonic", "none")
 
 SHRINK_ROWS = 5        # affine: slope shrunk by n / (n + 5), toward the constant (validation mean)
 ISOTONIC_ROWS = 200    # isotonic: weight n / (n + 200) on the step fit, the rest on the affine map
-MIN_SLOPE = 1e-6       # strictly increasing, so the ranking (and AUC) never changes
-BLEND_MIN_SLOPE = 1e-3  # the blend's calibration slope is kept at least this (> 0: more blend, more label)
+# Every affine slope (per-model maps, the guard's constant choice, the blend) is kept at least this:
+# strictly increasing, so the ranking (and AUC) never changes. Where the fit wants a slope <= 0 this
+# costs at most about 2 * MIN_SLOPE of MSE over a flat map, on the [-1, 1] scale. Distinct outputs
+# stay distinct in float64 and in the submission CSV, which is written with every digit.
+MIN_SLOPE = 1e-6
 CV_FOLDS = 5           # the over-fitting guard's cross-validation
 
 LAMBDAS = (1.0, 0.1, 0.01, 0.001, 0.0)  # shrinkage toward uniform weights; most first, so ties keep more
@@ -30,31 +38,30 @@ LAMBDAS = (1.0, 0.1, 0.01, 0.001, 0.0)  # shrinkage toward uniform weights; most
 FUSION_GRID = (0.5, 0.6, 0.4, 0.7, 0.3, 0.8, 0.2, 0.9, 0.1, 1.0, 0.0, None)
 
 
-def pav(t: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
-    """Pool-adjacent-violators: the non-decreasing sequence closest to t in (weighted) least squares."""
-    t = np.asarray(t, dtype=np.float64)
-    w = np.ones_like(t) if w is None else np.asarray(w, dtype=np.float64)
-    values, weights, counts = [], [], []
-    for ti, wi in zip(t, w):
-        values.append(ti), weights.append(wi), counts.append(1)
-        while len(values) > 1 and values[-2] > values[-1]:
-            v, wt, c = values.pop(), weights.pop(), counts.pop()
-            values[-1] = (values[-1] * weights[-1] + v * wt) / (weights[-1] + wt)
-            weights[-1] += wt
-            counts[-1] += c
-    return np.repeat(values, counts)
+def fit_affine(x: np.ndarray, t: np.ndarray, shrink_rows: int = 0) -> tuple[float, float]:
+    """(a, b) of t ~ a * x + b by least squares; x, t (n,) finite floats. The slope is shrunk by
+    n / (n + shrink_rows) toward 0, b recentred so the mean of a * x + b stays the mean of t, then
+    kept >= MIN_SLOPE; when x does not vary there is no slope to learn: a = MIN_SLOPE, the mean of t.
+    (1.0, 0.0), the identity, when n == 0. Used by per-model calibration and by the blend."""
+    n = len(x)
+    if n == 0:
+        return 1.0, 0.0
+    vx = x.var()
+    a = ((x - x.mean()) * (t - t.mean())).mean() / vx if vx > 1e-12 else 0.0
+    if shrink_rows:
+        a = a * n / (n + shrink_rows)
+    a = float(max(a, MIN_SLOPE))
+    return a, float(t.mean() - a * x.mean())
 
 
 def _fit_map(kind: str, y: np.ndarray, t: np.ndarray) -> dict:
     """The map itself (see fit_calibration), fitted on all of (y, t)."""
     n = len(y)
-    vy = y.var()
-    a = ((y - y.mean()) * (t - t.mean())).mean() / vy if vy > 1e-12 else 0.0
-    a = max(a * n / (n + SHRINK_ROWS), MIN_SLOPE)
-    cal = {"kind": "affine", "a": float(a), "b": float(t.mean() - a * y.mean()), "n": n}
+    a, b = fit_affine(y, t, SHRINK_ROWS)
+    cal = {"kind": "affine", "a": a, "b": b, "n": n}
     if kind == "isotonic":
         order = np.argsort(y, kind="stable")
-        fitted = pav(t[order])
+        fitted = isotonic_regression(t[order], increasing=True)  # pool-adjacent-violators
         edges = np.flatnonzero(np.diff(fitted))
         right = np.append(y[order][edges], np.inf)  # block j covers y <= right[j]
         cal.update(kind="isotonic", right=[float(v) for v in right[:-1]],
@@ -63,11 +70,12 @@ def _fit_map(kind: str, y: np.ndarray, t: np.ndarray) -> dict:
     return cal
 
 
-def _cross_validate(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None) -> dict[str, float]:
+def _cross_validate(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None, groups) -> dict[str, float]:
     """Mean squared error of each choice ('map', 'identity', and 'constant' when prior is given) in
-    CV_FOLDS-fold cross-validation on (y, t), the map refitted on each fold's complement: every
-    row is scored by a map that did not see it."""
-    fold = np.random.default_rng(0).permutation(len(y)) % CV_FOLDS
+    CV_FOLDS-fold cross-validation on (y, t) with whole patients per fold (groups (n,) patient ids),
+    the map refitted on each fold's complement: every row is scored by a map that saw none of its
+    patient's rows, which share its labels and look alike. NaN when no fold can be scored."""
+    fold = patient_folds(groups, CV_FOLDS, seed=0)
     se = {"constant": 0.0, "identity": 0.0, "map": 0.0}
     n = 0
     for f in range(CV_FOLDS):
@@ -84,28 +92,35 @@ def _cross_validate(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None
     return out
 
 
-def fit_calibration(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None = None) -> dict | None:
-    """Fit a map raw output y -> target t on labelled validation rows (y, t: (n,), finite).
+def fit_calibration(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None = None,
+                    groups=None) -> dict | None:
+    """Fit a map raw output y -> target t on labelled validation rows (y, t: (n,), finite; y in
+    [-1, 1], t in {-1, 0, 1}); groups (n,) the rows' patient ids, None = each row its own patient.
 
     affine: t ~ a*y + b by least squares, the slope shrunk by n/(n+SHRINK_ROWS) toward 0 (b
       recentred): negligible at the thousands of rows a real validation split has, a pull toward
       the constant on tiny ones. The slope is kept >= MIN_SLOPE.
     isotonic: PAV step fit blended with that affine map, weight n/(n+ISOTONIC_ROWS) on the step fit.
     The guard against over-fitting: given `prior` (the training mean, the constant predictor the
-    metric compares with), CV_FOLDS-fold cross-validation on these rows picks the best of the
-    fitted map, the raw output (identity) and the constant prior (slope MIN_SLOPE); 'chosen' says
-    which, and 'cv_mse' is the chosen option's cross-validated MSE: an out-of-sample estimate of
-    what the map scores on rows it was not fitted on (the MSE of the final map on these same rows
-    is in-sample, and optimistic). Every map is strictly increasing. Returns None for 'none' or
-    fewer than 2 rows."""
+    metric compares with), CV_FOLDS-fold cross-validation on these rows, folded by patient,
+    picks the best of the fitted map, the raw output (identity) and the constant prior (slope
+    MIN_SLOPE); 'chosen' says which, and 'cv_mse' is the chosen option's cross-validated MSE: an
+    out-of-sample estimate of what the map scores on patients it was not fitted on (the MSE of the
+    final map on these same rows is in-sample, and optimistic). Where no fold can be scored (one
+    patient, or no fold whose complement has 2 rows) cv_mse is NaN and, given a prior, the constant
+    is chosen. Every map is strictly increasing. Returns None for 'none' or fewer than 2 rows."""
     y, t = np.asarray(y, np.float64), np.asarray(t, np.float64)
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    if len(groups) != len(y) or len(t) != len(y):
+        raise ValueError(f"fit_calibration: y ({len(y)},), t ({len(t)},) and groups ({len(groups)},) do not match")
     if kind == "none" or len(y) < 2:
         return None
     if kind not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {kind!r}")
-    cv = _cross_validate(kind, y, t, prior)
-    order = ["constant", "identity", "map"]  # ties go to the simpler choice
-    chosen = "map" if prior is None else min(cv, key=lambda k: (cv[k], order.index(k)))
+    cv = _cross_validate(kind, y, t, prior, groups)
+    order = ["constant", "identity", "map"]  # ties, and no score at all (NaN), go to the simpler choice
+    score = {k: (np.inf if np.isnan(v) else v, order.index(k)) for k, v in cv.items()}
+    chosen = "map" if prior is None else min(cv, key=score.get)
     common = {"n": len(y), "chosen": chosen, "cv_mse": float(cv[chosen])}
     if chosen == "constant":
         return {"kind": "affine", "a": MIN_SLOPE, "b": float(prior - MIN_SLOPE * y.mean()), **common}
@@ -126,6 +141,44 @@ def apply_calibration(cal: dict | None, y) -> np.ndarray:
     return np.clip(out, -1.0, 1.0)
 
 
+def fuse_studies(x: np.ndarray, studies, frontal=None, w_frontal: float | None = None) -> np.ndarray:
+    """Study fusion: every image of a study takes one value, made from the study's images where x
+    is not NaN (NaN = not predicted: it does not count, and takes the study's value when another
+    image has one; a study with none stays NaN).
+
+    x (N,) or (N, P) floats; studies (N,) study ids (any sortable values); frontal (N,) bool, True
+    for a frontal image. w_frontal None: the plain mean over the study's images (frontal unused;
+    make_submission.py --study-fusion). w_frontal in [0, 1]: w_frontal * mean(frontal images) +
+    (1 - w_frontal) * mean(lateral images), or the mean of the one view the study has (the blend).
+    Returns float64 of x's shape."""
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) == 0:
+        return x.copy()
+    codes = np.unique(np.asarray(studies), return_inverse=True)[1].reshape(-1)
+    cols = x.reshape(len(x), -1)
+    if w_frontal is None:
+        return _study_means(cols, codes, np.ones(len(x), dtype=bool))[codes].reshape(x.shape)
+    if frontal is None:
+        raise ValueError("fuse_studies: w_frontal needs frontal, the images' views")
+    frontal = np.asarray(frontal, dtype=bool)
+    mf, ml = _study_means(cols, codes, frontal), _study_means(cols, codes, ~frontal)
+    both = ~np.isnan(mf) & ~np.isnan(ml)
+    fused = np.where(both, w_frontal * mf + (1 - w_frontal) * ml, np.where(np.isnan(mf), ml, mf))
+    return fused[codes].reshape(x.shape)
+
+
+def _study_means(x: np.ndarray, codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(S, P) mean of x (N, P) over each study's rows where rows (N,) is True and x is not NaN, NaN
+    where there are none; codes (N,) the study of each row, 0..S-1."""
+    size = int(codes.max()) + 1
+    ok = ~np.isnan(x) & rows[:, None]
+    xz = np.where(ok, x, 0.0)
+    sums = np.stack([np.bincount(codes, xz[:, j], size) for j in range(x.shape[1])], axis=1)
+    counts = np.stack([np.bincount(codes, ok[:, j], size) for j in range(x.shape[1])], axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / counts
+
+
 # ---------------------------------------------------------------------------------------------
 # Blending: members' raw predictions on the same validation images -> one calibrated prediction
 
@@ -141,13 +194,13 @@ def fit_blend(preds: np.ndarray, target: np.ndarray, groups, studies, views, k: 
     count for study fusion (their predictions join their study's mean), never as targets.
 
     The blend of an image (apply_blend): the weighted mean of the members that predict it (weights
-    renormalised over them); then, if w_frontal is not None, every image of a study takes
-    w_frontal * mean(frontal images) + (1 - w_frontal) * mean(lateral images), or the mean of the
-    one view the study has; then a * value + b, clipped to [-1, 1]. Weights are non-negative, sum to
-    1 and are fitted by least squares (intercept free) on the labelled images that every member
-    predicts (uniform if there are none), plus lambda * |w - uniform|^2; a and b by least squares
-    after fusion (a >= BLEND_MIN_SLOPE). lambda (LAMBDAS), then w_frontal (FUSION_GRID) are chosen by
-    patient-grouped k-fold CV.
+    renormalised over them); then, if w_frontal is not None, fuse_studies: every image of a study
+    takes w_frontal * mean(frontal images) + (1 - w_frontal) * mean(lateral images), or the mean of
+    the one view the study has; then a * value + b, clipped to [-1, 1]. Weights are non-negative,
+    sum to 1 and are fitted by least squares (intercept free) on the labelled images that every
+    member predicts (uniform if there are none), plus lambda * |w - uniform|^2 (simplex_weights); a
+    and b by least squares after fusion (fit_affine: a >= MIN_SLOPE). lambda (LAMBDAS), then
+    w_frontal (FUSION_GRID) are chosen by k-fold CV with whole patients per fold (patient_folds).
 
     oof: MSE over the n labelled images, each predicted by a pipeline fitted without its patient's
     fold, every calibration included: "blend" (the selection of lambda and w_frontal too); the
@@ -167,7 +220,7 @@ def fit_blend(preds: np.ndarray, target: np.ndarray, groups, studies, views, k: 
               f"{n_pat} labelled patients, fewer than 2 per fold for {k} folds" if n_pat < 2 * k else None)
     if reason:  # too few rows to measure anything out of fold: the uniform mean, calibrated on them all
         return {**_fit_fixed(P, t, uniform_w), "fallback": True, "reason": reason, "oof": oof}
-    folds = _patient_folds(groups, lab, k, seed)
+    folds = patient_folds(groups, k, seed, labelled=lab)
     blend, uniform, single = (np.full(len(t), np.nan) for _ in range(3))
     whole = np.flatnonzero(~np.isnan(P[lab]).any(axis=0))  # members that predict every labelled image
     for f in range(k):
@@ -187,7 +240,7 @@ def fit_blend(preds: np.ndarray, target: np.ndarray, groups, studies, views, k: 
 def _fit_fixed(P, t, weights) -> dict:
     """Given member weights: only the intercept and slope (a, b) fitted, on the labelled rows; no fusion."""
     lab = ~np.isnan(t)
-    a, b = _fit_affine(_combine(P, weights)[lab], t[lab])
+    a, b = fit_affine(_combine(P, weights)[lab], t[lab])
     return _params(weights, None, a, b, None)
 
 
@@ -233,23 +286,11 @@ def _mse(pred: np.ndarray, t: np.ndarray) -> float:
     return float(np.mean((pred[m] - t[m]) ** 2)) if m.any() else float("nan")
 
 
-def _patient_folds(groups, labelled, k: int, seed: int) -> np.ndarray:
-    """(N,) fold of each row, 0..k-1, whole patients per fold; patients with labels are dealt out
-    first, so each fold gets its share of them."""
-    patients, inv = np.unique(groups, return_inverse=True)
-    has = np.bincount(inv, labelled, minlength=len(patients)) > 0
-    order = np.random.default_rng(seed).permutation(len(patients))
-    order = order[np.argsort(~has[order], kind="stable")]
-    fold = np.empty(len(patients), dtype=np.int64)
-    fold[order] = np.arange(len(patients)) % k
-    return fold[inv]
-
-
 def _fit_pipeline(P, t, groups, s, frontal, k: int, seed: int) -> dict:
     """The whole fit on one set of images: lambda by grouped CV (without fusion), then w_frontal by
     grouped CV (with that lambda), then weights, fusion and a, b refitted on all of them. fit_blend
     calls it once per outer fold and once on everything."""
-    folds = _patient_folds(groups, ~np.isnan(t), k, seed)
+    folds = patient_folds(groups, k, seed, labelled=~np.isnan(t))
     lam = min(LAMBDAS, key=lambda v: _cv_mse(P, t, s, frontal, folds, k, v, None))  # first of ties: more shrinkage
     w = min(FUSION_GRID, key=lambda v: _cv_mse(P, t, s, frontal, folds, k, lam, v))
     return _fit(P, t, s, frontal, lam, w)
@@ -276,20 +317,26 @@ def _fit(P, t, s, frontal, lam: float, w_frontal) -> dict:
     lab = ~np.isnan(t)
     complete = lab & ~np.isnan(P).any(axis=1)
     weights = simplex_weights(P[complete], t[complete], lam)
-    x = _fuse(_combine(P, weights), s, frontal, w_frontal)
-    a, b = _fit_affine(x[lab], t[lab])
+    x = _fused(_combine(P, weights), s, frontal, w_frontal)
+    a, b = fit_affine(x[lab], t[lab])
     return _params(weights, lam, a, b, w_frontal)
 
 
+def _fused(x, s, frontal, w_frontal) -> np.ndarray:
+    """The blend's fusion step: fuse_studies with w_frontal, or x unchanged where w_frontal is None."""
+    return x if w_frontal is None else fuse_studies(x, s, frontal, w_frontal)
+
+
 def _predict(params: dict, P, s, frontal) -> np.ndarray:
-    x = _fuse(_combine(P, np.asarray(params["weights"])), s, frontal, params["w_frontal"])
+    x = _fused(_combine(P, np.asarray(params["weights"])), s, frontal, params["w_frontal"])
     return np.clip(params["a"] * x + params["b"], -1.0, 1.0)
 
 
-def simplex_weights(P: np.ndarray, t: np.ndarray, lam: float = 0.0, iters: int = 2000) -> np.ndarray:
+def simplex_weights(P: np.ndarray, t: np.ndarray, lam: float = 0.0) -> np.ndarray:
     """Non-negative weights (M,) summing to 1 minimising mean((Pc @ w - tc)^2) + lam * |w - 1/M|^2,
     Pc and tc centred (the intercept is left to the calibration that follows). P (n, M) finite,
-    t (n,). Accelerated projected gradient; uniform when there are fewer than 2 rows."""
+    t (n,). A quadratic program in M variables, solved by scipy's SLSQP from uniform weights;
+    uniform when there are fewer than 2 rows, one member, or no member varies."""
     n, M = P.shape
     uniform = np.full(M, 1.0 / M)
     if n < 2 or M == 1:
@@ -297,27 +344,15 @@ def simplex_weights(P: np.ndarray, t: np.ndarray, lam: float = 0.0, iters: int =
     Pc, tc = P - P.mean(axis=0), t - t.mean()
     H = Pc.T @ Pc / n + lam * np.eye(M)
     g = Pc.T @ tc / n + lam * uniform  # objective w'Hw - 2 g'w (+ constant)
-    L = 2 * float(np.linalg.eigvalsh(H).max())
-    if L <= 1e-12:
+    if float(np.linalg.eigvalsh(H).max()) <= 5e-13:
         return uniform
-    w, y, step = uniform, uniform, 1.0
-    for _ in range(iters):
-        w_next = _project_simplex(y - 2 * (H @ y - g) / L)
-        if np.abs(w_next - w).max() < 1e-10:
-            w = w_next
-            break
-        step_next = (1 + math.sqrt(1 + 4 * step * step)) / 2
-        y = w_next + (step - 1) / step_next * (w_next - w)
-        w, step = w_next, step_next
-    return w
-
-
-def _project_simplex(v: np.ndarray) -> np.ndarray:
-    """Euclidean projection onto {w >= 0, sum w = 1} (sort-based, exact)."""
-    u = np.sort(v)[::-1]
-    css = np.cumsum(u) - 1
-    rho = np.flatnonzero(u - css / np.arange(1, len(v) + 1) > 0)[-1]
-    return np.maximum(v - css[rho] / (rho + 1), 0.0)
+    res = minimize(lambda w: w @ H @ w - 2 * g @ w, uniform, jac=lambda w: 2 * (H @ w - g), method="SLSQP",
+                   bounds=[(0.0, 1.0)] * M, options={"ftol": 1e-16, "maxiter": 500},
+                   constraints={"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones((1, M))})
+    # SLSQP leaves about 1e-16 where a bound is active: exact zeros make a corner solution the same
+    # for every lambda that reaches it, so a tie in the lambda choice still goes to more shrinkage
+    w = np.where(res.x < 1e-12, 0.0, res.x)
+    return w / w.sum()
 
 
 def _combine(P, weights) -> np.ndarray:
@@ -328,30 +363,3 @@ def _combine(P, weights) -> np.ndarray:
     num, den, count = Pz @ weights, avail @ weights, avail.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 1e-12, num / den, Pz.sum(axis=1) / count)
-
-
-def _fuse(x, s, frontal, w_frontal) -> np.ndarray:
-    """Study fusion: each image takes its study's w * mean(frontal) + (1 - w) * mean(lateral), or the
-    mean of the one view the study has; w_frontal None leaves x as it is. x (N,), s (N,) study codes."""
-    if w_frontal is None or len(x) == 0:
-        return x
-    ok = ~np.isnan(x)
-    xz, f, l = np.where(ok, x, 0.0), ok & frontal, ok & ~frontal
-    size = int(s.max()) + 1
-    nf, nl = np.bincount(s, f, size), np.bincount(s, l, size)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mf, ml = np.bincount(s, xz * f, size) / nf, np.bincount(s, xz * l, size) / nl
-    fused = np.where((nf > 0) & (nl > 0), w_frontal * mf + (1 - w_frontal) * ml, np.where(nf > 0, mf, ml))
-    return fused[s]
-
-
-def _fit_affine(x, t) -> tuple[float, float]:
-    """Least-squares a, b of t ~ a * x + b with a >= BLEND_MIN_SLOPE; a = 1 when x does not vary."""
-    if len(x) == 0:
-        return 1.0, 0.0
-    vx = float(x.var())
-    a = float(((x - x.mean()) * (t - t.mean())).mean()) / vx if vx > 1e-12 else 1.0
-    a = max(a, BLEND_MIN_SLOPE)
-    return a, float(t.mean() - a * x.mean())
-
-

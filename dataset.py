@@ -338,6 +338,23 @@ def split_by_patient(patients: pd.Series, val_frac: float, seed: int) -> np.ndar
     return patients.isin(val_patients).to_numpy()
 
 
+def patient_folds(groups, k: int, seed: int, labelled=None) -> np.ndarray:
+    """Fold of each row, (N,) int64 in 0..k-1, whole patients per fold: no patient has rows in two
+    folds. groups (N,) patient ids (any sortable values); labelled (N,) bool, None = every row.
+    Patients with a labelled row are dealt out first, round robin in a seeded random order, then the
+    rest, so each fold gets its share of labelled patients. The same seed and groups give the same
+    folds whatever the row order (patients are sorted before the shuffle)."""
+    patients, inv = np.unique(np.asarray(groups), return_inverse=True)
+    inv = inv.reshape(-1)
+    labelled = np.ones(len(inv), dtype=bool) if labelled is None else np.asarray(labelled, dtype=bool)
+    has = np.bincount(inv, labelled, minlength=len(patients)) > 0
+    order = np.random.default_rng(seed).permutation(len(patients))
+    order = order[np.argsort(~has[order], kind="stable")]
+    fold = np.empty(len(patients), dtype=np.int64)
+    fold[order] = np.arange(len(patients)) % k
+    return fold[inv]
+
+
 class XrayDataset:
     """Serves batches from one or more caches (the base cache first, augmented copies after).
 
@@ -370,14 +387,6 @@ class XrayDataset:
         rows = torch.from_numpy(row)
         out = images, self.targets[rows], self.mask[rows]
         return tuple(t[0] for t in out) if single else out
-
-
-def patient_folds(groups, k: int, seed: int, labelled=None) -> np.ndarray:
-    patients, inv = np.unique(np.asarray(groups), return_inverse=True)
-    order = np.random.default_rng(seed).permutation(len(patients))
-    fold = np.empty(len(patients), dtype=np.int64)
-    fold[order] = np.arange(len(patients)) % k
-    return fold[inv]
 
 
 # ---------------------------------------------------------------------------------------------

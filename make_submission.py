@@ -61,9 +61,8 @@ from common import UserError, atomic_write, default_workers, format_table, run_c
 from dataset import (LABEL_CONVENTIONS, PATHOLOGIES, VIEWS, choose_convention, describe_convention,
                      parse_ids, parse_label_column, read_csv_text, read_header, read_test_csv, read_train_csv,
                      resolve_data)
-from calibration import apply_blend
+from calibration import apply_blend, apply_calibration, fuse_studies
 from evaluation import METRIC_COLUMNS, evaluate, metrics_rows, plot_evaluation, write_metrics
-from calibration import apply_calibration
 from model import Checkpoint, load_checkpoint
 from runtime import Runtime, setup_runtime
 
@@ -71,7 +70,10 @@ HEADER = ",".join(["Id", *PATHOLOGIES])
 MODEL_VIEWS = ("all", *VIEWS)
 TABLE_COLUMNS = ["pathology", "view", "source", "trained_on", "images", "val_mse", "val_mse_cv", "val_mse_cal",
                  "const_mse", "val_auc", "mean", "min", "max"]
-FLOAT_FORMAT = "%.6f"
+# None: pandas writes each float64 as its shortest repr (0.1, -0.899999999, 0.0), which reads back as the
+# same float64. Fewer digits would merge values that a map with a tiny slope (the guard's constant
+# choice) keeps apart by ~1e-9, and the AUC scored from the file would not be the model's.
+FLOAT_FORMAT = None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -449,12 +451,6 @@ def assemble(sources: list[Source], raw: list[np.ndarray], routes: Routes, views
             if chosen and rows.any():
                 values[rows, j] = np.mean([calibrated(sources[s], name, raw[s][rows, k]) for s, k in chosen], axis=0)
     return values, ~np.isnan(values)
-
-
-def fuse_studies(values: np.ndarray, studies: np.ndarray) -> np.ndarray:
-    """Average each column over the images of one study; NaN (uncovered) entries do not count, and
-    get the study's mean when another view of the study has one. values (N, P), NaN = uncovered."""
-    return pd.DataFrame(values).groupby(studies).transform("mean").to_numpy()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -523,7 +523,8 @@ def validate(state: TrainState, job: Job, args, rt: Runtime) -> dict:
     for k, name in enumerate(job.names):
         t = job.val_targets[:, k]
         m = ~np.isnan(t)
-        cals[name] = fit_calibration(args.calibration, pred[m, k], t[m], prior=float(job.train_means[k]))
+        cals[name] = fit_calibration(args.calibration, pred[m, k], t[m], prior=float(job.train_means[k]),
+                                     groups=job.val_rows["patient"].to_numpy()[m])
         per[name] = pathology_metrics(pred[:, k], t, float(job.train_means[k]), cals[name])
     n = sum(per[x]["n"] for x in job.names)
     loss = sum(per[x]["val_mse_cv"] * per[x]["n"] for x in job.names if per[x]["n"]) / n if n else float("nan")

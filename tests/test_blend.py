@@ -53,6 +53,59 @@ def test_simplex_weights_exact_cases():
     assert ev.simplex_weights(P, t, 1e6) == pytest.approx([1 / 3] * 3, abs=1e-3)  # all shrinkage: uniform
 
 
+def _old_simplex_weights(P, t, lam=0.0, iters=2000):
+    """calibration.simplex_weights before scipy's SLSQP replaced it (a copy): accelerated projected
+    gradient onto the simplex."""
+    n, M = P.shape
+    uniform = np.full(M, 1.0 / M)
+    if n < 2 or M == 1:
+        return uniform
+    Pc, tc = P - P.mean(axis=0), t - t.mean()
+    H = Pc.T @ Pc / n + lam * np.eye(M)
+    g = Pc.T @ tc / n + lam * uniform
+    L = 2 * float(np.linalg.eigvalsh(H).max())
+    if L <= 1e-12:
+        return uniform
+
+    def project(v):
+        u = np.sort(v)[::-1]
+        css = np.cumsum(u) - 1
+        rho = np.flatnonzero(u - css / np.arange(1, len(v) + 1) > 0)[-1]
+        return np.maximum(v - css[rho] / (rho + 1), 0.0)
+    w, y, step = uniform, uniform, 1.0
+    for _ in range(iters):
+        w_next = project(y - 2 * (H @ y - g) / L)
+        if np.abs(w_next - w).max() < 1e-10:
+            return w_next
+        step_next = (1 + np.sqrt(1 + 4 * step * step)) / 2
+        y = w_next + (step - 1) / step_next * (w_next - w)
+        w, step = w_next, step_next
+    return w
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_simplex_weights_are_the_weights_they_were_before_scipy(seed):
+    rng = np.random.default_rng(seed)
+    n, M = int(rng.integers(30, 1000)), int(rng.integers(2, 7))
+    t = rng.choice([-1.0, 0.0, 1.0], n)
+    P = np.clip(rng.normal(0, 0.5, (n, M)) + rng.uniform(-0.5, 1, M) * t[:, None], -1, 1)
+    for lam in (0.0, 0.001, 0.1, 1.0):
+        w = ev.simplex_weights(P, t, lam)
+        assert (w >= 0).all() and w.sum() == pytest.approx(1, abs=1e-12)
+        np.testing.assert_allclose(w, _old_simplex_weights(P, t, lam), rtol=0, atol=1e-6)
+    corner = ev.simplex_weights(np.stack([t, -t], axis=1), t)  # exactly one member, not 1 - 1e-16
+    assert corner.tolist() == [1.0, 0.0]
+    assert ev.simplex_weights(np.ones((10, 3)), t[:10]).tolist() == [1 / 3] * 3  # no member varies
+
+
+def test_the_blends_slope_has_the_calibrations_floor():
+    rng = np.random.default_rng(12)
+    patients, studies, views, t = _studies(rng, 150, blank=0)
+    fit = ev.fit_blend(_member(rng, t, -0.5, 0.3)[:, None], t, patients, studies, views)  # anti-correlated
+    assert fit["a"] == ev.MIN_SLOPE
+    assert ev.apply_blend(fit, _member(rng, t, -0.5, 0.3)[:, None], studies, views) == pytest.approx(fit["b"], abs=1e-5)
+
+
 def test_fallback_to_uniform_without_enough_labelled_rows():
     rng = np.random.default_rng(2)
     patients, studies, views, t = _studies(rng, 10, blank=0)  # 20 rows
@@ -95,6 +148,34 @@ def test_apply_blend_by_hand_with_a_member_missing_on_some_images():
     assert no_fusion == pytest.approx([0.6, 0.1, 1.0])
     with pytest.raises(ValueError, match="views must be"):
         ev.apply_blend(params, preds, studies, ["frontal", "lateral", "AP"])
+
+
+def _old_blend_folds(groups, labelled, k, seed):
+    """calibration._patient_folds as it was before dataset.patient_folds replaced it (a copy)."""
+    patients, inv = np.unique(groups, return_inverse=True)
+    has = np.bincount(inv, labelled, minlength=len(patients)) > 0
+    order = np.random.default_rng(seed).permutation(len(patients))
+    order = order[np.argsort(~has[order], kind="stable")]
+    fold = np.empty(len(patients), dtype=np.int64)
+    fold[order] = np.arange(len(patients)) % k
+    return fold[inv]
+
+
+def test_patient_folds_keep_whole_patients_and_the_blends_assignment():
+    rng = np.random.default_rng(11)
+    groups = rng.choice([f"pid{i}" for i in range(23)], 200)
+    labelled = np.isin(groups, [f"pid{i}" for i in range(7)]) & (rng.random(200) < 0.7)
+    for k, seed in ((5, 0), (3, 1), (4, 7)):
+        fold = dataset.patient_folds(groups, k, seed, labelled=labelled)
+        assert fold.dtype == np.int64 and set(fold) <= set(range(k))
+        assert all(len(set(fold[groups == g])) == 1 for g in set(groups))  # whole patients
+        np.testing.assert_array_equal(fold, _old_blend_folds(groups, labelled, k, seed))  # blend numbers unchanged
+        per_fold = np.bincount([fold[groups == g][0] for g in set(groups[labelled])], minlength=k)
+        assert per_fold.max() - per_fold.min() <= 1  # labelled patients dealt out first
+    # labelled=None: every row labelled; hard-coded to pin the assignment; row order does not matter
+    groups = np.array(["c", "a", "b", "a", "d", "e", "c"])
+    np.testing.assert_array_equal(dataset.patient_folds(groups, 2, 0), [0, 1, 0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(dataset.patient_folds(groups[::-1], 2, 0), [0, 1, 0, 1, 0, 1, 0][::-1])
 
 
 # ---------------------------------------------------------------------------------------------

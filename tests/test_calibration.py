@@ -1,10 +1,12 @@
-"""Calibration maps (model.py) and the metrics that report them (train.py)."""
+"""Calibration maps, their fit and guard, study fusion (calibration.py), and the metrics that report them."""
 import numpy as np
+import pandas as pd
 import pytest
+from sklearn.isotonic import isotonic_regression
 
 import evaluation
 import train
-from calibration import apply_calibration, fit_calibration, pav
+from calibration import MIN_SLOPE, apply_calibration, fit_affine, fit_calibration, fuse_studies
 
 
 def test_affine_fit_recovers_known_slope_and_intercept():
@@ -24,11 +26,62 @@ def test_affine_slope_stays_positive_when_the_fit_wants_it_negative():
     assert np.all(np.diff(out) > 0)
 
 
-def test_pav_matches_known_answers():
+def test_fit_affine_least_squares_shrinkage_and_one_minimum_slope():
+    rng = np.random.default_rng(10)
+    x = rng.uniform(-1, 1, 500)
+    t = 0.5 * x + 0.2 + rng.normal(0, 0.1, 500)
+    a, b = fit_affine(x, t)
+    assert (a, b) == pytest.approx(tuple(np.polyfit(x, t, 1)), rel=1e-9)
+    a5, b5 = fit_affine(x, t, shrink_rows=5)
+    assert a5 == pytest.approx(a * 500 / 505) and a5 * x.mean() + b5 == pytest.approx(t.mean())
+    assert fit_affine(x, -t) == (MIN_SLOPE, pytest.approx(-t.mean() - MIN_SLOPE * x.mean()))  # wants < 0
+    assert fit_affine(np.full(10, 0.3), t[:10]) == (MIN_SLOPE, pytest.approx(t[:10].mean() - MIN_SLOPE * 0.3))
+    assert fit_affine(np.array([]), np.array([])) == (1.0, 0.0)
+    # the per-model map and the guard's constant use the same fit and the same floor
+    cal = fit_calibration("affine", x, -t)
+    assert (cal["a"], cal["b"]) == fit_affine(x, -t, shrink_rows=5)
+
+
+def pav(t, w=None) -> np.ndarray:
+    """calibration.pav before scikit-learn's isotonic_regression replaced it (a copy): the
+    non-decreasing sequence closest to t in (weighted) least squares."""
+    t = np.asarray(t, dtype=np.float64)
+    w = np.ones_like(t) if w is None else np.asarray(w, dtype=np.float64)
+    values, weights, counts = [], [], []
+    for ti, wi in zip(t, w):
+        values.append(ti), weights.append(wi), counts.append(1)
+        while len(values) > 1 and values[-2] > values[-1]:
+            v, wt, c = values.pop(), weights.pop(), counts.pop()
+            values[-1] = (values[-1] * weights[-1] + v * wt) / (weights[-1] + wt)
+            weights[-1] += wt
+            counts[-1] += c
+    return np.repeat(values, counts)
+
+
+def test_pav_matches_known_answers_and_scikit_learns_isotonic_regression():
     assert np.allclose(pav([1, 3, 2, 4]), [1, 2.5, 2.5, 4])
     assert np.allclose(pav([3, 2, 1]), [2, 2, 2])
     assert np.allclose(pav([-1, -1, 1, 0, 1]), [-1, -1, 0.5, 0.5, 1])
     assert np.allclose(pav([1, 2, 3]), [1, 2, 3])
+    rng = np.random.default_rng(15)
+    for n in (2, 7, 50, 1000):
+        t, w = rng.choice([-1.0, 0.0, 1.0], n), rng.uniform(0.1, 3, n)
+        np.testing.assert_allclose(isotonic_regression(t), pav(t), rtol=0, atol=1e-14)
+        np.testing.assert_allclose(isotonic_regression(t, sample_weight=w), pav(t, w), rtol=0, atol=1e-14)
+
+
+def test_isotonic_map_is_what_it_was_before_scikit_learn():
+    """The step map fitted by isotonic_regression equals the one the hand-written PAV gave, ties in
+    the outputs included (they are fitted in the stable sort order, as before)."""
+    rng = np.random.default_rng(16)
+    y = np.round(rng.normal(0, 0.4, 600), 2)  # many tied outputs
+    t = np.where(rng.random(600) < 0.2 + 0.4 * (y > 0), 1.0, -1.0)
+    cal = fit_calibration("isotonic", y, t)
+    order = np.argsort(y, kind="stable")
+    fitted = pav(t[order])
+    edges = np.flatnonzero(np.diff(fitted))
+    assert cal["right"] == pytest.approx(y[order][edges].tolist(), abs=0)
+    assert cal["values"] == pytest.approx(np.append(fitted[edges], fitted[-1]).tolist(), abs=1e-14)
 
 
 def test_isotonic_output_is_monotone_and_fits_the_step_on_sorted_inputs():
@@ -135,3 +188,82 @@ def test_already_calibrated_outputs_are_left_alone():
     t = rng.choice([-1.0, 0.0, 1.0], 60)
     cal = fit_calibration("affine", t, t, prior=0.0)  # perfect predictions: the shrunk map would cost
     assert cal["chosen"] == "identity" and np.array_equal(apply_calibration(cal, t), t)
+
+
+def _look_alike_patients(rng, n_patients: int, per: int):
+    """per images of each patient with near-identical outputs (one draw, +-1e-3) and one shared label
+    (30% positive) that the outputs say nothing about. Returns y, t, patient ids (n_patients * per,)."""
+    y = np.repeat(rng.normal(0, 0.4, n_patients), per) + rng.normal(0, 1e-3, n_patients * per)
+    t = np.repeat(np.where(rng.random(n_patients) < 0.3, 1.0, -1.0), per)
+    return y, t, np.repeat(np.arange(n_patients), per)
+
+
+def test_guard_folds_by_patient_so_look_alike_images_do_not_flatter_the_map():
+    """Row folds put a patient's look-alike images on both sides of every split: the isotonic map
+    recalls their shared label and cross-validates better than the constant, although on other
+    patients it is worse. Folded by patient, the guard sees that and keeps the constant."""
+    prior = -0.4
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        y, t, patients = _look_alike_patients(rng, 100, 8)
+        y_new, t_new, _ = _look_alike_patients(rng, 2000, 1)  # other patients, never fitted on
+        on_new = np.mean((apply_calibration(fit_calibration("isotonic", y, t), y_new) - t_new) ** 2)
+        assert on_new > np.mean((prior - t_new) ** 2)  # the map really loses to the constant
+        by_row = fit_calibration("isotonic", y, t, prior=prior)  # each row its own patient
+        assert by_row["chosen"] == "map" and by_row["cv_mse"] < np.mean((prior - t) ** 2)  # fooled
+        by_patient = fit_calibration("isotonic", y, t, prior=prior, groups=patients)
+        assert by_patient["chosen"] == "constant"
+        assert by_patient["cv_mse"] == pytest.approx(np.mean((prior - t) ** 2))
+
+
+def test_guard_with_one_patient_or_mismatched_groups():
+    y, t = np.linspace(-1, 1, 10), np.where(np.arange(10) > 4, 1.0, -1.0)
+    cal = fit_calibration("affine", y, t, prior=0.0, groups=np.zeros(10))  # one patient: nothing to cross-validate
+    assert cal["chosen"] == "constant" and np.isnan(cal["cv_mse"])
+    with pytest.raises(ValueError, match="groups"):
+        fit_calibration("affine", y, t, groups=np.zeros(9))
+
+
+def _old_submission_fusion(values, studies):
+    """make_submission.fuse_studies before calibration.fuse_studies replaced it (a copy)."""
+    return pd.DataFrame(values).groupby(studies).transform("mean").to_numpy()
+
+
+def _old_blend_fusion(x, s, frontal, w_frontal):
+    """calibration._fuse before fuse_studies replaced it (a copy); s (N,) int study codes."""
+    ok = ~np.isnan(x)
+    xz, f, l = np.where(ok, x, 0.0), ok & frontal, ok & ~frontal
+    size = int(s.max()) + 1
+    nf, nl = np.bincount(s, f, size), np.bincount(s, l, size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mf, ml = np.bincount(s, xz * f, size) / nf, np.bincount(s, xz * l, size) / nl
+    fused = np.where((nf > 0) & (nl > 0), w_frontal * mf + (1 - w_frontal) * ml, np.where(nf > 0, mf, ml))
+    return fused[s]
+
+
+def test_fuse_studies_plain_mean_by_hand_and_as_make_submission_did():
+    x = np.array([[0.2, np.nan], [0.4, 0.5], [np.nan, np.nan], [-1.0, 0.3], [0.9, np.nan]])
+    studies = np.array(["p1/s1", "p1/s1", "p2/s1", "p3/s1", "p3/s1"])
+    want = [[0.3, 0.5], [0.3, 0.5], [np.nan, np.nan], [-0.05, 0.3], [-0.05, 0.3]]  # NaN ignored, filled
+    np.testing.assert_allclose(fuse_studies(x, studies), want)
+    np.testing.assert_allclose(fuse_studies(x[:, 1], studies), np.array(want)[:, 1])  # (N,) too
+    rng = np.random.default_rng(13)
+    x = np.where(rng.random((300, 4)) < 0.2, np.nan, rng.uniform(-1, 1, (300, 4)))
+    studies = rng.choice([f"pid{i}/study1" for i in range(120)], 300)
+    np.testing.assert_allclose(fuse_studies(x, studies), _old_submission_fusion(x, studies), rtol=0, atol=1e-15)
+
+
+def test_fuse_studies_frontal_weight_by_hand_and_as_the_blend_did():
+    x = np.array([0.2, 0.6, 0.0, 0.5, np.nan, -0.4, np.nan])
+    studies = ["a", "a", "a", "b", "b", "c", "d"]
+    frontal = np.array([True, True, False, True, False, False, True])
+    # a: 0.25 * mean(0.2, 0.6) + 0.75 * 0.0; b: frontal only (its lateral is NaN); c: lateral only; d: none
+    want = [0.1, 0.1, 0.1, 0.5, 0.5, -0.4, np.nan]
+    np.testing.assert_allclose(fuse_studies(x, studies, frontal, 0.25), want)
+    with pytest.raises(ValueError, match="frontal"):
+        fuse_studies(x, studies, w_frontal=0.25)
+    rng = np.random.default_rng(14)
+    x = np.where(rng.random(400) < 0.2, np.nan, rng.uniform(-1, 1, 400))
+    s, frontal = rng.integers(0, 150, 400), rng.random(400) < 0.6
+    for w in (0.0, 0.3, 0.5, 1.0):
+        np.testing.assert_array_equal(fuse_studies(x, s, frontal, w), _old_blend_fusion(x, s, frontal, w))

@@ -246,7 +246,7 @@ def test_blend_end_to_end_applies_the_learned_blend(runs, demo_root, capsys):
     P[views == "lateral", 1] = np.nan  # the frontal-only member does not predict lateral images
     expected = apply_blend(card, P, studies, views)
     got = pd.read_csv(out).set_index("Id").loc[test.Id, "Cardiomegaly"].to_numpy()
-    np.testing.assert_allclose(got, expected, atol=1e-5)  # the written CSV has 6 decimals
+    np.testing.assert_allclose(got, expected, atol=1e-6)  # float32 outputs, predicted in other batches
     assert (views == "lateral").any() and (views == "frontal").any()
     js = json.loads((out.parent / "metrics.json").read_text())
     assert js["per_pathology"]["Cardiomegaly"]["mse"] == pytest.approx(

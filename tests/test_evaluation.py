@@ -4,6 +4,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -18,6 +19,43 @@ def test_auc_by_hand_with_ties_uncertain_and_blank_left_out():
     assert ev.auc(score, target) == pytest.approx(0.875)
     assert ev.auc(-score, target) == pytest.approx(0.125)
     assert math.isnan(ev.auc(score, np.array([1, 1, 0, 0, 1, np.nan])))
+
+
+def _old_auc(score, target):
+    """evaluation.auc before roc_auc_score replaced it (a copy): Mann-Whitney on mean ranks."""
+    pos, neg = target == 1, target == -1
+    n_pos, n_neg = int(pos.sum()), int(neg.sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    keep = pos | neg
+    ranks = pd.Series(score[keep]).rank().to_numpy()
+    return float((ranks[pos[keep]].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _old_roc_points(score, target):
+    """evaluation.roc_points before roc_curve replaced it (a copy)."""
+    keep = (target == 1) | (target == -1)
+    s, pos = score[keep], target[keep] == 1
+    if pos.all() or not pos.any():
+        return np.array([]), np.array([])
+    order = np.argsort(-s, kind="stable")
+    s, pos = s[order], pos[order]
+    last = np.r_[s[1:] != s[:-1], True]
+    tp, fp = np.cumsum(pos)[last], np.cumsum(~pos)[last]
+    return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
+
+
+@pytest.mark.parametrize("n, decimals", [(5, 6), (40, 1), (300, 2), (3000, 6), (12, 0)])
+def test_auc_and_roc_points_give_the_numbers_they_gave_before_scikit_learn(n, decimals):
+    rng = np.random.default_rng(n)
+    score = np.round(rng.normal(0, 1, n), decimals)  # few decimals: many ties
+    target = rng.choice([-1.0, 0.0, 1.0, np.nan], n)
+    assert ev.auc(score, target) == pytest.approx(_old_auc(score, target), abs=1e-12, nan_ok=True)
+    for new, old in zip(ev.roc_points(score, target), _old_roc_points(score, target)):
+        np.testing.assert_array_equal(new, old)
+    assert np.isnan(ev.auc(score, np.ones(n)))  # one class only
+    score[np.flatnonzero(np.abs(target) == 1)[0]] = np.nan
+    assert np.isnan(ev.auc(score, target))  # a diverged model's NaN output
 
 
 def _labels(rng, n, blank=0.2):

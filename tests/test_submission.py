@@ -18,12 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluation
 import make_submission
 import train
 from cache import cached_table
 from common import UserError
 from dataset import PATHOLOGIES, XrayDataset, read_train_csv, split_by_patient
-from calibration import apply_calibration
+from calibration import MIN_SLOPE, apply_calibration
 from model import Checkpoint, build_model, load_checkpoint, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -314,7 +315,9 @@ def test_trained_multi_head_applies_its_calibration_maps(demo_root, tiny_args, t
     """Train a tiny lateral multi-head model; a test CSV of its validation images must get exactly
     the calibrated validation predictions (apply_calibration of each head's map on its raw output)."""
     names = ["Cardiomegaly", "Support Devices"]
-    train.main(tiny_args("--pathology", *names, "--multi-head", "--view", "lateral", "--val-frac", "0.5"))
+    # seed 2: the guard picks a map that moves the outputs (on ~10 rows it often keeps them as they are)
+    train.main(tiny_args("--pathology", *names, "--multi-head", "--view", "lateral", "--val-frac", "0.5",
+                         "--seed", "2"))
     ckpt_path = tmp_path / "ckpt" / "multi_head_lateral" / "best.pt"
     model, ckpt = load_checkpoint(ckpt_path)
     assert ckpt.pathologies == names and ckpt.view == "lateral"
@@ -322,7 +325,7 @@ def test_trained_multi_head_applies_its_calibration_maps(demo_root, tiny_args, t
     # the validation rows exactly as train.py chose them: same table, same patient split
     table, cache = cached_table(read_train_csv(demo_root / "student_labels" / "train2023.csv"), demo_root, 32,
                                 tmp_path / "cache", "train2023", workers=1, progress=False)
-    is_val = split_by_patient(table["patient"], 0.5, 0)
+    is_val = split_by_patient(table["patient"], 0.5, 2)
     val = table[is_val & (table["view"] == "lateral").to_numpy() & table[names].notna().any(axis=1).to_numpy()]
     assert len(val) >= 2
     rt = train.Runtime(torch.device("cpu"), progress=False)
@@ -339,8 +342,28 @@ def test_trained_multi_head_applies_its_calibration_maps(demo_root, tiny_args, t
                           "--cache-dir", str(tmp_path / "cache"), "--fill-missing", "0", "--workers", "1",
                           "--no-progress"])
     df = pd.read_csv(tmp_path / "sub.csv").set_index("Id").loc[ids]
-    np.testing.assert_allclose(df[names].to_numpy(), expected, atol=2e-6)  # CSV keeps 6 decimals
+    np.testing.assert_allclose(df[names].to_numpy(), expected, atol=1e-6)  # float32 outputs, other batches
     assert (df[[p for p in PATHOLOGIES if p not in names]].to_numpy() == 0).all()
+
+
+def test_a_map_with_a_tiny_slope_keeps_the_models_auc_in_the_written_csv(tiny_root, tmp_path, ckpt_store):
+    """The guard's constant choice maps distinct raw outputs to values MIN_SLOPE apart per unit of
+    output (about 1e-9 here): the CSV must keep them apart, so that the AUC --labels reports from
+    the written file is the model's, not the 0.5 of a column rounded to one value."""
+    constant = {"Cardiomegaly": {"kind": "affine", "a": MIN_SLOPE, "b": -0.9, "chosen": "constant"}}
+    pd.DataFrame({"Id": [i for i, _ in TINY_ROWS], "Cardiomegaly": [1, 1, -1, -1, -1]}).to_csv(
+        tmp_path / "labels.csv", index=False)
+    ckpts = install(tmp_path / "raw", cardiomegaly=ckpt_store(["Cardiomegaly"], seed=3))  # no map: raw outputs
+    run(tiny_root, tmp_path, ckpts, "--fill-missing", "0")
+    raw = read(tmp_path)["Cardiomegaly"].to_numpy()
+    ckpts = install(tmp_path / "constant", cardiomegaly=ckpt_store(["Cardiomegaly"], seed=3, calibration=constant))
+    result = run(tiny_root, tmp_path, ckpts, "--fill-missing", "0", "--labels", str(tmp_path / "labels.csv"))
+    written = read(tmp_path)["Cardiomegaly"].to_numpy()
+    assert len(set(raw)) == 5 and len(set(written)) == 5 and np.abs(written + 0.9).max() < 1e-6
+    labels = np.array([1.0, 1.0, -1.0, -1.0, -1.0])
+    assert evaluation.auc(raw, labels) not in (0.5, float("nan"))  # a ranking that a collapse would change
+    assert result["metrics"]["per_pathology"]["Cardiomegaly"]["auc"] == evaluation.auc(raw, labels)
+    np.testing.assert_array_equal(written, result["submission"]["Cardiomegaly"])  # the CSV reads back exactly
 
 
 # ---------------------------------------------------------------------------------------------
