@@ -31,7 +31,7 @@ from dataset import slug
 # val_predictions.csv, written by train.py and read by experiments/blend.py: one row per validation
 # image and pathology; target blank = unlabelled; raw and calibrated predictions in [-1, 1]
 PREDICTION_COLUMNS = ["path", "patient", "study", "view", "pathology", "target", "raw", "calibrated"]
-METRIC_COLUMNS = ["pathology", "n", "mse", "mse_lo", "mse_hi", "const_mse", "auc", "auc_lo", "auc_hi"]
+METRIC_COLUMNS = ["pathology", "n", "mse", "mse_lo", "mse_hi", "nmse", "const_mse", "auc", "auc_lo", "auc_hi"]
 BOOT_CHUNK = 100  # resamples drawn at once: bounds memory at about BOOT_CHUNK x rows floats
 DPI = 100
 CURVES_SIZE = (1000, 700)  # pixels of curves.png
@@ -90,14 +90,25 @@ def evaluate(pred: np.ndarray, target: np.ndarray, groups, names: list[str], con
         c = const.get(name, float("nan"))
         per[name] = {"n": int(m.sum()),
                      "mse": float(np.mean((p - t) ** 2)) if m.any() else float("nan"),
-                     "mse_ci": _interval(boot_mse[:, k]),
+                     "mse_ci": _interval(boot_mse[:, k]), "nmse": normalised_mse(p, t),
                      "const_mse": float(np.mean((c - t) ** 2)) if m.any() else float("nan"),
                      "auc": auc(p, t), "auc_ci": _interval(boot_auc[:, k])}
     labelled = [v for v in per.values() if v["n"] > 0]
     aucs = [v["auc"] for v in labelled if not math.isnan(v["auc"])]
+    nmses = [v["nmse"] for v in labelled if not math.isnan(v["nmse"])]
     macro = {"mse": float(np.mean([v["mse"] for v in labelled])) if labelled else float("nan"),
+             "nmse": float(np.mean(nmses)) if nmses else float("nan"),
              "auc": float(np.mean(aucs)) if aucs else float("nan")}
     return {"per_pathology": per, "macro": macro}
+
+
+def normalised_mse(pred: np.ndarray, target: np.ndarray) -> float:
+    """MSE divided by the variance of the labels (pred, target (N,), labelled rows only): 1 is the
+    constant at the labels' own mean, 0 perfect; comparable across pathologies whose labels spread
+    differently. NaN without labels or when every label is the same."""
+    t = np.asarray(target, dtype=np.float64)
+    var = float(t.var()) if len(t) else 0.0
+    return float(np.mean((np.asarray(pred, dtype=np.float64) - t) ** 2) / var) if var > 0 else float("nan")
 
 
 def _interval(values: np.ndarray) -> list[float]:
@@ -175,10 +186,10 @@ def metrics_rows(metrics: dict) -> list[dict]:
     rows = []
     for name, v in metrics["per_pathology"].items():
         rows.append({"pathology": name, "n": v["n"], "mse": v["mse"], "mse_lo": v["mse_ci"][0],
-                     "mse_hi": v["mse_ci"][1], "const_mse": v["const_mse"], "auc": v["auc"],
+                     "mse_hi": v["mse_ci"][1], "nmse": v.get("nmse"), "const_mse": v["const_mse"], "auc": v["auc"],
                      "auc_lo": v["auc_ci"][0], "auc_hi": v["auc_ci"][1]})
     rows.append({"pathology": "macro", "n": sum(r["n"] for r in rows), "mse": metrics["macro"]["mse"],
-                 "auc": metrics["macro"]["auc"]})
+                 "nmse": metrics["macro"].get("nmse"), "auc": metrics["macro"]["auc"]})
     return rows
 
 

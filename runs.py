@@ -25,7 +25,7 @@ from common import UserError, write_text
 from dataset import VIEWS
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_mse", "val_mse_cv", "val_mse_cal", "const_mse", "val_auc",
-                   "lr", "seconds", "train_seconds", "train_images_per_s"]
+                   "val_nmse", "lr", "seconds", "train_seconds", "train_images_per_s"]
 # val_predictions.csv: one row per validation image and pathology; target on the project's scale,
 # blank = unlabelled; raw (the model's output) and calibrated predictions in [-1, 1]
 PREDICTION_COLUMNS = ["path", "patient", "study", "view", "pathology", "target", "raw", "calibrated"]

@@ -56,8 +56,8 @@ from sampler import SAMPLER_CAP, EpochSampler, sample_weights, train_loader
 from weights import load_pretrained
 
 TABLE_COLUMNS = ["pathology", "view", "fold", "n_train", "n_val", "best_epoch", "val_mse", "val_mse_cv", "val_mse_cal",
-                 "const_mse", "val_auc"]
-METRIC_KEYS = ("val_mse", "val_mse_cv", "val_mse_cal", "const_mse", "val_auc")
+                 "const_mse", "val_nmse", "val_auc"]
+METRIC_KEYS = ("val_mse", "val_mse_cv", "val_mse_cal", "const_mse", "val_nmse", "val_auc")
 DEMO_DEFAULTS = {"image_size": 64, "epochs": 3, "weights": "none", "batch_size": 16, "augment": "none"}
 # augment standard on real data: better test MSE and AUC for 2 of 3 archs on real X-rays (docs/results.md)
 REAL_DEFAULTS = {"image_size": 224, "epochs": 10, "weights": "imagenet", "batch_size": 32, "augment": "standard"}
@@ -245,13 +245,16 @@ def pathology_metrics(pred: np.ndarray, target: np.ndarray, train_mean: float, c
     val_mse: raw outputs; val_mse_cv: calibrated, out of sample (each patient scored by a map fitted
     on the other folds: cal['cv_mse']); val_mse_cal: calibrated by the map fitted on these same rows
     (in-sample, optimistic: for reading, never for choosing); const_mse: the training mean's MSE;
-    train_mean: that mean (make_submission.py --labels scores the constant predictor with it)."""
+    val_nmse: val_mse_cv over the labels' variance (evaluation.normalised_mse: comparable across
+    pathologies); train_mean: that mean (make_submission.py --labels scores the constant with it)."""
     m = ~np.isnan(target)
     p, t = pred[m].astype(np.float64), target[m].astype(np.float64)
     if len(t) == 0:
         return {"n": 0, **{k: float("nan") for k in METRIC_KEYS}, "train_mean": train_mean}
     raw = float(np.mean((np.clip(p, -1, 1) - t) ** 2))
-    return {"n": int(len(t)), "val_mse": raw, "val_mse_cv": float(cal["cv_mse"]) if cal else raw,
+    cv = float(cal["cv_mse"]) if cal else raw
+    nmse = cv / t.var() if t.var() > 0 else float("nan")
+    return {"n": int(len(t)), "val_mse": raw, "val_mse_cv": cv, "val_nmse": nmse,
             "val_mse_cal": float(np.mean((apply_calibration(cal, p) - t) ** 2)),
             "const_mse": float(np.mean((train_mean - t) ** 2)), "val_auc": auc(p, t), "train_mean": train_mean}
 
@@ -718,6 +721,7 @@ def out_of_fold(folder: Path, job_names: list[str], table: pd.DataFrame, args, r
                                   [name], {}, n_boot=200)["per_pathology"][name]
             rows.append({"pathology": name, "view": args.view, "fold": "oof", "n_val": m["n"],
                          "val_mse_cv": f"{m['mse']:.4f} ({m['mse_ci'][0]:.3f}-{m['mse_ci'][1]:.3f})",
+                         "val_nmse": m["nmse"],
                          "val_auc": f"{m['auc']:.4f} ({m['auc_ci'][0]:.3f}-{m['auc_ci'][1]:.3f})"})
         return rows
     return on_main(rt, merge_and_score)

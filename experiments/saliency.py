@@ -39,6 +39,7 @@ from dataset import slug
 from evaluation import new_figure, save_png
 from calibration import apply_calibration
 from model import load_checkpoint
+from runtime import setup_runtime
 
 PNG_SIZE = (520, 470)  # pixels of each heatmap PNG (width, height)
 
@@ -136,8 +137,8 @@ def read_images(paths: list[Path], size: int, square: str) -> np.ndarray:
 def main(argv=None) -> list[dict]:
     """Returns one dict per image and head: image, pathology, raw, score (calibrated), png, cam (S, S)."""
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    args.amp = False  # Grad-CAM's gradients in float32
+    device = setup_runtime(args, distributed=False).device  # --device cuda without one: one line, not a traceback
     model, ckpt = load_checkpoint(args.checkpoint, device)
     if not model.has_feature_map:
         raise UserError(f"--checkpoint {args.checkpoint}: its {model.arch} has no spatial feature map (its features "

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -68,9 +69,12 @@ def only_cache(cache_dir):
 # 1, 8: torchrun on a cold cache whose build outlasts the process group's timeout; a free port
 
 def test_torchrun_on_a_cold_cache_finishes_and_writes_one_set_of_files(tiny_args, tmp_path, demo_root):
+    """Also: validation under torchrun scores every row with the weights best.pt saves. Each rank's
+    BatchNorm statistics come from its own last batches; with batch 4 the second rank scores some
+    validation rows, which must not come from its own statistics. --accum-steps 2 runs DDP's no_sync."""
     [s1] = train.main(tiny_args("--pathology", "Cardiomegaly", "--out-dir", str(tmp_path / "one")))
     ddp = tiny_args("--pathology", "Cardiomegaly", "--out-dir", str(tmp_path / "two"),
-                    "--cache-dir", str(tmp_path / "cold"))
+                    "--cache-dir", str(tmp_path / "cold"), "--batch-size", "4", "--accum-steps", "2")
     t0 = time.time()
     proc = launch([*torchrun("--nproc-per-node", "2", "--master-port", str(free_port())), *ddp], **SLOW_BUILD)
     out, err = proc.communicate(timeout=400)
@@ -83,19 +87,21 @@ def test_torchrun_on_a_cold_cache_finishes_and_writes_one_set_of_files(tiny_args
                                                         "summary.json", "val_predictions.csv"]
     s2 = json.loads((folder / "summary.json").read_text())
     assert (s2["n_train"], s2["n_val"]) == (s1["n_train"], s1["n_val"])
-    assert len(pd.read_csv(folder / "val_predictions.csv")) == s2["n_val"]  # every validation row, once
+    val = pd.read_csv(folder / "val_predictions.csv")
+    assert len(val) == s2["n_val"] and val["path"].is_unique  # every validation row, once
     assert len(read_csv_rows(folder / "history.csv")) == 1
     assert out.count("Cardiomegaly epoch 1/1") == 1  # only rank 0 logs
 
-    # the metrics gathered over both ranks equal one process's on the same weights and rows
+    # every row's raw prediction, and the gathered metrics, are those of best.pt's weights in one process
     from cache import cached_table
-    from dataset import XrayDataset, read_train_csv, split_by_patient
+    from dataset import XrayDataset, read_train_csv
     table, cache = cached_table(read_train_csv(demo_root / "student_labels" / "train2023.csv"), demo_root, 32,
                                 tmp_path / "cache", "train2023", workers=1, progress=False)
-    rows = split_by_patient(table["patient"], 0.2, 0) & table["Cardiomegaly"].notna().to_numpy()
-    targets = table.loc[rows, ["Cardiomegaly"]].to_numpy()
+    rows = table.set_index("path").loc[val["path"]]
+    targets = rows[["Cardiomegaly"]].to_numpy()
     model, ckpt = load_checkpoint(folder / "best.pt")
-    pred = train.predict(model, XrayDataset([cache], table["slot"][rows], targets), 16, train.Runtime(torch.device("cpu")))
+    pred = train.predict(model, XrayDataset([cache], rows["slot"], targets), 4, train.Runtime(torch.device("cpu")))
+    assert np.abs(pred[:, 0] - val["raw"].to_numpy()).max() < 1e-5
     m = train.pathology_metrics(pred[:, 0], targets[:, 0], 0.0, ckpt.calibration["Cardiomegaly"])
     gathered = s2["per_pathology"]["Cardiomegaly"]
     assert m["n"] == gathered["n"] == s2["n_val"]

@@ -21,7 +21,7 @@ from calibration import apply_blend
 import make_submission
 import train
 from cache import cached_table, load_image
-from common import UserError
+from common import UserError, run_cli
 from dataset import PATHOLOGIES, XrayDataset, read_train_csv, split_by_patient
 from experiments import blend, saliency
 from calibration import apply_calibration
@@ -104,9 +104,10 @@ def test_split_is_recorded_and_shared_by_models_of_one_split(runs, demo_root):
         val = table["patient"][split_by_patient(table["patient"], 0.5, seed)]
         return hashlib.sha1("\n".join(sorted(val.unique())).encode()).hexdigest()
     splits = [json.loads((f / "summary.json").read_text())["split"] for f in (folder_a(runs), folder_b(runs))]
-    assert splits[0] == splits[1] == {"seed": 0, "val_frac": 0.5, "val_patients_sha1": sha(0)}
     assert Checkpoint.load(folder_a(runs) / "best.pt").split == splits[0]
-    assert Checkpoint.load(folder_b(runs) / "last.pt").split == splits[0]
+    assert Checkpoint.load(folder_b(runs) / "last.pt").split == splits[1]
+    rows = [s.pop("rows_sha1") for s in splits]  # each model's own rows (pathology, view): for --resume
+    assert splits[0] == splits[1] == {"seed": 0, "val_frac": 0.5, "val_patients_sha1": sha(0)} and rows[0] != rows[1]
     assert sha(1) != sha(0)
 
 
@@ -380,3 +381,11 @@ def test_saliency_writes_one_png_per_image_and_head(two_head_checkpoint, tmp_pat
     with pytest.raises(UserError, match="no such file"):
         saliency.main(["--checkpoint", str(ckpt_path), "--images", str(tmp_path / "nope.jpg"), "--out",
                        str(tmp_path / "x"), "--no-progress"])
+
+
+def test_saliency_on_cuda_without_a_gpu_is_one_clear_line(two_head_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = run_cli(saliency.main, ["--checkpoint", str(two_head_checkpoint[0]), "--images", str(tmp_path / "x.png"),
+                                   "--out", str(tmp_path / "out"), "--device", "cuda", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == "error: --device cuda: no CUDA device is visible (try --device cpu)"

@@ -80,7 +80,7 @@ def test_evaluate_perfect_and_constant_predictors():
     assert card["const_mse"] == pytest.approx(np.nanmean((target[:, 0] + 0.2) ** 2))
     pneu = m["per_pathology"]["Pneumonia"]
     assert pneu["n"] == 0 and math.isnan(pneu["mse"]) and math.isnan(pneu["auc"]) and math.isnan(pneu["mse_ci"][0])
-    assert m["macro"] == {"mse": 0.0, "auc": 1.0}  # the blank pathology is left out, not averaged as NaN
+    assert m["macro"] == {"mse": 0.0, "nmse": 0.0, "auc": 1.0}  # the blank pathology is left out, not averaged as NaN
 
     const_pred = np.tile([const[k] for k in names], (n, 1))
     m = ev.evaluate(const_pred, target, groups, names, const, n_boot=200)
@@ -145,8 +145,8 @@ def test_write_metrics_json_nulls_and_csv_table(tmp_path):
                     ["Cardiomegaly", "Fracture"], {"Cardiomegaly": 0.0, "Fracture": 0.0}, n_boot=50)
     ev.write_metrics(m, tmp_path / "metrics.json", tmp_path / "metrics.csv")
     js = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(js) == {"per_pathology", "macro"} and set(js["macro"]) == {"mse", "auc"}
-    assert set(js["per_pathology"]["Cardiomegaly"]) == {"n", "mse", "mse_ci", "const_mse", "auc", "auc_ci"}
+    assert set(js) == {"per_pathology", "macro"} and set(js["macro"]) == {"mse", "nmse", "auc"}
+    assert set(js["per_pathology"]["Cardiomegaly"]) == {"n", "mse", "mse_ci", "nmse", "const_mse", "auc", "auc_ci"}
     assert js["per_pathology"]["Fracture"]["mse"] is None and js["per_pathology"]["Fracture"]["auc_ci"] == [None, None]
     assert js["per_pathology"]["Cardiomegaly"]["mse"] == pytest.approx(m["per_pathology"]["Cardiomegaly"]["mse"])
     with open(tmp_path / "metrics.csv") as f:
@@ -192,3 +192,14 @@ def test_plot_evaluation_writes_roc_and_reliability_per_labelled_pathology(tmp_p
     assert [p.name for p in paths] == ["roc_pleural_effusion.png", "reliability_pleural_effusion.png"]
     for p in paths:
         _png(p, ev.PLOT_SIZE)
+
+
+def test_normalised_mse_is_mse_over_the_label_variance():
+    target = np.array([[1.0, np.nan], [-1.0, 1.0], [-1.0, 1.0], [0.0, 1.0]])
+    pred = np.array([[0.5, 0.0], [-0.5, 0.5], [0.0, 0.9], [0.0, 0.2]])
+    m = ev.evaluate(pred, target, np.arange(4), ["No Finding", "Fracture"], {}, n_boot=10)
+    t = target[:, 0]
+    assert m["per_pathology"]["No Finding"]["nmse"] == pytest.approx(np.mean((pred[:, 0] - t) ** 2) / t.var())
+    assert np.isnan(m["per_pathology"]["Fracture"]["nmse"])  # every label the same: no variance to compare with
+    assert m["macro"]["nmse"] == pytest.approx(m["per_pathology"]["No Finding"]["nmse"])
+    assert ev.normalised_mse(np.full(3, 1 / 3), np.array([1.0, 1.0, -1.0])) == pytest.approx(1.0)  # the labels' mean

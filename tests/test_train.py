@@ -3,6 +3,7 @@ import csv
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -329,3 +330,37 @@ def test_uncertain_policy_shapes_training_targets_only(tiny_args, tmp_path):
     assert runs["ignore"][0]["n_train"] < keep["n_train"] == runs["ones"][0]["n_train"]
     train_mean = {p: s["per_pathology"]["Cardiomegaly"]["train_mean"] for p, (s, _) in runs.items()}
     assert train_mean["ones"] > train_mean["keep"]
+
+
+def test_summary_reports_normalised_mse_beside_mse(tiny_args, tmp_path):
+    [s] = train.main(tiny_args("--pathology", "Cardiomegaly"))
+    per = s["per_pathology"]["Cardiomegaly"]
+    t = pd.read_csv(tmp_path / "ckpt" / "cardiomegaly" / "val_predictions.csv")["target"].dropna()
+    assert per["val_nmse"] == pytest.approx(per["val_mse_cv"] / t.var(ddof=0))
+    assert "val_nmse" in read_csv_rows(tmp_path / "ckpt" / "cardiomegaly" / "history.csv")[0]
+
+
+def test_timm_arch_with_layer_decay_ema_and_checkpointing_trains_and_submits(tiny_args, tmp_path, demo_root):
+    """--arch timm/NAME, --layer-decay, --ema and --grad-checkpointing through train.main, then the
+    submission rebuilds the model from best.pt alone."""
+    import make_submission
+    [s] = train.main(tiny_args("--pathology", "Cardiomegaly", "--arch", "timm/resnet10t", "--layer-decay", "0.5",
+                               "--ema", "0.5", "--grad-checkpointing", "--epochs", "2"))
+    folder = tmp_path / "ckpt" / "cardiomegaly"
+    last, best = Checkpoint.load(folder / "last.pt"), Checkpoint.load(folder / "best.pt")
+    lrs = [g["lr"] for g in last.training_state["optimizer"]["param_groups"]]
+    assert len(lrs) > 2 and all(b == pytest.approx(a * 0.5) for a, b in zip(lrs, lrs[1:]))  # heads first, x0.5 deeper
+    assert last.training_state["ema"] is not None and best.model_config["arch"] == "timm/resnet10t"
+    ema = {k.removeprefix("module."): v for k, v in last.training_state["ema"].items() if k.startswith("module.")}
+    if best.epoch == 2:  # best.pt holds the average, not the raw weights it was averaged from
+        assert all(torch.equal(ema[k], best.state_dict[k]) for k in best.state_dict)
+        assert not all(torch.equal(last.state_dict[k], best.state_dict[k]) for k in best.state_dict)
+    out = make_submission.main(["--data-root", str(demo_root), "--checkpoints", str(tmp_path / "ckpt"),
+                                "--out", str(tmp_path / "sub.csv"), "--cache-dir", str(tmp_path / "cache"),
+                                "--fill-missing", "0", "--no-progress"])
+    assert out["submission"]["Cardiomegaly"].between(-1, 1).all()
+
+
+def test_freeze_beyond_a_timm_models_groups_is_one_line(tiny_args):
+    with pytest.raises(UserError, match=r"--freeze 9: timm/resnet10t has 5 stages to freeze"):
+        train.main(tiny_args("--pathology", "Cardiomegaly", "--arch", "timm/resnet10t", "--freeze", "9"))
