@@ -47,6 +47,9 @@ SETS = {
                for arch in ("resnet18", "resnet50", "densenet121")},
     # the default recipe against a plain ResNet-50 loop (uniform shuffling, MSE, no augmentation)
     "default": {"plain-resnet50": PLAIN, "default": []},
+    # issue 20: timm backbones against the default ResNet-50, and the weights' moving average
+    "backbones": {"default": [], "timm-convnext-atto": ["--arch", "timm/convnext_atto"],
+                  "timm-vit-tiny": ["--arch", "timm/vit_tiny_patch16_224"], "ema-0.99": ["--ema", "0.99"]},
 }
 
 
