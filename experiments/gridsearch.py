@@ -125,11 +125,11 @@ def history_seconds(path: Path) -> float | None:
 
 @functools.lru_cache(maxsize=None)
 def _trainable(pathology: str, head: str, hidden: int, dropout: float, freeze: int, arch: str = "resnet50",
-               head_type: str = "regression") -> int:
+               head_type: str = "regression", image_size: int | None = None) -> int:
     import torch
     from model import build_model, model_config, set_frozen
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        model = build_model(model_config([pathology], head, hidden, dropout, arch, head_type))
+        model = build_model(model_config([pathology], head, hidden, dropout, arch, head_type, image_size))
     set_frozen(model, freeze)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -140,7 +140,8 @@ def trainable_params(pathology: str | None, config: dict) -> int | None:
     with --freeze 0, 22.6M with 3 (stem, layer1, layer2 frozen), 15.5M with 4, the head's 0.5M with 5."""
     try:
         return _trainable(pathology, config["head"], int(config["hidden"]), float(config["dropout"]),
-                          int(config["freeze"]), config.get("arch", "resnet50"), config.get("head_type", "regression"))
+                          int(config["freeze"]), config.get("arch", "resnet50"), config.get("head_type", "regression"),
+                          config.get("image_size"))  # a ViT's position embedding depends on it
     except (KeyError, TypeError, ValueError):
         return None
 
