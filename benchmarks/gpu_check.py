@@ -471,10 +471,12 @@ def run_files(folder: Path) -> dict:
 
 
 def compare_runs(ctx: Ctx, a: Path, b: Path) -> dict:
-    """Two runs of one command: history rows, best.pt epoch, best.pt outputs on the fixed batch, last.pt weights."""
+    """Two runs of one command: history rows, best.pt's epoch, the outputs of best.pt and last.pt (the
+    final weights) on the fixed batch, last.pt's weights."""
     ha, hb = pd.read_csv(a / "history.csv"), pd.read_csv(b / "history.csv")
     sa, ca = scores(a / "best.pt", ctx.fixed)
     sb, cb = scores(b / "best.pt", ctx.fixed)
+    fa, fb = scores(a / "last.pt", ctx.fixed)[0], scores(b / "last.pt", ctx.fixed)[0]
     la, lb = Checkpoint.load(a / "last.pt").state_dict, Checkpoint.load(b / "last.pt").state_dict
 
     def diff(col: str) -> float:
@@ -482,7 +484,7 @@ def compare_runs(ctx: Ctx, a: Path, b: Path) -> dict:
     return {"epochs": [len(ha), len(hb)], "same_epochs": ha["epoch"].tolist() == hb["epoch"].tolist(),
             "best_epoch": [ca.epoch, cb.epoch], "train_loss_diff": diff("train_loss"),
             "val_loss_diff": diff("val_loss"), "val_mse_diff": diff("val_mse"),
-            "output_diff": float((sa - sb).abs().max()),
+            "output_diff": float((sa - sb).abs().max()), "last_output_diff": float((fa - fb).abs().max()),
             "last_weights_diff": max(float((la[k].float() - lb[k].float()).abs().max()) for k in la if la[k].numel())}
 
 
@@ -545,26 +547,29 @@ def section_resume(ctx: Ctx) -> None:
         return
 
     cmp = compare_runs(ctx, straight, out / FOLDER)
-    keys = ("train_loss_diff", "val_loss_diff", "val_mse_diff", "output_diff", "last_weights_diff")
+    keys = ("train_loss_diff", "val_loss_diff", "val_mse_diff", "output_diff", "last_output_diff", "last_weights_diff")
     numbers = {k: cmp[k] for k in keys}
-    same_shape = cmp["same_epochs"] and cmp["epochs"][0] == a.epochs and cmp["best_epoch"][0] == cmp["best_epoch"][1]
+    same_epochs = cmp["same_epochs"] and cmp["epochs"][0] == a.epochs
+    same_best = cmp["best_epoch"][0] == cmp["best_epoch"][1]
     if ctx.cuda:  # the noise floor: the same command again, uninterrupted
         again = ctx.work / "resume_straight2"
         shutil.rmtree(again, ignore_errors=True)
         train.main(eager_flags(ctx, again))
         noise = compare_runs(ctx, straight, again / FOLDER)
         numbers["noise_floor"] = {k: noise[k] for k in keys}
-        ok = same_shape and cmp["val_loss_diff"] < a.tol_resume and cmp["output_diff"] < a.tol_resume
+        # not bit-deterministic: when two epochs' val losses are that close, best.pt may be another epoch's
+        ok = (same_epochs and cmp["val_loss_diff"] < a.tol_resume and cmp["last_output_diff"] < a.tol_resume
+              and (not same_best or cmp["output_diff"] < a.tol_resume))
         rule = f"each < --tol-resume {a.tol_resume:g}; two uninterrupted runs differ by val loss " \
-               f"{noise['val_loss_diff']:.2e}, outputs {noise['output_diff']:.2e}"
+               f"{noise['val_loss_diff']:.2e}, final outputs {noise['last_output_diff']:.2e}"
     else:
-        ok = same_shape and all(v == 0 for v in numbers.values())
+        ok = same_epochs and same_best and all(v == 0 for v in numbers.values())
         rule = "bit-identical on CPU"
     ctx.report.check("resume_matches_uninterrupted", ok,
                      f"epochs {cmp['epochs']}, best epoch {cmp['best_epoch']}; max abs diff val loss "
-                     f"{cmp['val_loss_diff']:.2e}, train loss {cmp['train_loss_diff']:.2e}, best.pt outputs "
-                     f"{cmp['output_diff']:.2e}, last.pt weights {cmp['last_weights_diff']:.2e} ({rule})",
-                     best_epoch=cmp["best_epoch"], **numbers)
+                     f"{cmp['val_loss_diff']:.2e}, train loss {cmp['train_loss_diff']:.2e}, outputs of best.pt "
+                     f"{cmp['output_diff']:.2e} and of the final weights {cmp['last_output_diff']:.2e}, last.pt "
+                     f"weights {cmp['last_weights_diff']:.2e} ({rule})", best_epoch=cmp["best_epoch"], **numbers)
 
     before = run_files(out / FOLDER)
     t0 = time.time()
