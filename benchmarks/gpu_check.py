@@ -17,9 +17,10 @@ them in an existing report.
  3. resume      a train.py subprocess with the same flags gets SIGTERM (sent by this script to its
                 process group, as SLURM signals a job step, when the child reaches epoch 2 batch 1)
                 and must exit 130 with last.pt at that batch; then `train.py --resume` in a new process
-                runs to the end, and its history and best.pt outputs on a fixed batch are compared
-                with the uninterrupted run (section 2): bit-identical on CPU, within --tol-resume on the
-                device (not bit-deterministic; a second uninterrupted run gives the noise floor). Then
+                runs to the end, and its history and its outputs on a fixed batch (final weights,
+                best.pt) are compared with the uninterrupted run (section 2): bit-identical on CPU,
+                within --tol-resume on the device (not bit-deterministic; a second uninterrupted run
+                gives the noise floor). Then
                 --resume of the finished run must return at once and change no file.
  4. grid        experiments/gridsearch.py, a 2-configuration grid with --shard 1/2, twice: the second
                 run trains nothing ('already finished') and leaves results.csv byte for byte the same.
