@@ -17,8 +17,14 @@ pathology and view. Each model's raw output (on [-1, 1] already: tanh, or p(posi
 p(negative) for a three-class head) goes through its checkpoint's calibration map and is clipped to
 [-1, 1]; maps of one image are then averaged.
 
+K folds (train.py --folds K): the best.pt of <slug>/fold0/ .. fold<K-1>/ (one folds_sha1) are one
+model, shown as `<slug>/fold* (K models)`, no --ensemble needed: its output is the mean of its K
+folds' calibrated outputs, each fold through its own map (fitted on its own validation rows). A
+fold without best.pt is an error naming it: finish it, or move the K-fold folder away.
+
 Speed: each test image is decoded once, into the same uint8 cache train.py uses (one cache per
-distinct image size and square mode), and every model that needs a batch runs on that one batch.
+distinct image size and square mode); each model then reads the rows it serves from that cache and
+predicts them with model.predict, the loop that training's validation uses.
 
 Scoring, before a leaderboard submission is spent (the written CSV is scored, exactly as submitted):
     python make_submission.py --data-root DIR --labels heldout.csv --out eval/sub.csv --plots eval/plots
@@ -34,10 +40,11 @@ metrics.json and metrics.csv beside --out (format: evaluation.evaluate); --plots
 curve and a reliability diagram per pathology.
 
 Blend (experiments/blend.py): with --blend blend.json and --checkpoints PARENT (the folder holding
-the runs), each pathology the blend covers is predicted by exactly its members, PARENT/<member>/best.pt,
-combined by evaluation.apply_blend (learned weights over the members that serve the image's view,
-the learned frontal/lateral study fusion in place of --study-fusion, and the blend's calibration).
-Other pathologies are routed as above over all checkpoints under PARENT.
+the runs), each pathology the blend covers is predicted by exactly its members, PARENT/<member>/best.pt
+(a K-fold member: the mean of its folds' raw outputs, PARENT/<member>/fold<I>/best.pt), combined by
+calibration.apply_blend (learned weights over the members that serve the image's view, the learned
+frontal/lateral study fusion in place of --study-fusion, and the blend's calibration). Other
+pathologies are routed as above over all checkpoints under PARENT.
 """
 from __future__ import annotations
 
@@ -263,9 +270,9 @@ class Blend:
 
 def load_blend(path: Path, sources: list[Source], folder: Path) -> dict[str, Blend]:
     """blend.json's pathologies with their members among the loaded checkpoints: member
-    'run_a/cardiomegaly' is folder/run_a/cardiomegaly/best.pt. A missing member, or one that does
-    not predict the pathology, is an error naming it; a pathology that is no submission column is
-    left out with a warning."""
+    'run_a/cardiomegaly' is folder/run_a/cardiomegaly/best.pt, or the K-fold model of its
+    fold<I>/best.pt. A missing member, or one that does not predict the pathology, is an error
+    naming it; a pathology that is no submission column is left out with a warning."""
     try:
         entries = json.loads(Path(path).read_text())["pathologies"]
         wanted = {name: (list(e["members"]), len(e["weights"])) for name, e in entries.items()}
