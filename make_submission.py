@@ -212,8 +212,8 @@ def group_folds(loaded: list[tuple[Path, torch.nn.Module, Checkpoint]], folder: 
     checkpoint records fold I of K (split.folds, split.fold, train.py --folds K) form one Source,
     'X/fold* (K models)', folder X. Errors name the file or the folder: a fold with other folds
     (folds_sha1), pathologies, view or preprocessing than fold 0's, or a fold 0..K-1 without best.pt."""
-    sources, kfold = [], {}
-    for path, model, ckpt in loaded:
+    sources, kfold = [], {}  # sources: (position of its first file in `loaded`, Source)
+    for i, (path, model, ckpt) in enumerate(loaded):
         rel = Path(path).relative_to(folder)
         split = ckpt.split or {}
         fold = FOLD_NAME.fullmatch(rel.parent.name)
@@ -221,9 +221,9 @@ def group_folds(loaded: list[tuple[Path, torch.nn.Module, Checkpoint]], folder: 
             if int(split["fold"]) != int(fold.group(1)):
                 raise UserError(f"{path}: trained as fold {split['fold']} of {split['folds']}, but kept in "
                                 f"{rel.parent.name}/")
-            kfold.setdefault(rel.parent.parent, []).append((path, model, ckpt))
+            kfold.setdefault(rel.parent.parent, []).append((i, path, model, ckpt))
         else:
-            sources.append(Source(rel.as_posix(), rel.parent.as_posix(), [model], [ckpt]))
+            sources.append((i, Source(rel.as_posix(), rel.parent.as_posix(), [model], [ckpt])))
 
     def folds_of(c: Checkpoint) -> tuple:
         return c.split.get("folds"), c.split.get("folds_sha1")
@@ -231,8 +231,8 @@ def group_folds(loaded: list[tuple[Path, torch.nn.Module, Checkpoint]], folder: 
     def model_of(c: Checkpoint) -> tuple:
         return c.pathologies, c.view, c.preprocess["image_size"], c.preprocess["square"]
     for x, folds in kfold.items():
-        first_path, _, first = folds[0]
-        for path, _, ckpt in folds[1:]:
+        position, first_path, _, first = folds[0]
+        for _, path, _, ckpt in folds[1:]:
             if folds_of(ckpt) != folds_of(first):
                 raise UserError(f"{path}: its folds ({ckpt.split.get('folds')} folds, hash "
                                 f"{str(ckpt.split.get('folds_sha1'))[:8]}) are not those of {first_path} "
@@ -244,7 +244,7 @@ def group_folds(loaded: list[tuple[Path, torch.nn.Module, Checkpoint]], folder: 
                                 f"{first_path} ({first.pathologies}, view {first.view}, {first.preprocess}): the folds "
                                 f"of one K-fold model are one model trained on other rows")
         k = int(first.split["folds"])
-        by_fold = {int(c.split["fold"]): (m, c) for _, m, c in folds}
+        by_fold = {int(c.split["fold"]): (m, c) for _, _, m, c in folds}
         missing = [i for i in range(k) if i not in by_fold]
         if missing:
             raise UserError(f"{folder / x}: a K-fold model of {k} folds without "
@@ -252,9 +252,9 @@ def group_folds(loaded: list[tuple[Path, torch.nn.Module, Checkpoint]], folder: 
                             + f" (no {folder / x / f'fold{missing[0]}' / 'best.pt'}): finish training it (train.py "
                             f"--folds {k} --fold {missing[0]} --resume), or move {folder / x} out of --checkpoints")
         name = "fold*" if x == Path(".") else f"{x.as_posix()}/fold*"
-        sources.append(Source(f"{name} ({k} models)", x.as_posix(), [by_fold[i][0] for i in range(k)],
-                              [by_fold[i][1] for i in range(k)]))
-    return sorted(sources, key=lambda src: src.name)
+        sources.append((position, Source(f"{name} ({k} models)", x.as_posix(), [by_fold[i][0] for i in range(k)],
+                                         [by_fold[i][1] for i in range(k)])))
+    return [src for _, src in sorted(sources, key=lambda e: e[0])]
 
 
 Routes = dict[str, dict[str, list[tuple[int, int]]]]
