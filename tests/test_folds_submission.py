@@ -135,7 +135,8 @@ def test_blend_of_two_kfold_runs_is_fitted_on_every_out_of_fold_row(work, demo_r
 
 def test_blend_refuses_other_folds_and_unfinished_folds(work, demo_root, tmp_path, capsys):
     """Run c: other folds (--split-seed 1), only fold 0 trained. With run a the folds differ (that is
-    said first: retraining is needed either way); alone its folds 1 and 2 are named as unfinished."""
+    said first: retraining is needed either way); alone its folds 1 and 2 are named as unfinished;
+    its fold 0 alone is no member."""
     train.main(train_args(demo_root, work, tmp_path / "c", "--folds", str(K), "--fold", "0", "--split-seed", "1"))
     capsys.readouterr()
     out = tmp_path / "blend.json"
@@ -147,6 +148,8 @@ def test_blend_refuses_other_folds_and_unfinished_folds(work, demo_root, tmp_pat
     with pytest.raises(UserError, match=r"c/cardiomegaly: 2 of its 3 folds not finished \(fold1, fold2 have no "
                                         r"summary.json\)"):
         blend.main(["--runs", str(tmp_path / "c"), "--out", str(out), "--no-progress"])
+    with pytest.raises(UserError, match=r"cardiomegaly/fold0: one fold of a K-fold model; give its parent"):
+        blend.main(["--runs", str(tmp_path / "c" / "cardiomegaly" / "fold0"), "--out", str(out), "--no-progress"])
     assert not out.exists()
 
 
