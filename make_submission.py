@@ -17,8 +17,14 @@ pathology and view. Each model's raw output (on [-1, 1] already: tanh, or p(posi
 p(negative) for a three-class head) goes through its checkpoint's calibration map and is clipped to
 [-1, 1]; maps of one image are then averaged.
 
+K folds (train.py --folds K): the best.pt of <slug>/fold0/ .. fold<K-1>/ (one folds_sha1) are one
+model, shown as `<slug>/fold* (K models)`, no --ensemble needed: its output is the mean of its K
+folds' calibrated outputs, each fold through its own map (fitted on its own validation rows). A
+fold without best.pt is an error naming it: finish it, or move the K-fold folder away.
+
 Speed: each test image is decoded once, into the same uint8 cache train.py uses (one cache per
-distinct image size and square mode), and every model that needs a batch runs on that one batch.
+distinct image size and square mode); each model then reads the rows it serves from that cache and
+predicts them with model.predict, the loop that training's validation uses.
 
 Scoring, before a leaderboard submission is spent (the written CSV is scored, exactly as submitted):
     python make_submission.py --data-root DIR --labels heldout.csv --out eval/sub.csv --plots eval/plots
@@ -34,10 +40,11 @@ metrics.json and metrics.csv beside --out (format: evaluation.evaluate); --plots
 curve and a reliability diagram per pathology.
 
 Blend (experiments/blend.py): with --blend blend.json and --checkpoints PARENT (the folder holding
-the runs), each pathology the blend covers is predicted by exactly its members, PARENT/<member>/best.pt,
-combined by evaluation.apply_blend (learned weights over the members that serve the image's view,
-the learned frontal/lateral study fusion in place of --study-fusion, and the blend's calibration).
-Other pathologies are routed as above over all checkpoints under PARENT.
+the runs), each pathology the blend covers is predicted by exactly its members, PARENT/<member>/best.pt
+(a K-fold member: the mean of its folds' raw outputs, PARENT/<member>/fold<I>/best.pt), combined by
+calibration.apply_blend (learned weights over the members that serve the image's view, the learned
+frontal/lateral study fusion in place of --study-fusion, and the blend's calibration). Other
+pathologies are routed as above over all checkpoints under PARENT.
 """
 from __future__ import annotations
 
@@ -55,15 +62,15 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from augment import flip_images
 from cache import cached_table
 from common import UserError, atomic_write, default_workers, format_table, run_cli
-from dataset import (LABEL_CONVENTIONS, PATHOLOGIES, VIEWS, choose_convention, describe_convention,
+from dataset import (LABEL_CONVENTIONS, PATHOLOGIES, VIEWS, XrayDataset, choose_convention, describe_convention,
                      parse_ids, parse_label_column, read_csv_text, read_header, read_test_csv, read_train_csv,
                      resolve_data)
 from calibration import apply_blend, apply_calibration, fuse_studies
 from evaluation import METRIC_COLUMNS, evaluate, metrics_rows, plot_evaluation, write_metrics
-from model import Checkpoint, load_checkpoint
+from model import Checkpoint, load_checkpoint, predict
+from runs import FOLD_NAME
 from runtime import Runtime, setup_runtime
 
 HEADER = ",".join(["Id", *PATHOLOGIES])
@@ -80,7 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-root", type=Path, help="dataset root; none: the demo dataset in ./demo_data, made on first use")
     p.add_argument("--test-csv", type=Path, help="'Id, Path' CSV to predict (default DATA_ROOT/student_labels/test_ids.csv)")
-    p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"), help="folder searched recursively for best.pt")
+    p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"),
+                   help="folder searched recursively for best.pt (the fold<I>/best.pt of a K-fold model: one model)")
     p.add_argument("--out", type=Path, default=Path("submission.csv"), help="submission CSV to write")
     p.add_argument("--fill-missing", type=float, metavar="VALUE",
                    help="value for a pathology (or view) that no checkpoint covers; without it that is an error")
@@ -129,10 +137,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @dataclass
 class Source:
-    """One loaded checkpoint: the model (eval mode, on the device) and its Checkpoint."""
-    name: str  # path relative to --checkpoints, for messages and the summary table
-    model: torch.nn.Module
-    ckpt: Checkpoint
+    """One model: a loaded checkpoint, or a K-fold model (the K best.pt of one <slug>/fold<I>/, one
+    folds_sha1), whose K folds are each predicted and then averaged. models and ckpts are in fold
+    order, eval mode, on the device."""
+    name: str  # for messages and the summary table: 'a/cardiomegaly/best.pt', 'a/cardiomegaly/fold* (5 models)'
+    folder: str  # the model folder relative to --checkpoints: 'a/cardiomegaly', a blend member's name
+    models: list[torch.nn.Module]
+    ckpts: list[Checkpoint]
+
+    @property
+    def ckpt(self) -> Checkpoint:
+        """The first checkpoint: its pathologies, view and preprocessing are every fold's (group_folds checks)."""
+        return self.ckpts[0]
+
+    @property
+    def kfold(self) -> bool:
+        return len(self.ckpts) > 1
 
     @property
     def pathologies(self) -> list[str]:
@@ -144,11 +164,17 @@ class Source:
 
     @property
     def preprocess_key(self) -> tuple[int, str]:
-        """Models with the same key read the same cached pixels, so they share each batch."""
+        """Models with the same key read the same cached pixels."""
         return int(self.ckpt.preprocess["image_size"]), self.ckpt.preprocess["square"]
 
     def metrics(self, pathology: str) -> dict:
-        return (self.ckpt.metrics or {}).get("per_pathology", {}).get(pathology) or {}
+        """The checkpoint's validation metrics of one pathology; a K-fold model's are the mean over
+        its folds (n, the validation rows, their sum), numbers that all its folds record."""
+        per = [(c.metrics or {}).get("per_pathology", {}).get(pathology) or {} for c in self.ckpts]
+        if len(per) == 1:
+            return per[0]
+        keys = [k for k in per[0] if all(isinstance(m.get(k), (int, float)) for m in per)]
+        return {k: (sum if k == "n" else np.mean)([m[k] for m in per]) for k in keys}
 
 
 def find_checkpoints(folder: Path) -> list[Path]:
@@ -164,19 +190,71 @@ def find_checkpoints(folder: Path) -> list[Path]:
 
 
 def load_sources(paths: list[Path], folder: Path, rt: Runtime) -> list[Source]:
-    """Load every checkpoint (errors name the file); channels_last on CUDA."""
-    sources = []
+    """Load every checkpoint (errors name the file; channels_last on CUDA) and gather the folds of
+    each K-fold model into one Source (group_folds)."""
+    loaded = []
     for path in tqdm(paths, desc="loading checkpoints", unit="ckpt", disable=not rt.progress, dynamic_ncols=True):
         model, ckpt = load_checkpoint(path, rt.device)
         if ckpt.view not in MODEL_VIEWS:
             raise UserError(f"{path}: unknown view {ckpt.view!r} (expected one of {', '.join(MODEL_VIEWS)})")
         if rt.cuda:
             model.to(memory_format=torch.channels_last)
-        sources.append(Source(path.relative_to(folder).as_posix(), model, ckpt))
+        loaded.append((path, model, ckpt))
+    sources = group_folds(loaded, folder)
     ignored = sorted({n for s in sources for n in s.pathologies if n not in PATHOLOGIES})
     if ignored:
         warnings.warn(f"ignoring {', '.join(ignored)}: not a submission column", stacklevel=2)
     return sources
+
+
+def group_folds(loaded: list[tuple[Path, torch.nn.Module, Checkpoint]], folder: Path) -> list[Source]:
+    """One Source per checkpoint, except the folds of a K-fold model: X/fold<I>/best.pt whose
+    checkpoint records fold I of K (split.folds, split.fold, train.py --folds K) form one Source,
+    'X/fold* (K models)', folder X. Errors name the file or the folder: a fold with other folds
+    (folds_sha1), pathologies, view or preprocessing than fold 0's, or a fold 0..K-1 without best.pt."""
+    sources, kfold = [], {}  # sources: (position of its first file in `loaded`, Source)
+    for i, (path, model, ckpt) in enumerate(loaded):
+        rel = Path(path).relative_to(folder)
+        split = ckpt.split or {}
+        fold = FOLD_NAME.fullmatch(rel.parent.name)
+        if fold and split.get("folds") and split.get("fold") is not None:
+            if int(split["fold"]) != int(fold.group(1)):
+                raise UserError(f"{path}: trained as fold {split['fold']} of {split['folds']}, but kept in "
+                                f"{rel.parent.name}/")
+            kfold.setdefault(rel.parent.parent, []).append((i, path, model, ckpt))
+        else:
+            sources.append((i, Source(rel.as_posix(), rel.parent.as_posix(), [model], [ckpt])))
+
+    def folds_of(c: Checkpoint) -> tuple:
+        return c.split.get("folds"), c.split.get("folds_sha1")
+
+    def model_of(c: Checkpoint) -> tuple:
+        return c.pathologies, c.view, c.preprocess["image_size"], c.preprocess["square"]
+    for x, folds in kfold.items():
+        position, first_path, _, first = folds[0]
+        for _, path, _, ckpt in folds[1:]:
+            if folds_of(ckpt) != folds_of(first):
+                raise UserError(f"{path}: its folds ({ckpt.split.get('folds')} folds, hash "
+                                f"{str(ckpt.split.get('folds_sha1'))[:8]}) are not those of {first_path} "
+                                f"({first.split.get('folds')} folds, hash {str(first.split.get('folds_sha1'))[:8]}): "
+                                f"retrain it with the same --split-seed, --folds and data, or move it out of "
+                                f"--checkpoints")
+            if model_of(ckpt) != model_of(first):
+                raise UserError(f"{path}: predicts {ckpt.pathologies} (view {ckpt.view}, {ckpt.preprocess}) unlike "
+                                f"{first_path} ({first.pathologies}, view {first.view}, {first.preprocess}): the folds "
+                                f"of one K-fold model are one model trained on other rows")
+        k = int(first.split["folds"])
+        by_fold = {int(c.split["fold"]): (m, c) for _, _, m, c in folds}
+        missing = [i for i in range(k) if i not in by_fold]
+        if missing:
+            raise UserError(f"{folder / x}: a K-fold model of {k} folds without "
+                            + ", ".join(f"fold{i}/best.pt" for i in missing)
+                            + f" (no {folder / x / f'fold{missing[0]}' / 'best.pt'}): finish training it (train.py "
+                            f"--folds {k} --fold {missing[0]} --resume), or move {folder / x} out of --checkpoints")
+        name = "fold*" if x == Path(".") else f"{x.as_posix()}/fold*"
+        sources.append((position, Source(f"{name} ({k} models)", x.as_posix(), [by_fold[i][0] for i in range(k)],
+                                         [by_fold[i][1] for i in range(k)])))
+    return [src for _, src in sorted(sources, key=lambda e: e[0])]
 
 
 Routes = dict[str, dict[str, list[tuple[int, int]]]]
@@ -192,9 +270,9 @@ class Blend:
 
 def load_blend(path: Path, sources: list[Source], folder: Path) -> dict[str, Blend]:
     """blend.json's pathologies with their members among the loaded checkpoints: member
-    'run_a/cardiomegaly' is folder/run_a/cardiomegaly/best.pt. A missing member, or one that does
-    not predict the pathology, is an error naming it; a pathology that is no submission column is
-    left out with a warning."""
+    'run_a/cardiomegaly' is folder/run_a/cardiomegaly/best.pt, or the K-fold model of its
+    fold<I>/best.pt. A missing member, or one that does not predict the pathology, is an error
+    naming it; a pathology that is no submission column is left out with a warning."""
     try:
         entries = json.loads(Path(path).read_text())["pathologies"]
         wanted = {name: (list(e["members"]), len(e["weights"])) for name, e in entries.items()}
@@ -202,8 +280,9 @@ def load_blend(path: Path, sources: list[Source], folder: Path) -> dict[str, Ble
         raise UserError(f"--blend {path}: no such file") from e
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"--blend {path}: not a blend file of experiments/blend.py ({type(e).__name__}: {e})") from e
-    index = {src.name: s for s, src in enumerate(sources)}
-    missing = sorted({m for members, _ in wanted.values() for m in members if f"{m}/best.pt" not in index})
+    # a folder holding both a best.pt and fold<I>/ folders: blend.py took the K-fold model
+    index = {src.folder: s for s, src in sorted(enumerate(sources), key=lambda e: e[1].kfold)}
+    missing = sorted({m for members, _ in wanted.values() for m in members if m not in index})
     if missing:
         raise UserError(f"--blend {path}: no checkpoint for member{'s' * (len(missing) > 1)} {', '.join(missing)} "
                         f"(no {Path(folder) / missing[0] / 'best.pt'}); pass --checkpoints the folder that holds the "
@@ -217,11 +296,11 @@ def load_blend(path: Path, sources: list[Source], folder: Path) -> dict[str, Ble
             raise UserError(f"--blend {path}: {name} has {n_weights} weights for {len(members)} members")
         found = []
         for m in members:
-            src = sources[index[f"{m}/best.pt"]]
+            src = sources[index[m]]
             if name not in src.pathologies:
                 raise UserError(f"--blend {path}: member {m} does not predict {name} (it predicts "
                                 f"{', '.join(src.pathologies)})")
-            found.append((index[f"{m}/best.pt"], src.pathologies.index(name)))
+            found.append((index[m], src.pathologies.index(name)))
         blends[name] = Blend(found, entries[name])
     return blends
 
@@ -390,66 +469,52 @@ def score(out: Path, test: pd.DataFrame, targets: pd.DataFrame, const: dict, plo
 # ---------------------------------------------------------------------------------------------
 # Inference
 
-@torch.no_grad()
-def predict(sources: list[Source], caches: dict, slots: dict, need: np.ndarray, batch_size: int, rt: Runtime,
-            tta: str = "none") -> list[np.ndarray]:
-    """Raw outputs per source, (N, K_s) float32 in [-1, 1], NaN on rows a source does not serve.
-
-    Test rows are read once per preprocessing key, batch by batch (uint8 (B, 1, S, S) from the
-    cache); every model with that key that needs any of the batch's rows runs on them."""
+def predict_sources(sources: list[Source], caches: dict, slots: dict, need: np.ndarray, batch_size: int,
+                    rt: Runtime, tta: str = "none") -> list[np.ndarray]:
+    """Raw outputs per source, (F, N, K_s) float32 in [-1, 1] (F: its models, the K folds of a K-fold
+    model, else 1), NaN on rows a source does not serve. Each model runs model.predict over an
+    XrayDataset of exactly the rows it serves, read from the cache of its preprocessing (decoded
+    once; reading its uint8 again per model is cheap next to the forward pass)."""
     n = need.shape[1]
-    raw = [np.full((n, len(s.pathologies)), np.nan, dtype=np.float32) for s in sources]
-    groups = {key: [s for s, src in enumerate(sources) if src.preprocess_key == key and need[s].any()] for key in caches}
-    total = sum(int(need[g].any(0).sum()) for g in groups.values() if g)
-    with tqdm(total=total, desc="predicting", unit="img", disable=not rt.progress, dynamic_ncols=True) as bar:
-        for key, members in groups.items():
-            if not members:
-                continue
-            rows = np.flatnonzero(need[members].any(0))
-            for i in range(0, len(rows), batch_size):
-                batch = rows[i:i + batch_size]
-                images = caches[key].get(slots[key][batch]).to(rt.device, non_blocking=True)
-                if rt.cuda:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                for s in members:
-                    sel = need[s][batch]
-                    if not sel.any():
-                        continue
-                    x = images if sel.all() else images[torch.from_numpy(sel).to(rt.device)]
-                    with rt.autocast():
-                        model = sources[s].model
-                        out = model.score(model(x)).float()
-                        if tta == "flip":
-                            out = (out + model.score(model(flip_images(x))).float()) / 2
-                    raw[s][batch[sel]] = out.cpu().numpy()  # note: a CPU-GPU sync per model and batch
-                bar.update(len(batch))
+    raw = [np.full((len(src.models), n, len(src.pathologies)), np.nan, dtype=np.float32) for src in sources]
+    runs = [(s, f) for s, src in enumerate(sources) if need[s].any() for f in range(len(src.models))]
+    for s, f in tqdm(runs, desc="models", unit="model", disable=not rt.progress or len(runs) < 2, dynamic_ncols=True):
+        src, rows = sources[s], np.flatnonzero(need[s])
+        key = src.preprocess_key
+        data = XrayDataset([caches[key]], slots[key][rows], np.zeros((len(rows), 0), np.float32))
+        raw[s][f, rows] = predict(src.models[f], data, batch_size, rt, tta,
+                                  desc=f"predicting {src.folder}" + (f" fold {f}" if src.kfold else ""))
     return raw
 
 
 def calibrated(src: Source, name: str, raw: np.ndarray) -> np.ndarray:
-    """One model's output for pathology `name` through its calibration map, clipped to [-1, 1]."""
-    return apply_calibration((src.ckpt.calibration or {}).get(name), raw)
+    """One model's output for pathology `name`: raw (F, n), one row per fold model, each through its
+    own checkpoint's calibration map (fitted on its own validation rows), clipped to [-1, 1], then
+    averaged over the folds -> (n,) float64."""
+    return np.mean([apply_calibration((c.calibration or {}).get(name), r) for c, r in zip(src.ckpts, raw)], axis=0)
 
 
 def assemble(sources: list[Source], raw: list[np.ndarray], routes: Routes, views: np.ndarray,
              blends: dict | None = None, studies: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(values (N, P) float64 in [-1, 1], covered (N, P) bool), P = len(PATHOLOGIES). Each routed
-    model's output goes through its calibration map (clipped to [-1, 1]); then they are averaged.
-    A blended pathology (blends: name -> Blend) is instead evaluation.apply_blend of its members'
-    raw outputs (NaN where a member does not serve the image's view; the blend has its own
-    calibration), fused over studies (N,)."""
+    model's output goes through its calibration map (clipped to [-1, 1]; a K-fold model's folds each
+    through their own, then averaged); then the models are averaged. A blended pathology (blends:
+    name -> Blend) is instead calibration.apply_blend of its members' raw outputs (a K-fold member's:
+    the mean of its folds' raw outputs, as its out-of-fold predictions that the blend was fitted on
+    are raw; NaN where a member does not serve the image's view; the blend has its own calibration),
+    fused over studies (N,)."""
     blends = blends or {}
     values = np.full((len(views), len(PATHOLOGIES)), np.nan)
     for j, name in enumerate(PATHOLOGIES):
         if name in blends:
-            P = np.stack([np.where((sources[s].view == "all") | (views == sources[s].view), raw[s][:, k], np.nan)
-                          for s, k in blends[name].members], axis=1)
+            P = np.stack([np.where((sources[s].view == "all") | (views == sources[s].view), raw[s][:, :, k].mean(0),
+                                   np.nan) for s, k in blends[name].members], axis=1)
             values[:, j] = apply_blend(blends[name].params, P, studies, views)
             continue
         for view, chosen in routes[name].items():
             rows = views == view
             if chosen and rows.any():
-                values[rows, j] = np.mean([calibrated(sources[s], name, raw[s][rows, k]) for s, k in chosen], axis=0)
+                values[rows, j] = np.mean([calibrated(sources[s], name, raw[s][:, rows, k]) for s, k in chosen], axis=0)
     return values, ~np.isnan(values)
 
 
@@ -550,7 +615,7 @@ def main(argv=None) -> dict:
     views, studies = test["view"].to_numpy(), test["study"].to_numpy()
     need = rows_needed(routes, len(sources), views)
     t_predict = time.time()
-    raw = predict(sources, caches, slots, need, args.batch_size, rt, args.tta)
+    raw = predict_sources(sources, caches, slots, need, args.batch_size, rt, args.tta)
     t_done = time.time()
 
     values, covered = assemble(sources, raw, routes, views, blends, studies)
@@ -569,15 +634,15 @@ def main(argv=None) -> dict:
     write_submission(args.out, submission, test["Id"])
 
     rows = summary_rows(sources, routes, values, covered, views, args.fill_missing)
-    n_run = int(need.sum())
+    n_run = sum(int(need[s].sum()) * len(src.models) for s, src in enumerate(sources))
     print("\n" + format_table(rows, TABLE_COLUMNS))
     for name, b in blends.items():
-        print(f"{name}: blend of " + ", ".join(f"{sources[s].name.removesuffix('/best.pt')} {w:.3f}"
+        print(f"{name}: blend of " + ", ".join(f"{sources[s].folder} {w:.3f}"
                                               for (s, _), w in zip(b.members, b.params["weights"]))
               + f"; a {b.params['a']:.3f}, b {b.params['b']:+.3f}, w_frontal {b.params.get('w_frontal')}")
     print(f"\nwrote {args.out}: {len(submission)} rows from {csv_path} ({int((views == 'frontal').sum())} frontal, "
-          f"{int((views == 'lateral').sum())} lateral), checked; {len(sources)} checkpoint(s), {n_run} model-image "
-          f"predictions in {t_done - t_predict:.1f}s on {rt.device}"
+          f"{int((views == 'lateral').sum())} lateral), checked; {sum(len(s.ckpts) for s in sources)} checkpoint(s), "
+          f"{n_run} model-image predictions in {t_done - t_predict:.1f}s on {rt.device}"
           + (f" ({n_run / (t_done - t_predict):.0f}/s)" if t_done > t_predict else "")
           + f", cache {t_predict - t_decode:.1f}s, total {time.time() - t0:.1f}s")
     result = {"out": args.out, "submission": submission, "rows": rows, "n_images": len(test),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,59 @@ def read_summary(path: Path) -> dict:
 
 def fold_folder(folder: Path, fold: int) -> Path:
     return Path(folder) / f"fold{fold}"
+
+
+FOLD_NAME = re.compile(r"fold(\d+)")
+
+
+def fold_indices(folder: Path) -> list[int]:
+    """The I of every fold<I>/ subfolder of folder, sorted: [] for a single model folder (or none)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for d in folder.iterdir() if d.is_dir() and (m := FOLD_NAME.fullmatch(d.name)))
+
+
+def kfold_split(folder: Path) -> dict:
+    """A K-fold model folder's split record, {seed, folds, folds_sha1, ...}: what its finished folds'
+    summary.json share (each fold's own entries, fold and val_patients_sha1, left out). A fold is
+    finished once its summary.json exists. Errors name what does not fit: no fold finished yet, or a
+    finished fold with other folds (folds_sha1 or K) than the first, as merge_oof checks."""
+    folder = Path(folder)
+    finished = [f for f in (fold_folder(folder, i) for i in fold_indices(folder)) if (f / "summary.json").is_file()]
+    if not finished:
+        raise UserError(f"{folder}: a K-fold model none of whose folds has finished (no fold*/summary.json): "
+                        f"finish training it (train.py --folds K --fold I --resume)")
+    splits = {f: read_summary(f / "summary.json").get("split") or {} for f in finished}
+
+    def folds(split):
+        return split.get("folds"), split.get("folds_sha1")
+    first = splits[finished[0]]
+    for f, split in splits.items():
+        if folds(split) != folds(first) or not split.get("folds_sha1"):
+            raise UserError(f"{f}: its folds ({split.get('folds')} folds, hash {str(split.get('folds_sha1'))[:8]}) are "
+                            f"not those of {finished[0]} ({first.get('folds')} folds, hash "
+                            f"{str(first.get('folds_sha1'))[:8]}): retrain it with the same --split-seed, --folds "
+                            f"and data, or delete it")
+    return {k: v for k, v in first.items() if k not in ("fold", "val_patients_sha1")}
+
+
+def read_oof(folder: Path) -> pd.DataFrame:
+    """A finished K-fold model's oof_predictions.csv (read_predictions, with its fold column). An
+    error names the folds not finished (no fold<I>/summary.json, I = 0..K-1), or, when all are,
+    says how to write the missing file."""
+    folder = Path(folder)
+    k = int(kfold_split(folder)["folds"])
+    missing = [f"fold{i}" for i in range(k) if not (fold_folder(folder, i) / "summary.json").is_file()]
+    if missing:
+        raise UserError(f"{folder}: {len(missing)} of its {k} folds not finished ({', '.join(missing)} have no "
+                        f"summary.json), so it has no out-of-fold predictions yet: finish them (train.py --folds {k} "
+                        f"--fold I --resume)")
+    path = folder / "oof_predictions.csv"
+    if not path.is_file():
+        raise UserError(f"{path}: missing although all {k} folds have finished: run train.py for one of them "
+                        f"again with --resume (a finished fold returns at once, then writes it)")
+    return read_predictions(path, extra=("fold",))
 
 
 def merge_oof(folder: Path, k: int, expected: pd.Series | None = None) -> pd.DataFrame | None:

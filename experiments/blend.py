@@ -7,12 +7,21 @@ Each --runs DIR is a train.py --out-dir: one folder per model (<slug>/) holding 
 val_predictions.csv (long format: path, patient, study, view, pathology, target, raw, calibrated).
 A member is a model folder that predicts the pathology, named by its path relative to the folder
 that holds the runs (`a/cardiomegaly`), so make_submission.py --checkpoints PARENT finds
-PARENT/a/cardiomegaly/best.pt. All members must share one validation split (summary.json's
-split.val_patients_sha1); one that does not is an error naming the runs.
+PARENT/a/cardiomegaly/best.pt. All single-split members must share one validation split
+(summary.json's split.val_patients_sha1); one that does not is an error naming the runs.
+
+A K-fold model (train.py --folds K: <slug>/fold<I>/ folders and <slug>/oof_predictions.csv) is one
+member too, named the same way (`a/cardiomegaly`); its predictions are oof_predictions.csv, every
+training row predicted by the fold model that did not train on it, so the blend is fitted on all of
+them (make_submission.py predicts it with the mean of its K folds' raw outputs). Its folds must all
+have finished (an error names those that have not), and K-fold members must share one set of folds
+(split.folds_sha1: same --split-seed, --folds and data), or the run stops naming them. K-fold and
+single-split members together are blended on the rows they share: the single-split members'
+validation patients (a printed line says so and how many rows that keeps).
 
 Per pathology, on the union of the members' validation images (a one-view member only predicts its
 view's images: it is left out of the average for the others, and the member weights are fitted on
-the images every member predicts), evaluation.fit_blend fits, on the members' raw outputs (their own
+the images every member predicts), calibration.fit_blend fits, on the members' raw outputs (their own
 calibration maps were fitted on these very rows), non-negative weights summing to 1 with a
 shrinkage toward uniform, a frontal/lateral study-fusion weight and an affine calibration, all
 chosen by patient-grouped K-fold CV. It prints the out-of-fold MSE of the best single member, the
@@ -41,11 +50,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common import UserError, format_table, run_cli, write_text
-from dataset import ALL_LABELS, VIEWS
 from calibration import fit_blend
-from common import jsonable
-from evaluation import PREDICTION_COLUMNS
+from common import UserError, format_table, jsonable, run_cli, write_text
+from dataset import ALL_LABELS
+from runs import FOLD_NAME, fold_indices, kfold_split, read_oof, read_predictions, read_summary
 
 TABLE_COLUMNS = ["pathology", "members", "n", "best_single", "uniform", "blend", "w_frontal", "note"]
 
@@ -55,7 +63,17 @@ class Member:
     name: str  # the model folder relative to the runs' parent, posix: 'run_a/cardiomegaly'
     run: str  # the run folder relative to the same parent: 'run_a'
     folder: Path
-    summary: dict
+    split: dict  # summary.json's split record (a K-fold model's: its finished folds' common one)
+
+    @property
+    def kfold(self) -> bool:
+        """A K-fold model (folder/fold<I>/): its predictions are oof_predictions.csv, every training row."""
+        return bool(fold_indices(self.folder))
+
+    def predictions(self) -> pd.DataFrame:
+        """val_predictions.csv, or a K-fold model's oof_predictions.csv (runs.read_oof: an error names
+        the folds not finished)."""
+        return read_oof(self.folder) if self.kfold else read_predictions(self.folder / "val_predictions.csv")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,25 +95,36 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def find_members(runs: list[Path]) -> list[Member]:
-    """Every model folder (summary.json + val_predictions.csv) of the runs; a run folder that is
-    itself a model folder counts as one. Names are relative to the runs' common parent."""
+    """Every model folder of the runs: a single model (summary.json + val_predictions.csv) or a K-fold
+    model (fold<I>/ folders, one member); a run folder that is itself a model folder counts as one.
+    Names are relative to the runs' common parent."""
     runs = [Path(r).resolve() for r in runs]
     for r in runs:
         if not r.is_dir():
             raise UserError(f"--runs {r}: no such folder")
     parent = Path(os.path.commonpath([r.parent for r in runs]))
+
+    def is_model(d: Path) -> bool:
+        return (d / "summary.json").is_file() or bool(fold_indices(d))
     members = []
     for r in runs:
-        folders = [r] if (r / "summary.json").is_file() else sorted(d for d in r.iterdir() if (d / "summary.json").is_file())
+        if FOLD_NAME.fullmatch(r.name) and (r / "summary.json").is_file():
+            raise UserError(f"--runs {r}: one fold of a K-fold model; give its parent {r.parent}, whose "
+                            f"out-of-fold predictions cover every training row")
+        folders = [r] if is_model(r) else sorted(d for d in r.iterdir() if d.is_dir() and is_model(d))
         found = []
         for d in folders:
-            if not (d / "val_predictions.csv").is_file():
+            if fold_indices(d):
+                split = kfold_split(d)
+            elif not (d / "val_predictions.csv").is_file():
                 warnings.warn(f"{d} has no val_predictions.csv (trained before train.py wrote it?): left out")
                 continue
-            found.append(Member(d.relative_to(parent).as_posix(), r.relative_to(parent).as_posix(), d,
-                                read_summary(d / "summary.json")))
+            else:
+                split = read_summary(d / "summary.json").get("split") or {}
+            found.append(Member(d.relative_to(parent).as_posix(), r.relative_to(parent).as_posix(), d, split))
         if not found:
-            raise UserError(f"--runs {r}: no model folder with summary.json and val_predictions.csv in it")
+            raise UserError(f"--runs {r}: no model folder in it (summary.json and val_predictions.csv, or the "
+                            f"fold<I>/ folders of a K-fold model)")
         members += found
     names = [m.name for m in members]
     if len(set(names)) < len(names):
@@ -103,55 +132,54 @@ def find_members(runs: list[Path]) -> list[Member]:
     return members
 
 
-def read_summary(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable summary.json ({e})") from e
+def check_split(members: list[Member]) -> None:
+    """The K-fold members share one set of folds (split.folds_sha1), the single-split members one
+    validation split (split.val_patients_sha1); a UserError naming the runs when they do not."""
+    def runs_of(ms):
+        return ", ".join(dict.fromkeys(m.run for m in ms))
 
-
-def check_split(members: list[Member]) -> str:
-    """The validation-patients hash every member shares; a UserError naming the runs when they differ."""
-    by_hash: dict[str, list[Member]] = {}
-    for m in members:
-        sha = (m.summary.get("split") or {}).get("val_patients_sha1")
-        if not sha:
-            raise UserError(f"{m.folder}/summary.json records no validation split (split.val_patients_sha1): "
-                            f"retrain it with the current train.py")
-        by_hash.setdefault(sha, []).append(m)
-    if len(by_hash) > 1:
+    def groups(ms, key):
+        by: dict[str, list[Member]] = {}
+        for m in ms:
+            sha = m.split.get(key)
+            if not sha:
+                raise UserError(f"{m.folder}: its summary.json records no split (split.{key}): retrain it with the "
+                                f"current train.py")
+            by.setdefault(sha, []).append(m)
+        return by
+    kfold = groups([m for m in members if m.kfold], "folds_sha1")
+    if len(kfold) > 1:
+        raise UserError("the K-fold runs do not share one set of folds: " + " vs ".join(
+            f"{runs_of(ms)} (split seed {ms[0].split.get('seed')}, {ms[0].split.get('folds')} folds, folds {sha[:8]})"
+            for sha, ms in kfold.items()) + "; blend K-fold runs trained with the same --split-seed, --folds and data")
+    single = groups([m for m in members if not m.kfold], "val_patients_sha1")
+    if len(single) > 1:
         def describe(sha, ms):
-            split = ms[0].summary["split"]
-            runs = ", ".join(dict.fromkeys(m.run for m in ms))
-            return f"{runs} (seed {split.get('seed')}, val_frac {split.get('val_frac')}, patients {sha[:8]})"
+            split = ms[0].split
+            return f"{runs_of(ms)} (seed {split.get('seed')}, val_frac {split.get('val_frac')}, patients {sha[:8]})"
         raise UserError("the runs do not share one validation split: "
-                        + " vs ".join(describe(sha, ms) for sha, ms in by_hash.items())
+                        + " vs ".join(describe(sha, ms) for sha, ms in single.items())
                         + "; blend runs trained with the same --seed and --val-frac")
-    return next(iter(by_hash))
 
 
-def read_predictions(member: Member) -> pd.DataFrame:
-    """A member's val_predictions.csv, checked: the columns, known views, one row per (path, pathology)."""
-    path = member.folder / "val_predictions.csv"
-    try:
-        df = pd.read_csv(path, dtype={c: str for c in PREDICTION_COLUMNS[:5]})
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from e
-    missing = [c for c in PREDICTION_COLUMNS if c not in df.columns]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
-    df["view"] = df["view"].str.lower()
-    bad = df[~df["view"].isin(VIEWS)]
-    if len(bad):
-        raise UserError(f"{path}: view must be frontal or lateral, got {bad['view'].iloc[0]!r} (path {bad['path'].iloc[0]})")
-    for c in ("target", "raw", "calibrated"):
-        df[c] = pd.to_numeric(df[c], errors="coerce")
-    if df["raw"].isna().any():
-        raise UserError(f"{path}: {int(df['raw'].isna().sum())} rows have no raw prediction")
-    dup = df.duplicated(["path", "pathology"])
-    if dup.any():
-        raise UserError(f"{path}: {df.loc[dup, 'path'].iloc[0]} appears twice for {df.loc[dup, 'pathology'].iloc[0]}")
-    return df
+def shared_rows(members: list[Member], tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """K-fold and single-split members together: the K-fold members' out-of-fold predictions kept on
+    the single-split members' validation patients only, the rows every member was validated on
+    (elsewhere the single-split members have no prediction that their training did not see). Says
+    so in one line; tables unchanged when the members are all of one kind."""
+    kfold = [m for m in members if m.kfold]
+    single = [m for m in members if not m.kfold]
+    if not kfold or not single:
+        return tables
+    patients = set().union(*(tables[m.name]["patient"] for m in single))
+    out = {m.name: tables[m.name][tables[m.name]["patient"].isin(patients)] if m.kfold else tables[m.name]
+           for m in members}
+    first = kfold[0].name
+    print(f"K-fold and single-split members together: the blend is fitted on the {len(patients)} validation "
+          f"patients of {', '.join(dict.fromkeys(m.run for m in single))} only, where every member was validated "
+          f"({out[first]['path'].nunique()} of the {tables[first]['path'].nunique()} images of the out-of-fold "
+          f"predictions); to fit on every training row, train every run with --folds")
+    return out
 
 
 def pathology_frame(name: str, members: list[Member], tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -220,7 +248,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     members = find_members(args.runs)
     check_split(members)
-    tables = {m.name: read_predictions(m) for m in members}
+    tables = shared_rows(members, {m.name: m.predictions() for m in members})
     names = pathology_order({p for df in tables.values() for p in df["pathology"].unique()})
     blend = {"version": 1, "folds": args.folds, "seed": args.seed, "pathologies": {}}
     for name in tqdm(names, desc="blending", disable=not args.progress, leave=False, dynamic_ncols=True):
