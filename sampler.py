@@ -56,6 +56,8 @@ class EpochSampler(Sampler):
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
         self.epoch, self.start = 0, 0
         n_batches = math.ceil(n / batch_size)
+        if n % batch_size == 1 and n_batches > 1:  # a lone last row joins the batch before it: BatchNorm
+            n_batches -= 1                         # cannot train on a batch of one
         if world > 1 and n_batches < world:
             raise UserError(f"{n} training rows make {n_batches} batch(es) of {batch_size} per epoch, fewer than the "
                             f"{world} processes: lower --batch-size or start fewer processes")
@@ -69,6 +71,9 @@ class EpochSampler(Sampler):
         base = (RandomSampler(range(self.n), generator=g) if self.weights is None
                 else WeightedRandomSampler(self.weights, self.n, replacement=True, generator=g))
         batches = list(BatchSampler(base, self.batch_size, drop_last=False))
+        if len(batches) > 1 and len(batches[-1]) == 1:
+            lone = batches.pop()
+            batches[-1] = batches[-1] + lone
         return batches[:self.batches_per_epoch * self.world][self.rank::self.world]
 
     def __iter__(self):

@@ -687,6 +687,15 @@ def splits(table: pd.DataFrame, args) -> list[tuple[int | None, np.ndarray, dict
             for i in wanted]
 
 
+def check_layout(folder: Path, kfold: bool) -> None:
+    """A model folder holds one single-split model or the folds of one K-fold run, never both: the
+    submission and the blend would not know which one is meant."""
+    if kfold and (folder / "best.pt").is_file():
+        raise UserError(f"{folder} holds a single-split model; train --folds into another --out-dir")
+    if not kfold and any(folder.glob("fold*/best.pt")):
+        raise UserError(f"{folder} holds a K-fold run; train without --folds into another --out-dir")
+
+
 def load_data(args, rt: Runtime) -> tuple[pd.DataFrame, list]:
     """The training table (with cache slots) and its image sources (the cache, then --augmented
     copies). Under torchrun every process gets its data ready on its own, before the process group:
@@ -752,6 +761,7 @@ def main(argv=None) -> list[dict]:
         jobs = [(names, slug("multi_head", args.view))] if args.multi_head else [([n], slug(n, args.view)) for n in names]
         summaries, rows = [], []
         for job_names, name in jobs:
+            on_main(rt, lambda: check_layout(args.out_dir / name, args.folds is not None))
             for fold, is_val, split in splits(table, args):
                 folder = args.out_dir / name if fold is None else fold_folder(args.out_dir / name, fold)
                 s = train_job(job_names, folder, table, is_val, split, sources, args, rt)

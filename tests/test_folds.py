@@ -86,3 +86,19 @@ def test_folds_of_another_assignment_are_refused_when_merged(kfold_run, tmp_path
     with pytest.raises(UserError, match=r"fold1: its folds \(hash \w+\) are not those of .*fold0"):
         train.main(other[:-1] + ["1", "--split-seed", "7"])
     assert not (out / "cardiomegaly" / "oof_predictions.csv").exists()
+
+
+def test_a_single_split_model_and_folds_never_share_a_folder(kfold_run, tmp_path):
+    work, argv, _ = kfold_run
+    single = argv[:-4]  # the same run without --folds 3 --fold all
+    with pytest.raises(UserError, match=r"cardiomegaly holds a K-fold run; train without --folds into another"):
+        train.main(single)
+
+
+def test_a_lone_last_row_joins_the_batch_before_it():
+    """BatchNorm cannot train on a batch of one row: 33 rows in batches of 16 make 16 + 17."""
+    from sampler import EpochSampler
+    s = EpochSampler(None, 33, 16, seed=0)
+    batches = list(s)
+    assert [len(b) for b in batches] == [16, 17] and len(s) == 2
+    assert sorted(i for b in batches for i in b) == list(range(33))
