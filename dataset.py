@@ -19,6 +19,7 @@ returns in well under a second, which matters when a SLURM array starts hundreds
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 import sys
 import time
@@ -29,7 +30,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from cache import N_NAMED, SHARD_SIZE, build_cache
+from cache import N_NAMED, SHARD_SIZE, ImageCache, build_cache
 from common import UserError, add_data_flags, check_common_flags, format_table, run_cli
 
 # The one list of pathology names: the CS 156b labels, in the submission's column order.
@@ -353,6 +354,30 @@ def patient_folds(groups, k: int, seed: int, labelled=None) -> np.ndarray:
     fold = np.empty(len(patients), dtype=np.int64)
     fold[order] = np.arange(len(patients)) % k
     return fold[inv]
+
+
+def sha1(lines) -> str:
+    """A short fingerprint of some lines of text (patient ids, paths): sha1 of them joined by newlines."""
+    return hashlib.sha1("\n".join(str(x) for x in lines).encode()).hexdigest()
+
+
+def patient_splits(patients: pd.Series, seed: int, val_frac: float = 0.2, folds: int | None = None,
+                   fold: str | int = "all") -> list[tuple[int | None, np.ndarray, dict]]:
+    """(fold, is_val (N,) bool, split record) for each model train.py trains per pathology: one
+    patient split (fold None), or with `folds` K the folds asked for (0..K-1, or "all"): patient
+    groups from patient_folds, the same for every pathology and every run with the same seed, K
+    and rows. The record goes into checkpoints and summary.json: seed, val_frac or folds and fold,
+    val_patients_sha1 (the validation patients of the whole table: models of one split share it),
+    folds_sha1 (the whole assignment: the folds of one K-fold run share it)."""
+    def val_hash(is_val):
+        return sha1(sorted(map(str, pd.unique(patients[is_val]))))
+    if folds is None:
+        is_val = split_by_patient(patients, val_frac, seed)
+        return [(None, is_val, {"seed": seed, "val_frac": val_frac, "val_patients_sha1": val_hash(is_val)})]
+    of = patient_folds(patients.to_numpy(), folds, seed)
+    record = {"seed": seed, "folds": folds, "folds_sha1": sha1(sorted(f"{p} {f}" for p, f in set(zip(patients.astype(str), of))))}
+    wanted = range(folds) if fold == "all" else [int(fold)]
+    return [(i, of == i, {**record, "fold": i, "val_patients_sha1": val_hash(of == i)}) for i in wanted]
 
 
 class XrayDataset:

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from calibration import apply_calibration
 from common import atomic_write, jsonable, write_text
 from dataset import slug
 
@@ -32,6 +33,8 @@ from dataset import slug
 # image and pathology; target blank = unlabelled; raw and calibrated predictions in [-1, 1]
 PREDICTION_COLUMNS = ["path", "patient", "study", "view", "pathology", "target", "raw", "calibrated"]
 METRIC_COLUMNS = ["pathology", "n", "mse", "mse_lo", "mse_hi", "nmse", "const_mse", "auc", "auc_lo", "auc_hi"]
+# train.py's validation metrics per pathology (pathology_metrics), and their macro means
+METRIC_KEYS = ("val_mse", "val_mse_cv", "val_mse_cal", "const_mse", "val_nmse", "val_auc")
 BOOT_CHUNK = 100  # resamples drawn at once: bounds memory at about BOOT_CHUNK x rows floats
 DPI = 100
 CURVES_SIZE = (1000, 700)  # pixels of curves.png
@@ -109,6 +112,32 @@ def normalised_mse(pred: np.ndarray, target: np.ndarray) -> float:
     t = np.asarray(target, dtype=np.float64)
     var = float(t.var()) if len(t) else 0.0
     return float(np.mean((np.asarray(pred, dtype=np.float64) - t) ** 2) / var) if var > 0 else float("nan")
+
+
+def pathology_metrics(pred: np.ndarray, target: np.ndarray, train_mean: float, cal: dict | None) -> dict:
+    """Metrics on one pathology's labelled validation rows. pred, target (N,), target NaN = blank.
+
+    val_mse: raw outputs; val_mse_cv: calibrated, out of sample (each patient scored by a map fitted
+    on the other folds: cal['cv_mse']); val_mse_cal: calibrated by the map fitted on these same rows
+    (in-sample, optimistic: for reading, never for choosing); const_mse: the training mean's MSE;
+    val_nmse: val_mse_cv over the labels' variance (evaluation.normalised_mse: comparable across
+    pathologies); train_mean: that mean (make_submission.py --labels scores the constant with it)."""
+    m = ~np.isnan(target)
+    p, t = pred[m].astype(np.float64), target[m].astype(np.float64)
+    if len(t) == 0:
+        return {"n": 0, **{k: float("nan") for k in METRIC_KEYS}, "train_mean": train_mean}
+    raw = float(np.mean((np.clip(p, -1, 1) - t) ** 2))
+    cv = float(cal["cv_mse"]) if cal else raw
+    nmse = cv / t.var() if t.var() > 0 else float("nan")
+    return {"n": int(len(t)), "val_mse": raw, "val_mse_cv": cv, "val_nmse": nmse,
+            "val_mse_cal": float(np.mean((apply_calibration(cal, p) - t) ** 2)),
+            "const_mse": float(np.mean((train_mean - t) ** 2)), "val_auc": auc(p, t), "train_mean": train_mean}
+
+
+def mean_defined(values) -> float:
+    """Mean of the values that are defined (not None or NaN); NaN when none is."""
+    ok = [float(v) for v in values if v is not None and not math.isnan(v)]
+    return sum(ok) / len(ok) if ok else float("nan")
 
 
 def _interval(values: np.ndarray) -> list[float]:

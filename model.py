@@ -24,7 +24,6 @@ import difflib
 import math
 from dataclasses import dataclass, field, fields
 from itertools import chain
-import re
 from pathlib import Path
 
 import numpy as np
@@ -400,6 +399,32 @@ def set_grad_checkpointing(model: XrayNet, enable: bool = True) -> None:
             raise UserError(f"--grad-checkpointing: timm implements none for {model.arch}; drop the flag or use "
                             f"another --arch") from e
     model.grad_checkpointing = enable
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loss of each head type
+
+def loss_terms(out: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the loss over labelled entries, their count) of a model's raw outputs: squared error
+    for a regression head's (B, K), cross-entropy for a three-class head's (B, K, 3) logits over
+    (negative, uncertain, positive). targets (B, K) in [-1, 1] (anything where masked); mask (B, K)
+    bool. Masked entries add nothing and get no gradient."""
+    if out.dim() == 3:
+        cls = torch.where(mask, targets, torch.zeros_like(targets)).round().clamp(-1, 1).long() + 1
+        per = torch.nn.functional.cross_entropy(out.float().flatten(0, 1), cls.flatten(), reduction="none")
+        per = per.view_as(targets)
+    else:
+        per = (out.float() - targets) ** 2
+    return torch.where(mask, per, torch.zeros_like(per)).sum(), mask.sum()
+
+
+def compute_loss(out: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean training loss over labelled entries (0 when nothing is labelled); see loss_terms."""
+    total, n = loss_terms(out, targets, mask)
+    return total / n.clamp(min=1)
+
+
+masked_mse = masked_cross_entropy = compute_loss  # the shape of the outputs says which
 
 
 # ---------------------------------------------------------------------------------------------

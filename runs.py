@@ -175,3 +175,28 @@ def merge_oof(folder: Path, k: int, expected: pd.Series | None = None) -> pd.Dat
     write_text(Path(folder) / "oof_predictions.csv", df.to_csv(index=False, columns=[*PREDICTION_COLUMNS, "fold"],
                                                                lineterminator="\n"))
     return df
+
+
+def check_layout(folder: Path, kfold: bool) -> None:
+    """A model folder holds one single-split model or the folds of one K-fold run, never both: the
+    submission and the blend would not know which one is meant."""
+    if kfold and (Path(folder) / "best.pt").is_file():
+        raise UserError(f"{folder} holds a single-split model; train --folds into another --out-dir")
+    if not kfold and any(Path(folder).glob("fold*/best.pt")):
+        raise UserError(f"{folder} holds a K-fold run; train without --folds into another --out-dir")
+
+
+def oof_metrics(folder: Path, k: int, names: list[str], expected: pd.Series) -> dict | None:
+    """merge_oof, then per pathology the out-of-fold calibrated predictions' evaluation.evaluate
+    numbers over every labelled row (n, mse, mse_ci, nmse, auc, auc_ci; patient-grouped intervals,
+    200 resamples); None while a fold is missing."""
+    from evaluation import evaluate
+    df = merge_oof(folder, k, expected)
+    if df is None:
+        return None
+    out = {}
+    for name in names:
+        d = df[(df["pathology"] == name) & df["target"].notna()]
+        out[name] = evaluate(d[["calibrated"]].to_numpy(), d[["target"]].to_numpy(), d["patient"].to_numpy(),
+                             [name], {}, n_boot=200)["per_pathology"][name]
+    return out

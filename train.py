@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import itertools
 import json
 import math
@@ -44,12 +43,12 @@ from cache import SQUARE_MODES, cached_table, find_augmented
 from calibration import CALIBRATIONS, apply_calibration, fit_calibration
 from common import UserError, default_workers, format_table, jsonable, run_cli, write_text
 from dataset import (ALL_LABELS, LABEL_CONVENTIONS, UNCERTAIN_POLICIES, XrayDataset, check_pathologies,
-                     describe_convention, patient_folds, read_train_csv, resolve_data, slug, split_by_patient,
-                     uncertain_targets)
-from evaluation import auc, evaluate as score_predictions, plot_curves
-from model import (HEAD_TYPES, HEAD_VARIANTS, N_STAGES, Checkpoint, build_model, check_arch,
+                     describe_convention, patient_splits, read_train_csv, resolve_data, sha1, slug, uncertain_targets)
+from evaluation import METRIC_KEYS, mean_defined, pathology_metrics, plot_curves
+from model import (HEAD_TYPES, HEAD_VARIANTS, N_STAGES, Checkpoint, build_model, check_arch, loss_terms,
                    model_config, n_stages, param_groups, predict, set_frozen, set_grad_checkpointing)
-from runs import HISTORY_COLUMNS, fold_folder, merge_oof, read_history, write_history, write_predictions
+from runs import (HISTORY_COLUMNS, check_layout, fold_folder, oof_metrics, read_history, write_history,
+                  write_predictions)
 from runtime import (Runtime, StopSignals, agree, close_loader, join_process_group, on_main, rng_state,
                      seed_everything, set_rng_state, setup_runtime, sync_buffers, to_device)
 from sampler import SAMPLER_CAP, EpochSampler, sample_weights, train_loader
@@ -57,7 +56,6 @@ from weights import load_pretrained
 
 TABLE_COLUMNS = ["pathology", "view", "fold", "n_train", "n_val", "best_epoch", "val_mse", "val_mse_cv", "val_mse_cal",
                  "const_mse", "val_nmse", "val_auc"]
-METRIC_KEYS = ("val_mse", "val_mse_cv", "val_mse_cal", "const_mse", "val_nmse", "val_auc")
 DEMO_DEFAULTS = {"image_size": 64, "epochs": 3, "weights": "none", "batch_size": 16, "augment": "none"}
 # augment standard on real data: better test MSE and AUC for 2 of 3 archs on real X-rays (docs/results.md)
 REAL_DEFAULTS = {"image_size": 224, "epochs": 10, "weights": "imagenet", "batch_size": 32, "augment": "standard"}
@@ -214,58 +212,6 @@ def bad_values(args: argparse.Namespace, explicit_warmup: float | None = None) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Loss and metrics
-
-def loss_terms(out: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the loss over labelled entries, their count) of a model's raw outputs: squared error
-    for a regression head's (B, K), cross-entropy for a three-class head's (B, K, 3) logits over
-    (negative, uncertain, positive). targets (B, K) in [-1, 1] (anything where masked); mask (B, K)
-    bool. Masked entries add nothing and get no gradient."""
-    if out.dim() == 3:
-        cls = torch.where(mask, targets, torch.zeros_like(targets)).round().clamp(-1, 1).long() + 1
-        per = torch.nn.functional.cross_entropy(out.float().flatten(0, 1), cls.flatten(), reduction="none")
-        per = per.view_as(targets)
-    else:
-        per = (out.float() - targets) ** 2
-    return torch.where(mask, per, torch.zeros_like(per)).sum(), mask.sum()
-
-
-def compute_loss(out: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The mean training loss over labelled entries (0 when nothing is labelled); see loss_terms."""
-    total, n = loss_terms(out, targets, mask)
-    return total / n.clamp(min=1)
-
-
-masked_mse = masked_cross_entropy = compute_loss  # the shape of the outputs says which
-
-
-def pathology_metrics(pred: np.ndarray, target: np.ndarray, train_mean: float, cal: dict | None) -> dict:
-    """Metrics on one pathology's labelled validation rows. pred, target (N,), target NaN = blank.
-
-    val_mse: raw outputs; val_mse_cv: calibrated, out of sample (each patient scored by a map fitted
-    on the other folds: cal['cv_mse']); val_mse_cal: calibrated by the map fitted on these same rows
-    (in-sample, optimistic: for reading, never for choosing); const_mse: the training mean's MSE;
-    val_nmse: val_mse_cv over the labels' variance (evaluation.normalised_mse: comparable across
-    pathologies); train_mean: that mean (make_submission.py --labels scores the constant with it)."""
-    m = ~np.isnan(target)
-    p, t = pred[m].astype(np.float64), target[m].astype(np.float64)
-    if len(t) == 0:
-        return {"n": 0, **{k: float("nan") for k in METRIC_KEYS}, "train_mean": train_mean}
-    raw = float(np.mean((np.clip(p, -1, 1) - t) ** 2))
-    cv = float(cal["cv_mse"]) if cal else raw
-    nmse = cv / t.var() if t.var() > 0 else float("nan")
-    return {"n": int(len(t)), "val_mse": raw, "val_mse_cv": cv, "val_nmse": nmse,
-            "val_mse_cal": float(np.mean((apply_calibration(cal, p) - t) ** 2)),
-            "const_mse": float(np.mean((train_mean - t) ** 2)), "val_auc": auc(p, t), "train_mean": train_mean}
-
-
-def mean_defined(values) -> float:
-    """Mean of the values that are defined (not None or NaN); NaN when none is."""
-    ok = [float(v) for v in values if v is not None and not math.isnan(v)]
-    return sum(ok) / len(ok) if ok else float("nan")
-
-
-# ---------------------------------------------------------------------------------------------
 # One model's data, state and files
 
 @dataclass
@@ -315,10 +261,6 @@ class TrainState:
     def validated(self) -> torch.nn.Module:
         """The weights that are validated, calibrated and saved as best.pt: the EMA's with --ema."""
         return self.ema.module if self.ema is not None else self.model
-
-
-def sha1(lines) -> str:
-    return hashlib.sha1("\n".join(str(x) for x in lines).encode()).hexdigest()
 
 
 def prepare_job(names: list[str], folder: Path, table: pd.DataFrame, is_val: np.ndarray, split: dict,
@@ -669,33 +611,6 @@ def write_summary(state: TrainState, job: Job, table: pd.DataFrame, n_sources: i
 # ---------------------------------------------------------------------------------------------
 # Splits, folds and the whole run
 
-def splits(table: pd.DataFrame, args) -> list[tuple[int | None, np.ndarray, dict]]:
-    """(fold, is_val, split record) for each model to train per pathology: one patient split, or
-    with --folds K the folds asked for (the same patient groups for every pathology and every run
-    with the same --split-seed, K and rows)."""
-    patients = table["patient"]
-    if args.folds is None:
-        is_val = split_by_patient(patients, args.val_frac, args.split_seed)
-        return [(None, is_val, {"seed": args.split_seed, "val_frac": args.val_frac,
-                                "val_patients_sha1": sha1(sorted(map(str, pd.unique(patients[is_val]))))})]
-    fold = patient_folds(patients.to_numpy(), args.folds, args.split_seed)
-    record = {"seed": args.split_seed, "folds": args.folds,
-              "folds_sha1": sha1(sorted(f"{p} {f}" for p, f in set(zip(patients.astype(str), fold))))}
-    wanted = range(args.folds) if args.fold == "all" else [int(args.fold)]
-    return [(i, fold == i, {**record, "fold": i,
-                            "val_patients_sha1": sha1(sorted(map(str, pd.unique(patients[fold == i])))),})
-            for i in wanted]
-
-
-def check_layout(folder: Path, kfold: bool) -> None:
-    """A model folder holds one single-split model or the folds of one K-fold run, never both: the
-    submission and the blend would not know which one is meant."""
-    if kfold and (folder / "best.pt").is_file():
-        raise UserError(f"{folder} holds a single-split model; train --folds into another --out-dir")
-    if not kfold and any(folder.glob("fold*/best.pt")):
-        raise UserError(f"{folder} holds a K-fold run; train without --folds into another --out-dir")
-
-
 def load_data(args, rt: Runtime) -> tuple[pd.DataFrame, list]:
     """The training table (with cache slots) and its image sources (the cache, then --augmented
     copies). Under torchrun every process gets its data ready on its own, before the process group:
@@ -714,26 +629,16 @@ def load_data(args, rt: Runtime) -> tuple[pd.DataFrame, list]:
 
 
 def out_of_fold(folder: Path, job_names: list[str], table: pd.DataFrame, args, rt: Runtime) -> list[dict]:
-    """Once all K folds of a model are trained: oof_predictions.csv (runs.merge_oof, on rank 0) and
-    table rows of the out-of-fold calibrated MSE and AUC over every row, with patient-grouped
+    """Once all K folds of a model are trained: oof_predictions.csv (on rank 0) and a table row per
+    pathology of the out-of-fold calibrated MSE and AUC over every row, with patient-grouped 95%
     intervals ([] until then)."""
     labelled = ~np.isnan(table[job_names].to_numpy(np.float32)).all(1)
     if args.view != "all":
         labelled &= (table["view"] == args.view).to_numpy()
-
-    def merge_and_score() -> list[dict]:
-        df = merge_oof(folder, args.folds, table["path"][labelled])
-        rows = []
-        for name in job_names if df is not None else []:
-            d = df[(df["pathology"] == name) & df["target"].notna()]
-            m = score_predictions(d[["calibrated"]].to_numpy(), d[["target"]].to_numpy(), d["patient"].to_numpy(),
-                                  [name], {}, n_boot=200)["per_pathology"][name]
-            rows.append({"pathology": name, "view": args.view, "fold": "oof", "n_val": m["n"],
-                         "val_mse_cv": f"{m['mse']:.4f} ({m['mse_ci'][0]:.3f}-{m['mse_ci'][1]:.3f})",
-                         "val_nmse": m["nmse"],
-                         "val_auc": f"{m['auc']:.4f} ({m['auc_ci'][0]:.3f}-{m['auc_ci'][1]:.3f})"})
-        return rows
-    return on_main(rt, merge_and_score)
+    per = on_main(rt, lambda: oof_metrics(folder, args.folds, job_names, table["path"][labelled])) or {}
+    return [{"pathology": name, "view": args.view, "fold": "oof", "n_val": m["n"], "val_nmse": m["nmse"],
+             "val_mse_cv": f"{m['mse']:.4f} ({m['mse_ci'][0]:.3f}-{m['mse_ci'][1]:.3f})",
+             "val_auc": f"{m['auc']:.4f} ({m['auc_ci'][0]:.3f}-{m['auc_ci'][1]:.3f})"} for name, m in per.items()]
 
 
 def table_rows(summary: dict, fold) -> list[dict]:
@@ -762,7 +667,8 @@ def main(argv=None) -> list[dict]:
         summaries, rows = [], []
         for job_names, name in jobs:
             on_main(rt, lambda: check_layout(args.out_dir / name, args.folds is not None))
-            for fold, is_val, split in splits(table, args):
+            for fold, is_val, split in patient_splits(table["patient"], args.split_seed, args.val_frac, args.folds,
+                                                      args.fold):
                 folder = args.out_dir / name if fold is None else fold_folder(args.out_dir / name, fold)
                 s = train_job(job_names, folder, table, is_val, split, sources, args, rt)
                 if s:

@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
+from model import masked_mse  # noqa: E402
 from augment import AUGMENT_PRESETS, augment_batch
 from common import format_table
 from demo import ensure_demo  # noqa: E402
@@ -57,7 +58,7 @@ def per_batch(size: int, batch_size: int, reps: int, device: str) -> list[dict]:
     y, mask = torch.zeros(batch_size, 1, device=device), torch.ones(batch_size, 1, dtype=torch.bool, device=device)
 
     def step():
-        loss = train.masked_mse(model(x), y, mask)
+        loss = masked_mse(model(x), y, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

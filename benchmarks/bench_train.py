@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
+from model import masked_mse  # noqa: E402
 from common import format_table
 from demo import ensure_demo  # noqa: E402
 from model import build_model, model_config  # noqa: E402
@@ -41,7 +42,7 @@ def bare_images_per_s(n: int, size: int, batch_size: int, device: str, heads: in
 
     def step(i):
         pred = model(x[i:i + batch_size].to(device))
-        loss = train.masked_mse(pred, y[i:i + batch_size].to(device), mask[i:i + batch_size].to(device))
+        loss = masked_mse(pred, y[i:i + batch_size].to(device), mask[i:i + batch_size].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

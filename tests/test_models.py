@@ -12,6 +12,7 @@ import torchvision
 
 import make_submission
 import train
+from model import compute_loss, masked_cross_entropy, masked_mse
 from common import UserError
 
 from model import (ARCHS, CHECKPOINT_FORMAT, IMAGE_MEAN, IMAGE_STD, N_STAGES, Checkpoint, backbone_stages, build_model,
@@ -245,15 +246,15 @@ def test_masked_cross_entropy_ignores_masked_entries():
     logits = torch.randn(4, 2, 3, requires_grad=True)
     target = torch.tensor([[1.0, float("nan")], [0.0, -1.0], [-1.0, 1.0], [float("nan"), 0.0]])
     mask = ~torch.isnan(target)
-    loss = train.masked_cross_entropy(logits, target, mask)
+    loss = masked_cross_entropy(logits, target, mask)
     loss.backward()
     cls = (target[mask] + 1).long()
     assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(logits[mask], cls).item(), rel=1e-6)
     assert (logits.grad[~mask] == 0).all() and (logits.grad[mask] != 0).any(dim=-1).all()
-    assert train.compute_loss(logits, target, mask).item() == loss.item()  # (B, K, 3) -> cross-entropy
+    assert compute_loss(logits, target, mask).item() == loss.item()  # (B, K, 3) -> cross-entropy
     pred = torch.tanh(logits[..., 0]).detach()
-    assert train.compute_loss(pred, target, mask).item() == train.masked_mse(pred, target, mask).item()
-    assert train.masked_cross_entropy(logits, target, torch.zeros_like(mask)).item() == 0.0
+    assert compute_loss(pred, target, mask).item() == masked_mse(pred, target, mask).item()
+    assert masked_cross_entropy(logits, target, torch.zeros_like(mask)).item() == 0.0
 
 
 def test_three_class_training_run_rebuilds_and_predicts_in_range(models, tiny_args, tmp_path):

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import train
+from dataset import patient_splits
+from model import masked_mse
 from common import UserError
 from model import Checkpoint, build_model, load_checkpoint, model_config, set_frozen
 
@@ -18,14 +20,14 @@ def test_masked_mse_counts_only_labelled_entries_and_masks_gradient():
     pred = torch.tensor([[0.5, -0.2], [0.1, 0.9], [-1.0, 0.0]], requires_grad=True)
     target = torch.tensor([[1.0, 0.0], [0.0, -1.0], [-1.0, 1.0]])
     mask = torch.tensor([[True, False], [True, True], [False, True]])
-    loss = train.masked_mse(pred, target, mask)
+    loss = masked_mse(pred, target, mask)
     labelled = [(0.5 - 1.0) ** 2, (0.1 - 0.0) ** 2, (0.9 + 1.0) ** 2, (0.0 - 1.0) ** 2]
     assert loss.item() == pytest.approx(np.mean(labelled))
     loss.backward()
     assert pred.grad[0, 1] == 0 and pred.grad[2, 0] == 0
     assert (pred.grad[mask] != 0).all()
     # nothing labelled: zero loss, zero gradient, no NaN
-    assert train.masked_mse(pred, target, torch.zeros_like(mask)).item() == 0.0
+    assert masked_mse(pred, target, torch.zeros_like(mask)).item() == 0.0
 
 
 def test_sample_weights_are_inverse_frequency_and_balance_each_value():
@@ -111,7 +113,7 @@ def test_a_tiny_batch_can_be_overfit():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     model.train()
     for _ in range(40):
-        loss = train.masked_mse(model(x), y, mask)
+        loss = masked_mse(model(x), y, mask)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -261,7 +263,7 @@ def test_resume_state_is_rebuilt_from_last_pt_alone(tiny_args, tmp_path):
     args = train.parse_args(argv + ["--epochs", "3", "--resume"])
     rt = train.Runtime(torch.device("cpu"), progress=False)
     table, sources = train.load_data(args, rt)
-    [(fold, is_val, split)] = train.splits(table, args)
+    [(fold, is_val, split)] = patient_splits(table["patient"], args.split_seed, args.val_frac)
     job = train.prepare_job(["Cardiomegaly"], tmp_path / "ckpt" / "cardiomegaly", table, is_val, split, sources, args,
                             rt)
     last = train.load_last(job, args, rt)
