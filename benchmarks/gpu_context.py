@@ -7,6 +7,7 @@ import gc
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -199,6 +200,15 @@ def run_logged(ctx: Ctx, cmd: list[str], log_path: Path, env: dict | None = None
                                 start_new_session=True)
     finally:
         out.close()
+
+
+def wait_or_kill(proc: subprocess.Popen, timeout: float) -> int:
+    """The exit code of a run_logged process; past `timeout` seconds its process group is killed."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait()
 
 
 def tail(path: Path, n: int = 12) -> str:

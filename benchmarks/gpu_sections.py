@@ -6,7 +6,6 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import warnings
@@ -26,7 +25,8 @@ from dataset import read_train_csv  # noqa: E402
 from demo import make_demo  # noqa: E402
 from experiments import gridsearch  # noqa: E402
 from model import Checkpoint, load_checkpoint  # noqa: E402
-from gpu_context import FOLDER, N_FIXED, PATHOLOGY, STOP_AT, Ctx, attempt, check_trained, eager_flags, eager_folder, log, run_logged, scores, tail, train_flags, Tee  # noqa: E402,F401
+from gpu_context import (FOLDER, N_FIXED, PATHOLOGY, STOP_AT, Ctx, Tee, attempt, check_trained, eager_flags,  # noqa: E402
+                         eager_folder, log, run_logged, scores, tail, train_flags, wait_or_kill)
 
 
 def section_data(ctx: Ctx) -> None:
@@ -156,11 +156,7 @@ def section_resume(ctx: Ctx) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         log(f"  sent SIGTERM to the child's process group after batch {batch} of epoch {epoch + 1} "
             f"({time.time() - t0:.1f}s after its start)")
-    try:
-        rc = proc.wait(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        rc = proc.wait()
+    rc = wait_or_kill(proc, 600)
     log(tail(out / "interrupted.log", 6))
     last_path = out / FOLDER / "last.pt"
     last = Checkpoint.load(last_path) if last_path.is_file() else None
@@ -178,11 +174,7 @@ def section_resume(ctx: Ctx) -> None:
 
     t0 = time.time()
     proc = run_logged(ctx, [sys.executable, "train.py", *flags, "--resume"], out / "resumed.log")
-    try:
-        rc = proc.wait(timeout=900)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        rc = proc.wait()
+    rc = wait_or_kill(proc, 900)
     text = (out / "resumed.log").read_text(errors="replace")
     log(tail(out / "resumed.log", 10))
     where = f"from epoch {epoch + 1} batch {batch + 1}"
@@ -359,11 +351,7 @@ def section_ddp(ctx: Ctx) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
            *train_flags(ctx, out, "--pathology", PATHOLOGY, epochs=1)]
     proc = run_logged(ctx, cmd, out / "torchrun.log", env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    try:
-        rc = proc.wait(timeout=900)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        rc = proc.wait()
+    rc = wait_or_kill(proc, 900)
     log(tail(out / "torchrun.log", 8))
     ctx.report.check("torchrun", rc == 0,
                      f"torchrun, 2 processes on {'2 GPUs' if ctx.cuda else 'CPU (gloo)'}: exit {rc}", exit_code=rc)
