@@ -44,9 +44,8 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from common import UserError, _discard, default_workers, save_torch, test_hook, write_text
+from common import SQUARE_MODES, UserError, _discard, default_workers, save_torch, test_hook, write_text
 
-SQUARE_MODES = ("resize", "crop")
 CACHE_VERSION = 2  # 2: 16-bit PNG/TIFF rescaled by to_uint8 (version 1 clipped them at 255), DICOM read
 JPEG_CACHE_VERSION = 1  # JPEG pixels are unchanged since version 1: a cache of JPEGs only keeps its key
 SHARD_SIZE = 1024

@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+SQUARE_MODES = ("resize", "crop")  # how non-square images become square (cache.py): --square
 class UserError(Exception):
     """An error the user caused (bad path, bad value): scripts print it as one line and exit 2."""
 
@@ -138,26 +139,32 @@ def test_hook(name: str) -> float | None:
 # ---------------------------------------------------------------------------------------------
 # Flags that several scripts take, declared once
 
-def add_data_flags(p: argparse.ArgumentParser, csv_flag: str = "--csv", csv_help: str = "the CSV to read") -> None:
-    """--data-root, the CSV flag, --image-size, --square, --cache-dir, --workers."""
-    from cache import SQUARE_MODES
+def add_data_flags(p: argparse.ArgumentParser, csv_flag: str = "--csv", csv_help: str = "the CSV to read",
+                   image: bool = True):
+    """The "data" group: --data-root, the CSV flag, --image-size and --square (unless image=False:
+    the submission takes them from each checkpoint), --cache-dir, --workers. Returns the group, for
+    a script's own data flags."""
     g = p.add_argument_group("data")
     g.add_argument("--data-root", type=Path, help="dataset root; none: the demo dataset in ./demo_data, made on first use")
     g.add_argument(csv_flag, type=Path, help=csv_help)
-    g.add_argument("--image-size", type=int, help="side of the square images, px (default 224; 64 on the demo data)")
-    g.add_argument("--square", choices=SQUARE_MODES, default="resize",
-                   help="how non-square images become square: resize (squash) or crop (central square)")
+    if image:
+        g.add_argument("--image-size", type=int, help="side of the square images, px (default 224; 64 on the demo data)")
+        g.add_argument("--square", choices=SQUARE_MODES, default="resize",
+                       help="how non-square images become square: resize (squash) or crop (central square)")
     g.add_argument("--cache-dir", type=Path, default=Path("cache"), help="image cache folder (never under the data root)")
     g.add_argument("--workers", type=int, default=default_workers(), help="processes that decode images into the cache")
+    return g
 
 
-def add_device_flags(p: argparse.ArgumentParser) -> None:
-    """--device, --amp, --progress."""
+def add_device_flags(p: argparse.ArgumentParser, amp: bool = True):
+    """The "device" group: --device, --amp (unless amp=False), --progress. Returns the group."""
     g = p.add_argument_group("device")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="autocast on CUDA: bf16 on compute capability 8.0+, else fp16 with a gradient scaler")
+    if amp:
+        g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                       help="autocast on CUDA: bf16 on compute capability 8.0+, else fp16 with a gradient scaler")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    return g
 
 
 def check_common_flags(p: argparse.ArgumentParser, args: argparse.Namespace, min_size: int = 8) -> None:

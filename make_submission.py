@@ -63,7 +63,7 @@ import torch
 from tqdm import tqdm
 
 from cache import cached_table
-from common import UserError, atomic_write, default_workers, format_table, run_cli
+from common import UserError, add_data_flags, add_device_flags, atomic_write, format_table, run_cli
 from dataset import (LABEL_CONVENTIONS, PATHOLOGIES, VIEWS, XrayDataset, choose_convention, describe_convention,
                      parse_ids, parse_label_column, read_csv_text, read_header, read_test_csv, read_train_csv,
                      resolve_data)
@@ -85,8 +85,8 @@ FLOAT_FORMAT = None
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-root", type=Path, help="dataset root; none: the demo dataset in ./demo_data, made on first use")
-    p.add_argument("--test-csv", type=Path, help="'Id, Path' CSV to predict (default DATA_ROOT/student_labels/test_ids.csv)")
+    add_data_flags(p, "--test-csv", "'Id, Path' CSV to predict (default DATA_ROOT/student_labels/test_ids.csv)",
+                   image=False)  # each checkpoint says the size and square mode it was trained at
     p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"),
                    help="folder searched recursively for best.pt (the fold<I>/best.pt of a K-fold model: one model)")
     p.add_argument("--out", type=Path, default=Path("submission.csv"), help="submission CSV to write")
@@ -113,13 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "0 negative, -1 uncertain), or auto: detected from the layout")
     p.add_argument("--plots", type=Path, metavar="DIR", help="with --labels: a ROC curve and a reliability diagram "
                    "per pathology, as PNGs in DIR")
-    p.add_argument("--cache-dir", type=Path, default=Path("cache"), help="image cache folder (never under the data root)")
-    p.add_argument("--workers", type=int, default=default_workers(), help="processes that decode images into the cache")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                    help="autocast on CUDA: bf16 on compute capability 8.0+, else fp16 with a gradient scaler")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    add_device_flags(p)
     args = p.parse_args(argv)
     if args.fill_missing is not None and not (math.isfinite(args.fill_missing) and -1 <= args.fill_missing <= 1):
         p.error(f"--fill-missing must be a number in [-1, 1], got {args.fill_missing}")

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cache import SQUARE_MODES
+from common import SQUARE_MODES
 from common import UserError, save_torch
 from runtime import Runtime, to_device
 

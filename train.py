@@ -39,9 +39,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from augment import AUGMENT_PRESETS, ONLINE_AUGMENTS, augment_batch, online_augment
-from cache import SQUARE_MODES, cached_table, find_augmented
+from cache import cached_table, find_augmented
 from calibration import CALIBRATIONS, apply_calibration, fit_calibration
-from common import UserError, default_workers, format_table, jsonable, run_cli, write_text
+from common import UserError, add_data_flags, add_device_flags, format_table, jsonable, run_cli, write_text
 from dataset import (ALL_LABELS, LABEL_CONVENTIONS, UNCERTAIN_POLICIES, XrayDataset, check_pathologies,
                      describe_convention, patient_splits, read_train_csv, resolve_data, sha1, slug, uncertain_targets)
 from evaluation import METRIC_KEYS, mean_defined, pathology_metrics, plot_curves
@@ -71,14 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pathology", nargs="+", required=True, metavar="NAME",
                    help=f"one or more of: {', '.join(ALL_LABELS)}; or 'all' (quote names with spaces)")
-    g = p.add_argument_group("data")
-    g.add_argument("--data-root", type=Path, help="dataset root; none: the demo dataset in ./demo_data, made on first use")
-    g.add_argument("--train-csv", type=Path, help="training CSV (default DATA_ROOT/student_labels/train2023.csv, or "
-                   "Stanford's CheXpert-v1.0-small/train.csv or CheXpert-v1.0/train.csv under DATA_ROOT)")
-    g.add_argument("--image-size", type=int, help="side of the square input, px (default 224; 64 on the demo data)")
-    g.add_argument("--square", choices=SQUARE_MODES, default="resize", help="how non-square images are made square")
-    g.add_argument("--cache-dir", type=Path, default=Path("cache"), help="image cache folder (never under the data root)")
-    g.add_argument("--workers", type=int, default=default_workers(), help="processes that build the image cache")
+    g = add_data_flags(p, "--train-csv", "training CSV (default DATA_ROOT/student_labels/train2023.csv, or "
+                       "Stanford's CheXpert-v1.0-small/train.csv or CheXpert-v1.0/train.csv under DATA_ROOT)")
     g.add_argument("--loader-workers", type=int, help="DataLoader workers (default 0 on CPU, 4 on CUDA)")
     g.add_argument("--view", choices=["all", "frontal", "lateral"], default="all", help="train on the rows of this view only")
     g.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="keep",
@@ -148,13 +142,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--save-every", type=float, default=SAVE_EVERY_MIN, metavar="MINUTES",
                    help="also save last.pt every this many minutes within an epoch (0: at epoch ends and signals only)")
     g.add_argument("--seed", type=int, default=0, help="initialisation, sampling, dropout and augmentation")
-    g = p.add_argument_group("output and device")
-    g.add_argument("--out-dir", type=Path, default=Path("checkpoints"))
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="autocast on CUDA: bf16 on compute capability 8.0+, else fp16 with a gradient scaler")
+    p.add_argument("--out-dir", type=Path, default=Path("checkpoints"), help="one folder per model")
+    g = add_device_flags(p)
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     args = p.parse_args(argv)
     explicit_warmup = args.warmup_epochs
     fill_defaults(args)

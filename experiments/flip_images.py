@@ -22,22 +22,16 @@ if __name__ == "__main__":  # `python experiments/flip_images.py` from anywhere:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from augment import flip_images
-from cache import ImageCache, SQUARE_MODES, cached_table, derive_cache
-from common import default_workers, run_cli
+from cache import ImageCache, cached_table, derive_cache
+from common import add_data_flags, run_cli
 from dataset import read_train_csv, resolve_data
 
 
 def make_parser(description: str) -> argparse.ArgumentParser:
     """The flags every augmentation script takes: the same ones that key the base cache in train.py."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--data-root", type=Path, help="dataset root (default: the demo dataset in ./demo_data)")
-    p.add_argument("--csv", type=Path, help="training CSV (default: the first of DATA_ROOT/student_labels/"
-                   "train2023.csv, CheXpert-v1.0-small/train.csv, CheXpert-v1.0/train.csv)")
-    p.add_argument("--image-size", type=int, help="side of the cached images, px (default 224; 64 on the demo "
-                   "data, as in train.py)")
-    p.add_argument("--square", choices=SQUARE_MODES, default="resize", help="how non-square images are made square")
-    p.add_argument("--cache-dir", type=Path, default=Path("cache"), help="where caches live (never under the data root)")
-    p.add_argument("--workers", type=int, default=default_workers(), help="processes that build the base cache")
+    add_data_flags(p, "--csv", "training CSV (default: the first of DATA_ROOT/student_labels/train2023.csv, "
+                   "CheXpert-v1.0-small/train.csv, CheXpert-v1.0/train.csv)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     return p
 

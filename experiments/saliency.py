@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cache import ImageError, load_image
-from common import UserError, run_cli
+from common import UserError, add_device_flags, run_cli
 from dataset import slug
 from evaluation import new_figure, save_png
 from calibration import apply_calibration
@@ -53,8 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the PNGs")
     p.add_argument("--pathology", metavar="NAME", help="only this head of the model (default: every head)")
     p.add_argument("--alpha", type=float, default=0.4, help="opacity of the heatmap over the image")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar")
+    add_device_flags(p, amp=False)  # Grad-CAM's gradients in float32
     args = p.parse_args(argv)
     if not 0 <= args.alpha <= 1:
         p.error(f"--alpha must be in [0, 1], got {args.alpha}")
@@ -137,7 +136,7 @@ def read_images(paths: list[Path], size: int, square: str) -> np.ndarray:
 def main(argv=None) -> list[dict]:
     """Returns one dict per image and head: image, pathology, raw, score (calibrated), png, cam (S, S)."""
     args = parse_args(argv)
-    args.amp = False  # Grad-CAM's gradients in float32
+    args.amp = False
     device = setup_runtime(args, distributed=False).device  # --device cuda without one: one line, not a traceback
     model, ckpt = load_checkpoint(args.checkpoint, device)
     if not model.has_feature_map:
