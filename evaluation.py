@@ -211,7 +211,7 @@ def _weighted_auc(counts, g, pos, starts) -> np.ndarray:
 
 def metrics_rows(metrics: dict) -> list[dict]:
     """evaluate()'s dict as table rows (METRIC_COLUMNS), one per pathology then a 'macro' row whose
-    n is the total of labelled entries; for dataset.format_table and metrics.csv."""
+    n is the total of labelled entries; for common.format_table and metrics.csv."""
     rows = []
     for name, v in metrics["per_pathology"].items():
         rows.append({"pathology": name, "n": v["n"], "mse": v["mse"], "mse_lo": v["mse_ci"][0],

@@ -258,7 +258,7 @@ Routes = dict[str, dict[str, list[tuple[int, int]]]]
 @dataclass
 class Blend:
     """One pathology of blend.json: its members as (source index, output column), in the entry's
-    order, and the entry itself (weights, lambda, a, b, w_frontal), which evaluation.apply_blend reads."""
+    order, and the entry itself (weights, lambda, a, b, w_frontal), which calibration.apply_blend reads."""
     members: list[tuple[int, int]]
     params: dict
 

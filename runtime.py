@@ -139,7 +139,7 @@ def set_rng_state(s: dict, rank: int | None = None) -> None:
 def ignore_sigterm(worker_id: int) -> None:
     """DataLoader worker_init_fn. SLURM signals every process of a job step, loader workers too: a
     worker killed by SIGTERM ends the run in a DataLoader error instead of the saved last.pt that the
-    main process writes on SIGTERM (GracefulExit). The workers leave the signal to it."""
+    main process writes on SIGTERM (StopSignals). The workers leave the signal to it."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 

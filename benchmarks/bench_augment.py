@@ -2,7 +2,7 @@
 
     python benchmarks/bench_augment.py --work /tmp/bench_augment [--image-size 64] [--batch-size 16] [--pairs 3]
 
-1. per batch: dataset.augment_batch for each preset against the model's forward + backward + AdamW
+1. per batch: augment.augment_batch for each preset against the model's forward + backward + AdamW
    step on the same uint8 batch (median of --reps timings each).
 2. per step, interleaved: the model step alone and 'augment_batch standard + the model step',
    alternating step by step (--step-pairs pairs), so that load from other processes hits both alike;
