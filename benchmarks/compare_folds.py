@@ -18,7 +18,9 @@ images through make_submission.py, with patient-grouped 95% intervals (evaluatio
               or on the K-fold runs' out-of-fold rows; its own estimate is blend.py's out-of-fold
               MSE of the blend. Applied with make_submission.py --blend.
 Runs already trained under WORK are reused (train.py --resume returns a finished run at once).
-Prints one table; WORK/results.json keeps every number.
+Prints one table, then the paired differences of test macro MSE and AUC between methods, each with
+a patient-grouped 95% interval from the same resamples for both (tighter than the two methods' own
+intervals, which share most of their noise: the test patients); WORK/results.json keeps every number.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -40,6 +43,8 @@ from dataset import PATHOLOGIES, read_test_csv, read_train_csv  # noqa: E402
 from evaluation import evaluate  # noqa: E402
 from experiments import blend  # noqa: E402
 
+PAIRS = [("kfold", "single"), ("seeds", "single"), ("kfold", "seeds"), ("blend_oof", "blend_split"),
+         ("blend_oof", "kfold")]
 COLUMNS = ["method", "models", "est_mse", "est_auc", "test_mse", "test_mse_ci", "test_auc", "test_auc_ci", "gap_mse"]
 
 
@@ -146,10 +151,49 @@ def main(argv=None):
         r["gap_mse"] = r["test_mse"] - r["est_mse"]
         r["test_mse_ci"] = "{:.3f}-{:.3f}".format(*r["test_mse_ci"])
         r["test_auc_ci"] = "{:.3f}-{:.3f}".format(*r["test_auc_ci"])
-    write_text(args.work / "results.json", json.dumps(jsonable(rows), indent=2))
+    pairs = [paired_difference(args, a, b) for a, b in PAIRS]
+    write_text(args.work / "results.json", json.dumps(jsonable({"methods": rows, "paired": pairs}), indent=2))
     print(f"\n{args.data_root}: {', '.join(args.names)}; multi-head, {args.image_size} px, {args.epochs} epochs, "
           f"--weights none, extra {args.extra}\n" + format_table(rows, COLUMNS))
+    print("\npaired differences on the same test patients (first minus second; 95% patient-grouped interval):\n"
+          + format_table(pairs, ["pair", "mse_diff", "mse_diff_ci", "auc_diff", "auc_diff_ci"]))
     return rows
+
+
+def weighted_macro(pred: np.ndarray, target: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    """(macro MSE, macro AUC) with row weights w (a bootstrap resample's counts); pred, target (N, P)."""
+    mse, auc = [], []
+    for k in range(target.shape[1]):
+        m = ~np.isnan(target[:, k]) & (w > 0)
+        mse.append(np.average((pred[m, k] - target[m, k]) ** 2, weights=w[m]))
+        pn = m & np.isin(target[:, k], [-1.0, 1.0])
+        if len(np.unique(target[pn, k])) == 2:
+            auc.append(roc_auc_score(target[pn, k] == 1, pred[pn, k], sample_weight=w[pn]))
+    return float(np.mean(mse)), float(np.mean(auc))
+
+
+def paired_difference(args, a: str, b: str) -> dict:
+    """Test macro MSE and AUC of submission a minus submission b, with a 95% interval from
+    args.n_boot resamples of the test patients, the same resamples for both."""
+    test = read_test_csv(args.data_root / "student_labels" / "test_ids.csv")
+    labels = pd.read_csv(args.data_root / "student_labels" / "test_labels.csv").set_index("Id").loc[test["Id"]]
+    target = labels[args.names].to_numpy(float)
+    preds = [pd.read_csv(args.work / "subs" / f"{x}.csv").set_index("Id").loc[test["Id"], args.names].to_numpy(float)
+             for x in (a, b)]
+    _, codes = np.unique(test["patient"].to_numpy(), return_inverse=True)
+    rng = np.random.default_rng(0)
+    counts = np.stack([np.bincount(rng.integers(0, codes.max() + 1, codes.max() + 1), minlength=codes.max() + 1)
+                       for _ in range(args.n_boot)])[:, codes].astype(float)  # (n_boot, N): each row's weight
+    diffs = {"mse": [], "auc": []}
+    for w in [np.ones(len(codes)), *counts]:
+        m = [weighted_macro(pred, target, w) for pred in preds]
+        diffs["mse"].append(m[0][0] - m[1][0])
+        diffs["auc"].append(m[0][1] - m[1][1])
+    out = {"pair": f"{a} - {b}"}
+    for k, v in diffs.items():
+        lo, hi = np.nanpercentile(v[1:], [2.5, 97.5])
+        out[f"{k}_diff"], out[f"{k}_diff_ci"] = v[0], f"{lo:+.3f} to {hi:+.3f}"
+    return out
 
 
 if __name__ == "__main__":
