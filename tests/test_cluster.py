@@ -330,6 +330,7 @@ def test_each_rank_draws_its_own_dropout_masks(tiny_args, monkeypatch):
         return None
     monkeypatch.setattr(train, "train_job", record)
     monkeypatch.setattr(train, "join_process_group", lambda rt: None)  # two ranks' view, without a group
+    monkeypatch.setattr(train, "on_main", lambda rt, fn: fn())  # ... so rank 0's checks run here, unbroadcast
     argv = tiny_args("--pathology", "Cardiomegaly")
     for world, rank in [(1, 0), (2, 0), (2, 1)]:
         monkeypatch.setenv("WORLD_SIZE", str(world))
