@@ -358,6 +358,8 @@ def differences(ckpt: Checkpoint, job: Job, args) -> list[str]:
                       ("rows_sha1", "the training rows or their labels (the CSV or its readable images changed)")):
         if key in ckpt.split and ckpt.split[key] != job.split.get(key):
             out.append(f"{what} differ")
+            if key != "rows_sha1":  # another split moves rows too: name the cause only
+                break
     return out
 
 
