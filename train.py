@@ -354,12 +354,13 @@ def differences(ckpt: Checkpoint, job: Job, args) -> list[str]:
            if k not in RESUME_MAY_CHANGE and k in now and now[k] != v]
     if ckpt.pathologies != job.names:
         out.append(f"pathologies {ckpt.pathologies} -> {job.names}")
-    for key, what in (("val_patients_sha1", "the validation patients"), ("folds_sha1", "the folds"),
-                      ("rows_sha1", "the training rows or their labels (the CSV or its readable images changed)")):
-        if key in ckpt.split and ckpt.split[key] != job.split.get(key):
-            out.append(f"{what} differ")
-            if key != "rows_sha1":  # another split moves rows too: name the cause only
-                break
+    changed = [k for k in ("val_patients_sha1", "folds_sha1", "rows_sha1") if k in ckpt.split
+               and ckpt.split[k] != job.split.get(k)]
+    if changed and out:  # flags that move the split: the patients follow from them
+        out.append("the validation patients differ" if changed != ["rows_sha1"] else "the training rows differ")
+    elif changed:  # the same flags: the data changed (a row removed can move every patient of the split)
+        out.append("the training rows, their labels or the split's patients differ (the CSV or its readable images "
+                   "changed)")
     return out
 
 

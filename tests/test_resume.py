@@ -132,7 +132,7 @@ def test_resume_is_refused_when_the_readable_images_changed(tiny_args, tmp_path,
     table = pd.read_csv(root / "student_labels" / "train2023.csv")
     gone = next(p for p, v in zip(table["Path"], table["Cardiomegaly"]) if v == v and (root / p).is_file())
     (root / gone).unlink()
-    with pytest.raises(UserError, match="the training rows or their labels"):
+    with pytest.raises(UserError, match="the training rows, their labels or the split.s patients differ"):
         train.main(argv + ["--resume", "--cache-dir", str(tmp_path / "cache2")])
 
 
