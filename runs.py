@@ -157,12 +157,7 @@ def merge_oof(folder: Path, k: int, expected: pd.Series | None = None) -> pd.Dat
     folders = [fold_folder(folder, i) for i in range(k)]
     if not all((f / "val_predictions.csv").is_file() and (f / "summary.json").is_file() for f in folders):
         return None
-    hashes = {f: (read_summary(f / "summary.json").get("split") or {}).get("folds_sha1") for f in folders}
-    first = hashes[folders[0]]
-    for f, h in hashes.items():
-        if h != first or h is None:
-            raise UserError(f"{f}: its folds (hash {str(h)[:8]}) are not those of {folders[0]} ({str(first)[:8]}): "
-                            f"retrain it with the same --split-seed, --folds and data, or delete it")
+    kfold_split(folder)  # every fold's summary records the same folds (K and hash), or an error names it
     df = pd.concat([read_predictions(f / "val_predictions.csv").assign(fold=i) for i, f in enumerate(folders)])
     dup = df.duplicated(["path", "pathology"])
     if dup.any():

@@ -83,7 +83,7 @@ def test_folds_of_another_assignment_are_refused_when_merged(kfold_run, tmp_path
     (out / "cardiomegaly" / "oof_predictions.csv").unlink()
     shutil.rmtree(out / "cardiomegaly" / "fold1")
     other = [a if a != str(work / "ckpt") else str(out) for a in argv]
-    with pytest.raises(UserError, match=r"fold1: its folds \(hash \w+\) are not those of .*fold0"):
+    with pytest.raises(UserError, match=r"fold1: its folds \(3 folds, hash \w+\) are not those of .*fold0"):
         train.main(other[:-1] + ["1", "--split-seed", "7"])
     assert not (out / "cardiomegaly" / "oof_predictions.csv").exists()
 

@@ -255,8 +255,8 @@ def test_merge_oof_checks_the_folds(tmp_path):
     other = tmp_path / "other"
     _fold(other, 0, p[:2], "abc")
     _fold(other, 1, p[2:], "def")
-    with pytest.raises(UserError, match=rf"{other / 'fold1'}: its folds \(hash def\) are not those of "
-                                        rf"{other / 'fold0'} \(abc\)"):
+    with pytest.raises(UserError, match=rf"{other / 'fold1'}: its folds \(2 folds, hash def\) are not those of "
+                                        rf"{other / 'fold0'} \(2 folds, hash abc\)"):
         merge_oof(other, 2)
     with pytest.raises(UserError, match=rf"{other / 'fold1'}: its folds \(2 folds, hash def\)"):
         read_oof(other)  # blend.py's check, on the summaries alone
