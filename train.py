@@ -431,9 +431,8 @@ def train_one_epoch(state: TrainState, job: Job, args, rt: Runtime, signals: Sto
             state.train_seconds = time.time() - t0
             bar.update(len(group))
             due = bool(args.save_every) and time.monotonic() - saved > args.save_every * 60
-            if rt.world > 1 and n_steps % CHECK_STEPS and state.step < end:
-                continue
-            if rt.world == 1 and not (due or signals.requested) and n_steps % CHECK_STEPS and state.step < end:
+            # ranks must meet at the same steps; one process may look whenever it has a reason
+            if n_steps % CHECK_STEPS and state.step < end and (rt.world > 1 or not (due or signals.requested)):
                 continue
             stop, save, bad = agree(rt, signals.requested is not None, due, not bool(torch.isfinite(state.totals).all()))
             if bad:
