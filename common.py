@@ -101,6 +101,55 @@ def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def _resolved(path: Path) -> Path:
+    return Path(os.path.abspath(Path(path).expanduser())).resolve()
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_outputs(files: dict[str, Path | None] | None = None, folders: dict[str, Path | list | None] | None = None,
+                  inputs: dict[str, Path | None] | None = None, data_root: Path | None = None) -> None:
+    """The one guard for what a script writes, called before any work starts. `files`: flag ->
+    an output file; `folders`: flag -> a folder (or several) the script writes into; `inputs`: flag
+    -> a file the run reads (CSVs, checkpoints, weights). Each output must not be an input (a file
+    output is not one, a folder output holds none), must not lie under the data root (read-only
+    on a cluster, and never written), and must be writable: a probe file is created and removed
+    where it would go. Raises UserError naming the flag, the path and why."""
+    root = _resolved(data_root) if data_root is not None else None
+    ins = {flag: _resolved(path) for flag, path in (inputs or {}).items() if path is not None}
+    outs = [(flag, path, False) for flag, path in (files or {}).items() if path is not None]
+    for flag, paths in (folders or {}).items():
+        outs += [(flag, path, True) for path in (paths if isinstance(paths, list) else [paths]) if path is not None]
+    for flag, path, is_folder in outs:
+        out = _resolved(path)
+        if root is not None and _within(out, root):
+            raise UserError(f"{flag} {path}: lies under the data root {data_root}, which is never written; "
+                            f"choose a path outside it")
+        for in_flag, src in ins.items():
+            if (_within(src, out) if is_folder else src == out):
+                what = "holds" if is_folder and src != out else "is"
+                raise UserError(f"{flag} {path}: {what} the run's input {in_flag} {src}, which it would overwrite; "
+                                f"choose another path")
+        _probe(flag, path, out if is_folder else out.parent, is_folder, out)
+
+
+def _probe(flag: str, path: Path, folder: Path, is_folder: bool, out: Path) -> None:
+    """Create the folder (as the run would) and a probe file in it, then remove the probe."""
+    if is_folder and out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {path}: is a file, not a folder")
+    if not is_folder and out.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file name")
+    probe = folder / f".write-probe-{socket.gethostname()}-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot be written ({e.strerror or e} in {folder})") from e
+    _discard(probe)
+
+
 def jsonable(x):
     """Dicts/lists as JSON accepts them: NaN and inf -> None, numpy scalars/arrays -> Python, paths
     -> strings (summary.json's configuration holds argparse's Path values)."""
@@ -139,31 +188,66 @@ def test_hook(name: str) -> float | None:
 # ---------------------------------------------------------------------------------------------
 # Flags that several scripts take, declared once
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a bad flag reported in one line, `error: MESSAGE (see SCRIPT --help)`, exit 2,
+    instead of the usage block; when the value came from a --config file, the line names it."""
+    config_source: tuple | None = None  # (path, {dest: value}, argv), set by config.parse_args
+
+    def error(self, message: str):
+        if self.config_source:
+            path, values, argv = self.config_source
+            named = {a.dest for a in self._actions if any(f in message for f in a.option_strings)}
+            typed = {a.dest for a in self._actions for t in argv if t.split("=")[0] in a.option_strings}
+            if named & (set(values) - typed):
+                message += f" (set in --config {path})"
+        self.exit(2, f"error: {message} (see {Path(self.prog).name} --help)\n")
+
+
+# What a --resume may do with a flag, said where the flag is declared: may_change(p.add_argument(...))
+# for where files are and how the run executes; must_keep(...) for what is trained. A flag of
+# train.py without either is a test failure (tests/test_flags.py), and is compared as must-keep.
+def may_change(action: argparse.Action) -> argparse.Action:
+    """Mark a flag that a --resume may change (paths, devices, progress bars, --epochs)."""
+    action.on_resume = "may change"
+    return action
+
+
+def must_keep(action: argparse.Action) -> argparse.Action:
+    """Mark a flag that a --resume must keep: it changes what is trained (data, model, recipe)."""
+    action.on_resume = "must keep"
+    return action
+
+
 def add_data_flags(p: argparse.ArgumentParser, csv_flag: str = "--csv", csv_help: str = "the CSV to read",
                    image: bool = True):
     """The "data" group: --data-root, the CSV flag, --image-size and --square (unless image=False:
     the submission takes them from each checkpoint), --cache-dir, --workers. Returns the group, for
     a script's own data flags."""
     g = p.add_argument_group("data")
-    g.add_argument("--data-root", type=Path, help="dataset root; none: the demo dataset in ./demo_data, made on first use")
-    g.add_argument(csv_flag, type=Path, help=csv_help)
+    may_change(g.add_argument("--data-root", type=Path,
+                              help="dataset root; none: the demo dataset in ./demo_data, made on first use"))
+    may_change(g.add_argument(csv_flag, type=Path, help=csv_help))
     if image:
-        g.add_argument("--image-size", type=int, help="side of the square images, px (default 224; 64 on the demo data)")
-        g.add_argument("--square", choices=SQUARE_MODES, default="resize",
-                       help="how non-square images become square: resize (squash) or crop (central square)")
-    g.add_argument("--cache-dir", type=Path, default=Path("cache"), help="image cache folder (never under the data root)")
-    g.add_argument("--workers", type=int, default=default_workers(), help="processes that decode images into the cache")
+        must_keep(g.add_argument("--image-size", type=int,
+                                 help="side of the square images, px (default 224; 64 on the demo data)"))
+        must_keep(g.add_argument("--square", choices=SQUARE_MODES, default="resize",
+                                 help="how non-square images become square: resize (squash) or crop (central square)"))
+    may_change(g.add_argument("--cache-dir", type=Path, default=Path("cache"),
+                              help="image cache folder (never under the data root)"))
+    may_change(g.add_argument("--workers", type=int, default=default_workers(),
+                              help="processes that decode images into the cache"))
     return g
 
 
 def add_device_flags(p: argparse.ArgumentParser, amp: bool = True):
     """The "device" group: --device, --amp (unless amp=False), --progress. Returns the group."""
     g = p.add_argument_group("device")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    may_change(g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto"))
     if amp:
-        g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                       help="autocast on CUDA: bf16 on compute capability 8.0+, else fp16 with a gradient scaler")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+        may_change(g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                                  help="autocast on CUDA: bf16 on compute capability 8.0+, else fp16 with a gradient "
+                                  "scaler"))
+    may_change(g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars"))
     return g
 
 

@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 
 from cache import N_NAMED, SHARD_SIZE, ImageCache, build_cache
-from common import UserError, add_data_flags, check_common_flags, format_table, run_cli
+from common import Parser, UserError, add_data_flags, check_common_flags, format_table, run_cli
+import config
 
 # The one list of pathology names: the CS 156b labels, in the submission's column order.
 PATHOLOGIES = [
@@ -423,7 +424,7 @@ def add_label_convention_flag(p, what: str = "the CSV") -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Build (or finish) the grayscale uint8 image cache for one CSV.")
+    p = Parser(description="Build (or finish) the grayscale uint8 image cache for one CSV.")
     add_data_flags(p, "--csv", "CSV to cache (default: the first of DATA_ROOT/student_labels/train2023.csv, "
                    "CheXpert-v1.0-small/train.csv, CheXpert-v1.0/train.csv); a train CSV or an 'Id, Path' test CSV")
     p.add_argument("--shard-size", type=int, default=SHARD_SIZE,
@@ -432,7 +433,7 @@ def parse_args(argv=None):
     p.add_argument("--labels-only", action=argparse.BooleanOptionalAction, default=False,
                    help="only read the train CSV and print its per-label counts (no images read, no cache): "
                    "inspect a CSV whose images are elsewhere")
-    args = p.parse_args(argv)
+    args = config.parse_args(p, argv)
     if args.image_size is None:
         args.image_size = 64 if args.data_root is None else 224
     check_common_flags(p, args)

@@ -63,7 +63,8 @@ import torch
 from tqdm import tqdm
 
 from cache import cached_table
-from common import UserError, add_data_flags, add_device_flags, atomic_write, format_table, run_cli
+from common import Parser, UserError, add_data_flags, add_device_flags, atomic_write, format_table, run_cli
+import config
 from dataset import (LABEL_CONVENTIONS, PATHOLOGIES, VIEWS, XrayDataset, choose_convention, describe_convention,
                      parse_ids, parse_label_column, read_csv_text, read_header, read_test_csv, read_train_csv,
                      resolve_data)
@@ -84,7 +85,7 @@ FLOAT_FORMAT = None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_data_flags(p, "--test-csv", "'Id, Path' CSV to predict (default DATA_ROOT/student_labels/test_ids.csv)",
                    image=False)  # each checkpoint says the size and square mode it was trained at
     p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"),
@@ -115,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "per pathology, as PNGs in DIR")
     p.add_argument("--batch-size", type=int, default=64)
     add_device_flags(p)
-    args = p.parse_args(argv)
+    args = config.parse_args(p, argv)
     if args.fill_missing is not None and not (math.isfinite(args.fill_missing) and -1 <= args.fill_missing <= 1):
         p.error(f"--fill-missing must be a number in [-1, 1], got {args.fill_missing}")
     if args.batch_size < 1:

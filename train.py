@@ -41,7 +41,8 @@ from tqdm import tqdm
 from augment import AUGMENT_PRESETS, ONLINE_AUGMENTS, augment_batch, online_augment
 from cache import cached_table, find_augmented
 from calibration import CALIBRATIONS, apply_calibration, fit_calibration
-from common import UserError, add_data_flags, add_device_flags, format_table, jsonable, run_cli, write_text
+from common import Parser, UserError, add_data_flags, add_device_flags, format_table, jsonable, run_cli, write_text
+import config
 from dataset import (ALL_LABELS, LABEL_CONVENTIONS, UNCERTAIN_POLICIES, XrayDataset, check_pathologies,
                      describe_convention, patient_splits, read_train_csv, resolve_data, sha1, slug, uncertain_targets)
 from evaluation import METRIC_KEYS, mean_defined, pathology_metrics, plot_curves
@@ -68,7 +69,7 @@ RESUME_MAY_CHANGE = {"pathology", "fold", "epochs", "patience", "resume", "out_d
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pathology", nargs="+", required=True, metavar="NAME",
                    help=f"one or more of: {', '.join(ALL_LABELS)}; or 'all' (quote names with spaces)")
     g = add_data_flags(p, "--train-csv", "training CSV (default DATA_ROOT/student_labels/train2023.csv, or "
@@ -129,7 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--warmup-epochs", type=float, help="linear warm-up length, in epochs (default 0.5 with cosine)")
     g.add_argument("--freeze", type=int, help=f"backbone stages frozen at the start (torchvision: 0-{N_STAGES}, stem "
                    "then four stages; timm: its layer groups; default 2 with pretrained weights, 0 with --weights none)")
-    g.add_argument("--unfreeze-epoch", type=int, default=1, help="epoch (0-based) from which every stage trains")
+    g.add_argument("--unfreeze-epoch", type=unfreeze_epoch, default=1, metavar="E|never",
+                   help="epoch (0-based) from which every stage trains; never: --freeze holds for the whole run")
     g.add_argument("--sampler", action=argparse.BooleanOptionalAction, default=True,
                    help="WeightedRandomSampler with inverse-frequency weights over the label values")
     g.add_argument("--sampler-cap", type=float, default=SAMPLER_CAP,
@@ -145,7 +147,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=Path("checkpoints"), help="one folder per model")
     g = add_device_flags(p)
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
-    args = p.parse_args(argv)
+    args = config.parse_args(p, argv)
     explicit_warmup = args.warmup_epochs
     fill_defaults(args)
     for message in bad_values(args, explicit_warmup):
@@ -156,6 +158,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     except UserError as e:
         p.error(str(e))
     return args
+
+
+def unfreeze_epoch(text: str) -> int | str:
+    """--unfreeze-epoch: an epoch >= 0, or 'never'."""
+    if text == "never":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"an epoch >= 0 or never, got {text!r}")
+    return int(text)
 
 
 def fill_defaults(args: argparse.Namespace) -> None:
@@ -182,7 +193,6 @@ def bad_values(args: argparse.Namespace, explicit_warmup: float | None = None) -
               (not 0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}"),
               (not 0 <= args.freeze <= (99 if args.arch.startswith("timm/") else N_STAGES),
                f"--freeze must be between 0 and {N_STAGES}, got {args.freeze}"),
-              (args.unfreeze_epoch < 0, f"--unfreeze-epoch must be >= 0, got {args.unfreeze_epoch}"),
               (args.patience < 0, f"--patience must be >= 0, got {args.patience}"),
               (not args.sampler_cap >= 0, f"--sampler-cap must be >= 0 (0: no bound), got {args.sampler_cap}"),
               (args.warmup_epochs < 0, f"--warmup-epochs must be >= 0, got {args.warmup_epochs}"),
@@ -540,7 +550,7 @@ def end_epoch(state: TrainState, job: Job, val: dict, args, rt: Runtime) -> None
 def prepare_epoch(state: TrainState, epoch: int, args, rt: Runtime) -> None:
     """Freeze the stages this epoch keeps frozen; (re)wrap the model when that changes, since DDP
     registers the trainable parameters when it wraps."""
-    frozen = args.freeze if epoch < args.unfreeze_epoch else 0
+    frozen = args.freeze if args.unfreeze_epoch == "never" or epoch < args.unfreeze_epoch else 0
     if state.net is None or frozen != state.model.frozen:
         set_frozen(state.model, frozen)
         state.net = torch.compile(state.model) if args.compile else state.model

@@ -51,7 +51,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from calibration import fit_blend
-from common import UserError, format_table, jsonable, run_cli, write_text
+from common import Parser, UserError, format_table, jsonable, run_cli, write_text
+import config
 from dataset import ALL_LABELS
 from runs import FOLD_NAME, fold_indices, kfold_split, read_oof, read_predictions, read_summary
 
@@ -77,7 +78,7 @@ class Member:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--runs", type=Path, nargs="+", required=True, metavar="DIR",
                    help="train.py output folders, each holding one folder per model")
     p.add_argument("--out", type=Path, required=True, help="the blend file to write (JSON)")
@@ -86,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-rows", type=int, default=50, metavar="N",
                    help="fewer labelled validation images than this: uniform average (default 50)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar")
-    args = p.parse_args(argv)
+    args = config.parse_args(p, argv)
     if args.folds < 2:
         p.error(f"--folds must be at least 2, got {args.folds}")
     if args.min_rows < 1:

@@ -19,6 +19,7 @@ if __name__ == "__main__":  # `python experiments/contrast_images.py` from anywh
 from augment import adjust_contrast
 from cache import ImageCache
 from common import run_cli
+import config
 from experiments.flip_images import build_copy, check_args, make_parser
 
 
@@ -27,7 +28,7 @@ def main(argv=None) -> ImageCache:
                     "(used by train.py --augmented contrast).")
     p.add_argument("--factor", type=float, default=1.5,
                    help="contrast factor around each image's mean (1 = unchanged, >1 more contrast)")
-    args = check_args(p, p.parse_args(argv))
+    args = check_args(p, config.parse_args(p, argv))
     if not args.factor > 0:
         p.error(f"--factor must be positive, got {args.factor}")
     return build_copy(args, f"contrast{args.factor:g}", partial(adjust_contrast, factor=args.factor))

@@ -23,13 +23,14 @@ if __name__ == "__main__":  # `python experiments/flip_images.py` from anywhere:
 
 from augment import flip_images
 from cache import ImageCache, cached_table, derive_cache
-from common import add_data_flags, run_cli
+from common import Parser, add_data_flags, run_cli
+import config
 from dataset import read_train_csv, resolve_data
 
 
 def make_parser(description: str) -> argparse.ArgumentParser:
     """The flags every augmentation script takes: the same ones that key the base cache in train.py."""
-    p = argparse.ArgumentParser(description=description)
+    p = Parser(description=description)
     add_data_flags(p, "--csv", "training CSV (default: the first of DATA_ROOT/student_labels/train2023.csv, "
                    "CheXpert-v1.0-small/train.csv, CheXpert-v1.0/train.csv)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
@@ -71,7 +72,7 @@ def build_copy(args: argparse.Namespace, name: str, transform: Callable) -> Imag
 def main(argv=None) -> ImageCache:
     p = make_parser("Build horizontally flipped copies of the cached training images "
                     "(used by train.py --augmented flip).")
-    args = check_args(p, p.parse_args(argv))
+    args = check_args(p, config.parse_args(p, argv))
     return build_copy(args, "flip", flip_images)
 
 

@@ -34,7 +34,7 @@ if __name__ == "__main__":  # `python experiments/gridsearch.py` from anywhere: 
 
 from tqdm import tqdm
 
-from common import UserError, format_table, run_cli, write_text
+from common import Parser, UserError, format_table, run_cli, write_text
 from dataset import ALL_LABELS, check_pathologies
 
 DEFAULT_HIDDEN, DEFAULT_FREEZE, DEFAULT_LR = [256, 512], [3, 5], [5e-4, 1e-4]  # the original project's grid
@@ -47,7 +47,7 @@ CONFIG_DIR = re.compile(r"hidden\d+_freeze\d+_lr\S+")
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     """(grid arguments, the flags passed through to train.py unchanged)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    p = Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 epilog="Any other flag is passed to train.py unchanged (see python train.py --help).")
     p.add_argument("--pathology", required=True, metavar="NAME", help="the pathology to tune (quote names with spaces)")
     p.add_argument("--hidden", type=int, nargs="+", default=DEFAULT_HIDDEN, metavar="N",

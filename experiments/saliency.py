@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cache import ImageError, load_image
-from common import UserError, add_device_flags, run_cli
+from common import Parser, UserError, add_device_flags, run_cli
+import config
 from dataset import slug
 from evaluation import new_figure, save_png
 from calibration import apply_calibration
@@ -45,7 +46,7 @@ PNG_SIZE = (520, 470)  # pixels of each heatmap PNG (width, height)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    p = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--checkpoint", type=Path, required=True, help="a best.pt (or last.pt) of train.py")
     p.add_argument("--images", type=Path, nargs="+", required=True, metavar="PATH",
@@ -54,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pathology", metavar="NAME", help="only this head of the model (default: every head)")
     p.add_argument("--alpha", type=float, default=0.4, help="opacity of the heatmap over the image")
     add_device_flags(p, amp=False)  # Grad-CAM's gradients in float32
-    args = p.parse_args(argv)
+    args = config.parse_args(p, argv)
     if not 0 <= args.alpha <= 1:
         p.error(f"--alpha must be in [0, 1], got {args.alpha}")
     return args

@@ -141,7 +141,7 @@ def test_gridsearch_runs_as_a_script_and_reports_errors_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "experiments/gridsearch.py", "--pathology", "Cardiomegaly",
                         "--out-dir", str(tmp_path / "g"), "--shard", "3/2"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].endswith("--shard 3/2: I must be between 1 and N (1-based), got I=3, N=2")
+    assert "--shard 3/2: I must be between 1 and N (1-based), got I=3, N=2" in r.stderr.strip().splitlines()[-1]
 
 
 # ---------------------------------------------------------------------------------------------
