@@ -175,6 +175,8 @@ TEST_HOOKS = {
     "CXR_TEST_DECODE_DELAY": "seconds each cache-decoding chunk sleeps: a build slower than a collective's timeout",
     "CXR_PG_TIMEOUT_S": "torch.distributed's process-group timeout, seconds: no process may wait in a collective "
                         "while a cache is built",
+    "CXR_TEST_STEP_DELAY": "seconds each optimizer step sleeps: steps as slow as large images make them, so that "
+                           "the ranks' agreement after a SIGTERM is shown to be bounded in seconds, not steps",
 }
 
 

@@ -17,16 +17,23 @@ import csv
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from common import UserError, write_text
+from common import UserError, jsonable, write_text
 from dataset import VIEWS
 
+# history.csv: one row per validation (per epoch unless --val-per-epoch); samples: training samples
+# drawn since the row before, all ranks together; lr: the rate at that point
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_mse", "val_mse_cv", "val_mse_cal", "const_mse", "val_auc",
-                   "val_nmse", "lr", "seconds", "train_seconds", "train_images_per_s"]
+                   "val_nmse", "samples", "lr", "seconds", "train_seconds", "train_images_per_s"]
+# what a training run writes in its model folder (an --overwrite removes them before it starts again)
+RUN_FILES = ("best.pt", "last.pt", "history.csv", "summary.json", "val_predictions.csv", "curves.png", "args.yaml",
+             "manifest.json")
+RUN_FOLDERS = ("tb", "top")
 # val_predictions.csv: one row per validation image and pathology; target on the project's scale,
 # blank = unlabelled; raw (the model's output) and calibrated predictions in [-1, 1]
 PREDICTION_COLUMNS = ["path", "patient", "study", "view", "pathology", "target", "raw", "calibrated"]
@@ -39,13 +46,6 @@ def write_history(path: Path, rows: list[dict]) -> None:
     w.writeheader()
     w.writerows(rows)
     write_text(path, buf.getvalue())
-
-
-def read_history(path: Path, before_epoch: int) -> list[dict]:
-    """history.csv's rows of epochs 1..before_epoch ([] when there is no file)."""
-    if not Path(path).is_file():
-        return []
-    return [r for r in pd.read_csv(path).to_dict("records") if r["epoch"] <= before_epoch]
 
 
 def write_predictions(path: Path, rows: pd.DataFrame, names: list[str], targets: np.ndarray, raw: np.ndarray,
@@ -194,4 +194,54 @@ def oof_metrics(folder: Path, k: int, names: list[str], expected: pd.Series) -> 
         d = df[(df["pathology"] == name) & df["target"].notna()]
         out[name] = evaluate(d[["calibrated"]].to_numpy(), d[["target"]].to_numpy(), d["patient"].to_numpy(),
                              [name], {}, n_boot=200)["per_pathology"][name]
+    return out
+
+
+def prepare_folder(folder: Path, resume: bool, overwrite: bool, log) -> None:
+    """Before any image is read: a model folder that holds another run (last.pt or best.pt) is
+    carried on with --resume, started again with --overwrite (its run files removed, saying so), and
+    otherwise refused in one line naming both; --resume where there is no last.pt says that it
+    starts afresh."""
+    folder = Path(folder)
+    last, best = (folder / "last.pt").is_file(), (folder / "best.pt").is_file()
+    if resume:
+        if not last and best:
+            raise UserError(f"--resume: {folder} has best.pt but no last.pt to carry on from; --overwrite starts "
+                            f"that run again")
+        if not last:
+            log(f"--resume: no {folder / 'last.pt'} yet: training {folder.name} from the start")
+        return
+    if not (last or best):
+        return
+    if not overwrite:
+        raise UserError(f"{folder} holds another run ({', '.join(n for n, x in (('last.pt', last), ('best.pt', best)) if x)}):"
+                        f" add --resume to carry it on, or --overwrite to start it again (its files are replaced)")
+    log(f"--overwrite: removing the run in {folder} and starting again")
+    for name in RUN_FILES:
+        (folder / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(folder / name, ignore_errors=True)
+
+
+def resume_differences(ckpt, names: list[str], split: dict, args, parser) -> list[str]:
+    """What makes this command another run than the one that wrote last.pt: '--flag saved -> now'
+    for each flag declared must_keep (common.must_keep) whose value differs, then the pathologies and
+    the split. A flag marked neither way counts as must-keep."""
+    now = jsonable(vars(args))
+    out = []
+    for action in parser._actions:
+        k = action.dest
+        if not action.option_strings or getattr(action, "on_resume", "must keep") != "must keep":
+            continue
+        if k in ckpt.train_config and k in now and now[k] != ckpt.train_config[k]:
+            out.append(f"{action.option_strings[0]} {ckpt.train_config[k]} -> {now[k]}")
+    if ckpt.pathologies != names:
+        out.append(f"pathologies {ckpt.pathologies} -> {names}")
+    changed = [k for k in ("val_patients_sha1", "folds_sha1", "rows_sha1") if k in ckpt.split
+               and ckpt.split[k] != split.get(k)]
+    if changed and out:  # flags that move the split: the patients follow from them
+        out.append("the validation patients differ" if changed != ["rows_sha1"] else "the training rows differ")
+    elif changed:  # the same flags: the data changed (a row removed can move every patient of the split)
+        out.append("the training rows, their labels or the split's patients differ (the CSV or its readable images "
+                   "changed)")
     return out

@@ -183,15 +183,43 @@ class StopSignals:
                 signal.signal(s, signal.SIG_IGN if s == signal.SIGTERM and self.requested else old)
 
 
-def agree(rt: Runtime, *flags: bool) -> list[bool]:
-    """Each flag, true on every rank when it is true on any (one small all_reduce: a sync point, so
-    call it every few steps, at the same steps on every rank). Ranks then stop, save or fail together
-    instead of one waiting in a collective for another that left."""
+def agree(rt: Runtime, *flags: bool, proposal: int = 1) -> list:
+    """Each flag, true on every rank when it is true on any, and the smallest of the ranks'
+    `proposal`s (the steps until the next check): one small all_reduce, a sync point, so call it
+    at the same steps on every rank. Ranks then stop, save or fail together instead of one waiting
+    in a collective for another that left."""
     if rt.world == 1:
-        return [bool(f) for f in flags]
-    t = torch.tensor([float(f) for f in flags], device=rt.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+        return [bool(f) for f in flags] + [proposal]
+    t = torch.tensor([float(f) for f in flags] + [-float(proposal)], device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the max of -proposal is minus the smallest proposal
+    values = t.tolist()
+    return [bool(v) for v in values[:-1]] + [int(-values[-1])]
+
+
+def check_same_table(rt: Runtime, paths: list[str], digest: str) -> None:
+    """Under torchrun, every rank's training table (its paths and labels: `digest`) must be rank
+    0's: a node-local cache or CSV read that differs (a transient read error, a missing image on one
+    node) would give that rank another table, perhaps another split, and a hang or a leak. Stops on
+    every rank in one line naming the rank and its first path that differs."""
+    if rt.world == 1:
+        return
+    digests = [None] * rt.world
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) == 1:
+        return
+    box = [paths if rt.main else None]
+    dist.broadcast_object_list(box)
+    ref, what = box[0], None
+    if digest != digests[0]:
+        diff = next((i for i, (a, b) in enumerate(zip(paths, ref)) if a != b), min(len(paths), len(ref)))
+        what = (f"{paths[diff] if diff < len(paths) else 'its end'} where rank 0 has "
+                f"{ref[diff] if diff < len(ref) else 'its end'} (row {diff}, {len(paths)} rows against {len(ref)})"
+                if diff < max(len(paths), len(ref)) else "the same paths with other labels")
+    found = [None] * rt.world
+    dist.all_gather_object(found, what)
+    rank = next(r for r, w in enumerate(found) if w)
+    raise UserError(f"rank {rank}'s training table differs from rank 0's: {found[rank]}; every node must read the "
+                    f"same CSV and images (check its --data-root, --cache-dir and the warnings it printed)")
 
 
 def on_main(rt: Runtime, fn):

@@ -1,9 +1,8 @@
 """What a training epoch draws: inverse-frequency row weights (bounded), the epoch's batches for one
-rank (the distributed form of a WeightedRandomSampler, resumable at any batch), and the loader.
+rank (the distributed form of a WeightedRandomSampler, resumable at any sample position on any
+number of processes), and the loader.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
@@ -45,42 +44,48 @@ def sample_weights(targets: np.ndarray, cap: float = 0.0) -> np.ndarray:
 
 
 class EpochSampler(Sampler):
-    """Batches of indices for one rank. Every rank draws the same sample for an epoch (a generator
-    seeded by seed and epoch), then keeps every world-th batch: the distributed form of the weighted
-    draw, and with one process exactly the WeightedRandomSampler (or RandomSampler) it wraps.
-    set_epoch(epoch, start) makes the next iteration yield that epoch's batches from batch `start`
-    on: a run resumed in the middle of an epoch sees exactly the batches it had not trained on."""
+    """What each rank trains on, from a position counted in samples, so that a run saved on N
+    processes resumes on M. An epoch is one global draw of n indices (a generator seeded by seed and
+    epoch: the WeightedRandomSampler, or RandomSampler, it wraps), the same whatever the number of
+    processes. From position `pos` on, the draw is cut into chunks of world x batch_size samples;
+    rank r trains on the r-th batch of each chunk. A last chunk too small to give every rank two
+    rows (BatchNorm cannot train on one) is left out, as drop_last does: at most 2 x world - 1
+    samples an epoch. set_epoch(epoch, pos) makes the next iteration start at that position."""
 
     def __init__(self, weights: np.ndarray | None, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.epoch, self.start = 0, 0
-        n_batches = math.ceil(n / batch_size)
-        if n % batch_size == 1 and n_batches > 1:  # a lone last row joins the batch before it: BatchNorm
-            n_batches -= 1                         # cannot train on a batch of one
-        if world > 1 and n_batches < world:
-            raise UserError(f"{n} training rows make {n_batches} batch(es) of {batch_size} per epoch, fewer than the "
-                            f"{world} processes: lower --batch-size or start fewer processes")
-        self.batches_per_epoch = n_batches // world  # equal batch counts keep DDP ranks in step
+        self.epoch, self.pos = 0, 0
+        if not self.chunks(0):
+            raise UserError(f"{n} training rows make no batch of at least 2 rows for each of the {world} processes "
+                            f"(--batch-size {batch_size}): lower --batch-size or start fewer processes")
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
+    def set_epoch(self, epoch: int, pos: int = 0) -> None:
+        self.epoch, self.pos = epoch, pos
 
-    def _batches(self) -> list[list[int]]:
+    def chunks(self, pos: int) -> list[tuple[int, int]]:
+        """(start, end) positions of the chunks from pos to the epoch's end: one step of every rank each."""
+        size, out = self.world * self.batch_size, []
+        while self.n - pos >= 2 * self.world:
+            out.append((pos, min(pos + size, self.n)))
+            pos = out[-1][1]
+        return out
+
+    def draw(self) -> torch.Tensor:
+        """The epoch's n indices, in order (the same on every rank and for any number of ranks)."""
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         base = (RandomSampler(range(self.n), generator=g) if self.weights is None
                 else WeightedRandomSampler(self.weights, self.n, replacement=True, generator=g))
-        batches = list(BatchSampler(base, self.batch_size, drop_last=False))
-        if len(batches) > 1 and len(batches[-1]) == 1:
-            lone = batches.pop()
-            batches[-1] = batches[-1] + lone
-        return batches[:self.batches_per_epoch * self.world][self.rank::self.world]
+        return torch.tensor(list(base))
 
     def __iter__(self):
-        return iter(self._batches()[self.start:])
+        order = self.draw()
+        for start, end in self.chunks(self.pos):
+            mine = np.array_split(np.arange(start, end), self.world)[self.rank]
+            yield order[mine].tolist()
 
     def __len__(self) -> int:
-        return self.batches_per_epoch - self.start
+        return len(self.chunks(self.pos))
 
 
 def train_loader(dataset: XrayDataset, sampler: Sampler, workers: int | None, rt: Runtime) -> DataLoader:

@@ -232,7 +232,7 @@ import signal, sys, time
 from pathlib import Path
 import train
 marker, epochs = Path(sys.argv[1]), []
-real_epoch, real_loss, real_save = train.train_one_epoch, train.loss_terms, train.save_last
+real_epoch, real_loss, real_save = train.train_until, train.loss_terms, train.save_last
 
 def count_epochs(*a, **k):
     epochs.append(1)
@@ -251,7 +251,7 @@ def slow_save(*a, **k):
         time.sleep(2)
     return real_save(*a, **k)
 
-train.train_one_epoch, train.loss_terms, train.save_last = count_epochs, pause_in_epoch_2, slow_save
+train.train_until, train.loss_terms, train.save_last = count_epochs, pause_in_epoch_2, slow_save
 sys.exit(train.run_cli(train.main, sys.argv[2:]))
 """
 
@@ -285,9 +285,9 @@ def test_killed_training_resumes_and_checkpoints_always_load(tiny_args, tmp_path
     if sig == signal.SIGTERM:  # handled like Ctrl-C: last.pt at the batch where it stopped, in epoch 2
         assert "saved" in out_text and "--resume" in out_text and "Traceback" not in err, err[-3000:]
     last = Checkpoint.load(out / "last.pt")
-    assert last.epoch == 1 and Checkpoint.load(out / "best.pt").epoch == 1
+    assert last.training_state["epoch"] == 1 and Checkpoint.load(out / "best.pt").epoch == 1
     assert last.interrupted == (sig == signal.SIGTERM)
-    assert (last.training_state["step"] > 0) == (sig == signal.SIGTERM)
+    assert (last.training_state["pos"] > 0) == (sig == signal.SIGTERM)
     [s] = train.main(tiny_args("--pathology", "Cardiomegaly", "--epochs", "2", "--patience", "0", "--resume"))
     assert s["epochs_run"] == 2
     assert [int(r["epoch"]) for r in read_csv_rows(out / "history.csv")] == [1, 2]

@@ -1,6 +1,7 @@
 """--resume as a preempted cluster job uses it: on another device, from the middle of an epoch, after
 a hard kill, and refused when the command is another run; and the failures that must end in one
 line with last.pt kept (a NaN loss, a full disk, too few batches for the ranks)."""
+import argparse
 import os
 import shutil
 import signal
@@ -58,7 +59,7 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical_to_an_uninterrupted_run(
         train.main(argv + ["--out-dir", str(tmp_path / "split")])
     assert e.value.code == 130
     last = Checkpoint.load(tmp_path / "split" / "cardiomegaly" / "last.pt")
-    assert last.interrupted and last.epoch == 1 and last.training_state["step"] == 2
+    assert last.interrupted and last.training_state["epoch"] == 1 and last.training_state["pos"] == 32
     monkeypatch.setattr(train, "loss_terms", real)
     train.main(argv + ["--out-dir", str(tmp_path / "split"), "--resume"])
     assert_same_run(run_files(tmp_path / "straight" / "cardiomegaly"), run_files(tmp_path / "split" / "cardiomegaly"))
@@ -82,7 +83,8 @@ def test_a_hard_kill_loses_at_most_save_every_and_resumes_exactly(tiny_args, tmp
     with pytest.raises(HardKill):
         train.main(argv + ["--out-dir", str(tmp_path / "split")])
     last = Checkpoint.load(tmp_path / "split" / "cardiomegaly" / "last.pt")
-    assert last.epoch == 1 and last.training_state["step"] == 2 and not last.interrupted  # saved mid-epoch 2
+    ts = last.training_state
+    assert ts["epoch"] == 1 and ts["pos"] == 32 and not last.interrupted  # saved mid-epoch 2
     monkeypatch.setattr(train, "loss_terms", real)
     train.main(argv + ["--out-dir", str(tmp_path / "split"), "--resume"])
     assert_same_run(run_files(tmp_path / "straight" / "cardiomegaly"), run_files(tmp_path / "split" / "cardiomegaly"))
@@ -145,7 +147,7 @@ def test_a_nan_loss_is_one_clear_error_and_last_pt_keeps_the_good_state(tiny_arg
         loss, n = real(out, targets, mask)
         return (loss * float("nan"), n) if len(calls) > 5 else (loss, n)  # from epoch 2
     monkeypatch.setattr(train, "loss_terms", nan_in_epoch_2)
-    with pytest.raises(UserError, match=r"training loss is not finite in epoch 2 .*last.pt keeps the last good state"):
+    with pytest.raises(UserError, match=r"training loss is not finite in epoch 2 .*last.pt keeps the last state saved"):
         train.main(argv)
     folder = tmp_path / "ckpt" / "cardiomegaly"
     last = Checkpoint.load(folder / "last.pt")
@@ -169,10 +171,12 @@ def test_a_full_disk_in_torch_save_is_one_clear_error(tiny_args, tmp_path, monke
     assert Checkpoint.load(tmp_path / "ckpt" / "cardiomegaly" / "last.pt").epoch == 1
 
 
-def test_fewer_batches_than_ranks_is_refused():
-    with pytest.raises(UserError, match="1 batch.* fewer than the 2 processes"):
-        EpochSampler(None, 10, 16, seed=0, rank=0, world=2)
-    assert len(EpochSampler(None, 40, 16, seed=0, rank=1, world=2)) == 1  # 3 batches: 1 each, the third left out
+def test_too_few_rows_for_the_ranks_is_refused_and_a_small_last_chunk_is_left_out():
+    with pytest.raises(UserError, match="3 training rows make no batch of at least 2 rows for each of the 2 processes"):
+        EpochSampler(None, 3, 16, seed=0, rank=0, world=2)
+    ranks = [list(EpochSampler(None, 40, 16, seed=0, rank=r, world=2)) for r in range(2)]
+    assert [[len(b) for b in r] for r in ranks] == [[16, 4], [16, 4]]  # the last 8 rows split between the ranks
+    assert [len(b) for b in EpochSampler(None, 35, 16, seed=0, rank=1, world=2)] == [16]  # 3 left: too few for 2
 
 
 def test_warmup_with_plateau_is_refused_not_ignored(tiny_args, capsys):
@@ -207,11 +211,11 @@ def test_gradient_accumulation_is_exact_under_the_masked_loss():
         model = torch.nn.Sequential(*[m for m in net])  # same modules: start from the same weights
         start = {k: v.clone() for k, v in model.state_dict().items()}
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        state = train.TrainState(model, None, opt, None, torch.amp.GradScaler("cpu", enabled=False), net=model,
-                                 totals=torch.zeros(2))
-        args = type("A", (), {"online_augment": [], "augment": "none", "schedule": "plateau"})()
+        settings = argparse.Namespace(online_augment=[], augment="none")
+        state = train.TrainState(settings, model, None, opt, torch.amp.GradScaler("cpu", enabled=False), None,
+                                 net=model, totals=torch.zeros(2))
         scaled = [(b[0].float() / 255.0, b[1], b[2]) for b in batches]
-        train.train_step(state, scaled, args, Runtime(torch.device("cpu")))
+        train.train_step(state, scaled, Runtime(torch.device("cpu")))
         after = {k: v.clone() for k, v in model.state_dict().items()}
         model.load_state_dict(start)
         return after, state.totals

@@ -44,14 +44,18 @@ def test_sample_weights_are_inverse_frequency_and_balance_each_value():
     assert w2[1] == pytest.approx((4 / (2 * 3) + 2 / (2 * 1)) / 2)
 
 
-def test_epoch_sampler_draws_the_weighted_sample_and_splits_it_across_ranks():
+def test_epoch_sampler_draws_one_weighted_sample_per_epoch_whatever_the_number_of_ranks():
     w = np.array([0.0, 1.0, 0.0, 1.0])
     one = train.EpochSampler(w, 40, 8, seed=1)
     idx = [i for b in one for i in b]
     assert len(idx) == 40 and set(idx) <= {1, 3}
-    ranks = [list(train.EpochSampler(w, 40, 8, seed=1, rank=r, world=2)) for r in range(2)]
-    assert ranks[0] + ranks[1] != [] and sorted(map(tuple, ranks[0] + ranks[1])) == sorted(map(tuple, list(one)[:4]))
-    assert len(ranks[0]) == len(ranks[1])  # ranks stay in step
+    assert idx == one.draw().tolist()  # one process trains the epoch's draw in order
+    for world in (2, 3):
+        ranks = [list(train.EpochSampler(w, 40, 8, seed=1, rank=r, world=world)) for r in range(world)]
+        assert len({len(r) for r in ranks}) == 1  # ranks stay in step
+        # step by step, the ranks' batches together are the next world x 8 samples of the same draw
+        joined = [i for step in zip(*ranks) for b in step for i in b]
+        assert joined == idx[:len(joined)] and len(idx) - len(joined) < 2 * world
     one.set_epoch(1)
     assert [i for b in one for i in b] != idx  # a new draw each epoch
 
@@ -125,13 +129,14 @@ def read_csv_rows(path):
         return list(csv.DictReader(f))
 
 
-def test_full_tiny_run_writes_the_four_files(tiny_args, tmp_path):
+def test_full_tiny_run_writes_every_file_of_a_model_folder(tiny_args, tmp_path):
     summaries = train.main(tiny_args("--pathology", "Cardiomegaly", "--epochs", "2"))
     out = tmp_path / "ckpt" / "cardiomegaly"
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "curves.png", "history.csv", "last.pt", "summary.json",
-                                                  "val_predictions.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["args.yaml", "best.pt", "curves.png", "history.csv", "last.pt",
+                                                  "manifest.json", "summary.json", "tb", "val_predictions.csv"]
     rows = read_csv_rows(out / "history.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert [int(r["samples"]) for r in rows] == [50, 50]  # 50 rows: 3 batches of 16, then one of 2
     assert set(SPEC_HISTORY) <= set(rows[0]) and {"val_mse_cal", "const_mse"} <= set(rows[0])
     summary = json.loads((out / "summary.json").read_text())
     for key in ("pathology", "n_train", "n_val", "best_epoch", "val_loss", "val_mse", "val_auc", "config"):
@@ -213,7 +218,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny_args, tmp_path, mon
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(UserError, match=r"could not write .*\.pt: No space left on device"):
-        train.main(tiny_args("--pathology", "Cardiomegaly", "--epochs", "2"))
+        train.main(tiny_args("--pathology", "Cardiomegaly", "--epochs", "2", "--resume"))
     assert best.read_bytes() == before
     assert not [p for p in best.parent.iterdir() if ".tmp" in p.name]
 
@@ -256,22 +261,19 @@ def test_a_version_1_checkpoint_still_loads(tmp_path):
     assert ckpt.epoch == 4 and ckpt.split == {} and ckpt.training_state is None and not ckpt.interrupted
 
 
-def test_resume_state_is_rebuilt_from_last_pt_alone(tiny_args, tmp_path):
-    """build_state from last.pt restores weights, optimiser state and the epoch count."""
+def test_last_pt_alone_resumes_a_run_and_its_history(tiny_args, tmp_path):
+    """The whole state is in last.pt: with history.csv deleted, a resume still ends with every epoch's row."""
     argv = tiny_args("--pathology", "Cardiomegaly", "--epochs", "1")
     train.main(argv)
-    args = train.parse_args(argv + ["--epochs", "3", "--resume"])
-    rt = train.Runtime(torch.device("cpu"), progress=False)
-    table, sources = train.load_data(args, rt)
-    [(fold, is_val, split)] = patient_splits(table["patient"], args.split_seed, args.val_frac)
-    job = train.prepare_job(["Cardiomegaly"], tmp_path / "ckpt" / "cardiomegaly", table, is_val, split, sources, args,
-                            rt)
-    last = train.load_last(job, args, rt)
-    state = train.build_state(job, args, rt, last)
-    assert state.epoch == 1 and state.step == 0 and len(state.history) == 1
-    for k, v in last.state_dict.items():
-        assert torch.equal(state.model.state_dict()[k], v), k
-    assert state.optimizer.state_dict()["state"], "optimiser moments restored"
+    folder = tmp_path / "ckpt" / "cardiomegaly"
+    first = read_csv_rows(folder / "history.csv")
+    ts = Checkpoint.load(folder / "last.pt").training_state
+    assert ts["epoch"] == 1 and ts["pos"] == 0 and [r["epoch"] for r in ts["history"]] == [1]
+    assert ts["optimizer"]["state"], "optimiser moments saved"
+    (folder / "history.csv").unlink()
+    train.main(argv + ["--epochs", "2", "--resume"])
+    rows = read_csv_rows(folder / "history.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"] and rows[0] == first[0]
 
 
 def test_sampler_cap_bounds_how_often_a_rare_value_is_drawn():
