@@ -2,7 +2,8 @@
 
 - fit_calibration, apply_calibration: one model's monotone map (affine, or isotonic blended with
   affine), with a cross-validated guard (whole patients per fold) that may choose the raw output or
-  the constant training mean instead; stored in its checkpoint.
+  the constant training mean instead; stored in its checkpoint. calibrate_out_of_sample: each
+  validation row through that fit made without its patient (val_predictions.csv's calibrated_oos).
 - fit_blend, apply_blend: per pathology, non-negative member weights shrunk toward uniform, a
   frontal/lateral study fusion and an affine calibration, chosen by patient-grouped K-fold CV, with
   the out-of-fold MSE of the best single member, the uniform average and the blend.
@@ -60,36 +61,49 @@ def _fit_map(kind: str, y: np.ndarray, t: np.ndarray) -> dict:
     a, b = fit_affine(y, t, SHRINK_ROWS)
     cal = {"kind": "affine", "a": a, "b": b, "n": n}
     if kind == "isotonic":
-        order = np.argsort(y, kind="stable")
-        fitted = isotonic_regression(t[order], increasing=True)  # pool-adjacent-violators
+        # Tied outputs (a saturated tanh head gives many) are one point, the mean of their targets
+        # weighted by their count, as scikit-learn's IsotonicRegression pools them: one value per
+        # distinct output, the same for any row order. Unpooled, a step could fall inside a tie.
+        xs, inv, counts = np.unique(y, return_inverse=True, return_counts=True)
+        means = np.bincount(inv.reshape(-1), t, len(xs)) / counts
+        fitted = isotonic_regression(means, sample_weight=counts, increasing=True)  # pool-adjacent-violators
         edges = np.flatnonzero(np.diff(fitted))
-        right = np.append(y[order][edges], np.inf)  # block j covers y <= right[j]
-        cal.update(kind="isotonic", right=[float(v) for v in right[:-1]],
+        cal.update(kind="isotonic", right=[float(v) for v in xs[edges]],  # step j covers y <= right[j]
                    values=[float(v) for v in np.append(fitted[edges], fitted[-1])],
                    w=float(n / (n + ISOTONIC_ROWS)))
     return cal
+
+
+def _out_of_fold(fit, y: np.ndarray, groups, labelled=None) -> tuple[np.ndarray, np.ndarray]:
+    """The one cross-validation loop (the guard's and calibrate_out_of_sample's): rows dealt into
+    CV_FOLDS folds of whole patients (dataset.patient_folds, seed 0; groups (n,) patient ids,
+    labelled (n,) bool: patients with a label dealt out first), and each fold's rows of y (n,) put
+    through the map fit(rows) returns, rows (n,) bool = the other folds' rows. Returns (out, fitted),
+    both (n,): out float64 in [-1, 1], NaN where fit returned None (no map: too few rows), and
+    fitted, True where a map was applied."""
+    fold = patient_folds(groups, CV_FOLDS, seed=0, labelled=labelled)
+    out, fitted = np.full(len(y), np.nan), np.zeros(len(y), dtype=bool)
+    for f in np.unique(fold):
+        held = fold == f
+        cal = fit(~held)
+        if cal is not None:
+            out[held], fitted[held] = apply_calibration(cal, y[held]), True
+    return out, fitted
 
 
 def _cross_validate(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None, groups) -> dict[str, float]:
     """Mean squared error of each choice ('map', 'identity', and 'constant' when prior is given) in
     CV_FOLDS-fold cross-validation on (y, t) with whole patients per fold (groups (n,) patient ids),
     the map refitted on each fold's complement: every row is scored by a map that saw none of its
-    patient's rows, which share its labels and look alike. NaN when no fold can be scored."""
-    fold = patient_folds(groups, CV_FOLDS, seed=0)
-    se = {"constant": 0.0, "identity": 0.0, "map": 0.0}
-    n = 0
-    for f in range(CV_FOLDS):
-        fit, held = fold != f, fold == f
-        if fit.sum() < 2 or not held.any():
-            continue
-        se["map"] += ((apply_calibration(_fit_map(kind, y[fit], t[fit]), y[held]) - t[held]) ** 2).sum()
-        se["identity"] += ((np.clip(y[held], -1, 1) - t[held]) ** 2).sum()
-        se["constant"] += (((prior if prior is not None else 0.0) - t[held]) ** 2).sum()
-        n += int(held.sum())
-    out = {k: v / n if n else float("nan") for k, v in se.items()}
-    if prior is None:
-        del out["constant"]
-    return out
+    patient's rows, which share its labels and look alike. Folds whose complement has fewer than 2
+    rows are not scored; NaN when no fold can be (one patient, or a handful of rows)."""
+    pred, scored = _out_of_fold(lambda rows: _fit_map(kind, y[rows], t[rows]) if rows.sum() >= 2 else None,
+                                y, groups)
+    choices = {"map": pred, "identity": np.clip(y, -1, 1)}
+    if prior is not None:
+        choices["constant"] = np.full(len(y), float(prior))
+    return {k: float(np.mean((v[scored] - t[scored]) ** 2)) if scored.any() else float("nan")
+            for k, v in choices.items()}
 
 
 def fit_calibration(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None = None,
@@ -100,7 +114,9 @@ def fit_calibration(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None
     affine: t ~ a*y + b by least squares, the slope shrunk by n/(n+SHRINK_ROWS) toward 0 (b
       recentred): negligible at the thousands of rows a real validation split has, a pull toward
       the constant on tiny ones. The slope is kept >= MIN_SLOPE.
-    isotonic: PAV step fit blended with that affine map, weight n/(n+ISOTONIC_ROWS) on the step fit.
+    isotonic: PAV step fit blended with that affine map, weight n/(n+ISOTONIC_ROWS) on the step fit;
+      tied outputs are pooled first (one value per distinct output, as scikit-learn's
+      IsotonicRegression pools them).
     The guard against over-fitting: given `prior` (the training mean, the constant predictor the
     metric compares with), CV_FOLDS-fold cross-validation on these rows, folded by patient,
     picks the best of the fitted map, the raw output (identity) and the constant prior (slope
@@ -108,7 +124,9 @@ def fit_calibration(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None
     out-of-sample estimate of what the map scores on patients it was not fitted on (the MSE of the
     final map on these same rows is in-sample, and optimistic). Where no fold can be scored (one
     patient, or no fold whose complement has 2 rows) cv_mse is NaN and, given a prior, the constant
-    is chosen. Every map is strictly increasing. Returns None for 'none' or fewer than 2 rows."""
+    is chosen. Every map is strictly increasing, and the same for any order of the rows. Returns
+    None for 'none' or fewer than 2 rows. calibrate_out_of_sample gives each row's value under this
+    whole fit done without its patient."""
     y, t = np.asarray(y, np.float64), np.asarray(t, np.float64)
     groups = np.arange(len(y)) if groups is None else np.asarray(groups)
     if len(groups) != len(y) or len(t) != len(y):
@@ -117,6 +135,10 @@ def fit_calibration(kind: str, y: np.ndarray, t: np.ndarray, prior: float | None
         return None
     if kind not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {kind!r}")
+    # one canonical row order (by output, target, patient): every sum below is then the same float
+    # whatever order the rows came in, so the map and its choice are too
+    canon = np.lexsort((np.unique(groups, return_inverse=True)[1].reshape(-1), t, y))
+    y, t, groups = y[canon], t[canon], groups[canon]
     cv = _cross_validate(kind, y, t, prior, groups)
     order = ["constant", "identity", "map"]  # ties, and no score at all (NaN), go to the simpler choice
     score = {k: (np.inf if np.isnan(v) else v, order.index(k)) for k, v in cv.items()}
@@ -139,6 +161,34 @@ def apply_calibration(cal: dict | None, y) -> np.ndarray:
         step = np.asarray(cal["values"])[np.searchsorted(np.asarray(cal["right"]), y, side="left")]
         out = cal["w"] * step + (1.0 - cal["w"]) * out
     return np.clip(out, -1.0, 1.0)
+
+
+def calibrate_out_of_sample(kind: str, y, t, prior: float | None = None, groups=None) -> np.ndarray:
+    """Each row's calibrated value from a map fitted without its patient: fit_calibration (the same
+    kind, prior and guard as the map that ships) on the labelled rows of the other CV_FOLDS - 1
+    patient folds, applied to the row. The out-of-sample counterpart of
+    apply_calibration(fit_calibration(kind, y, t, prior, groups), y), whose map has seen every row it
+    calibrates (in sample, optimistic: for isotonic maps on small sets, much so).
+
+    y (n,) raw outputs in [-1, 1]; t (n,) targets, NaN = unlabelled (calibrated too, never fitted
+    on); groups (n,) patient ids, None = each row its own patient. A row whose other folds hold fewer
+    than 2 labelled rows (a validation set of one or two patients) has no map fitted without its
+    patient: it keeps its raw output, clipped, like --calibration none. Returns (n,) float64 in
+    [-1, 1], the same for any order of the rows."""
+    y, t = np.asarray(y, np.float64), np.asarray(t, np.float64)
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    if not len(y) == len(t) == len(groups):
+        raise ValueError(f"calibrate_out_of_sample: y ({len(y)},), t ({len(t)},) and groups ({len(groups)},) "
+                         f"do not match")
+    if kind not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {kind!r}")
+    lab = ~np.isnan(t)
+
+    def fit(rows):
+        rows = rows & lab
+        return fit_calibration(kind, y[rows], t[rows], prior, groups[rows])
+    out, fitted = _out_of_fold(fit, y, groups, labelled=lab)
+    return np.where(fitted, out, np.clip(y, -1.0, 1.0))
 
 
 def fuse_studies(x: np.ndarray, studies, frontal=None, w_frontal: float | None = None) -> np.ndarray:

@@ -29,9 +29,6 @@ from calibration import apply_calibration
 from common import atomic_write, jsonable, write_text
 from dataset import slug
 
-# val_predictions.csv, written by train.py and read by experiments/blend.py: one row per validation
-# image and pathology; target blank = unlabelled; raw and calibrated predictions in [-1, 1]
-PREDICTION_COLUMNS = ["path", "patient", "study", "view", "pathology", "target", "raw", "calibrated"]
 METRIC_COLUMNS = ["pathology", "n", "mse", "mse_lo", "mse_hi", "nmse", "const_mse", "auc", "auc_lo", "auc_hi"]
 # train.py's validation metrics per pathology (pathology_metrics), and their macro means
 METRIC_KEYS = ("val_mse", "val_mse_cv", "val_mse_cal", "const_mse", "val_nmse", "val_auc")
@@ -121,17 +118,38 @@ def pathology_metrics(pred: np.ndarray, target: np.ndarray, train_mean: float, c
     on the other folds: cal['cv_mse']); val_mse_cal: calibrated by the map fitted on these same rows
     (in-sample, optimistic: for reading, never for choosing); const_mse: the training mean's MSE;
     val_nmse: val_mse_cv over the labels' variance (evaluation.normalised_mse: comparable across
-    pathologies); train_mean: that mean (make_submission.py --labels scores the constant with it)."""
+    pathologies); train_mean: that mean (make_submission.py --labels scores the constant with it).
+
+    val_mse_cv_fallback: None, or "raw" where the rows come from too few patients for any
+    cross-validation fold to be scored (cal['cv_mse'] NaN while the raw outputs are finite): then
+    val_mse_cv is val_mse. The raw MSE uses no validation label, as a cross-validated score, and it
+    follows the model from epoch to epoch; the map that ships there (the constant training mean,
+    see fit_calibration) scores the same every epoch, which would pin best.pt to the first epoch
+    and stop the run after --patience. So val_mse_cv is NaN only where the outputs themselves are
+    not finite (a diverged model); cv_fallback_notice words the fallback for the log."""
     m = ~np.isnan(target)
     p, t = pred[m].astype(np.float64), target[m].astype(np.float64)
     if len(t) == 0:
-        return {"n": 0, **{k: float("nan") for k in METRIC_KEYS}, "train_mean": train_mean}
+        return {"n": 0, **{k: float("nan") for k in METRIC_KEYS}, "train_mean": train_mean, "val_mse_cv_fallback": None}
     raw = float(np.mean((np.clip(p, -1, 1) - t) ** 2))
     cv = float(cal["cv_mse"]) if cal else raw
+    fallback = "raw" if math.isnan(cv) and math.isfinite(raw) else None
+    cv = raw if fallback else cv
     nmse = cv / t.var() if t.var() > 0 else float("nan")
-    return {"n": int(len(t)), "val_mse": raw, "val_mse_cv": cv, "val_nmse": nmse,
+    return {"n": int(len(t)), "val_mse": raw, "val_mse_cv": cv, "val_mse_cv_fallback": fallback, "val_nmse": nmse,
             "val_mse_cal": float(np.mean((apply_calibration(cal, p) - t) ** 2)),
             "const_mse": float(np.mean((train_mean - t) ** 2)), "val_auc": auc(p, t), "train_mean": train_mean}
+
+
+def cv_fallback_notice(label: str, per: dict) -> str | None:
+    """One line naming the pathologies of per (name -> pathology_metrics) whose val_mse_cv fell back
+    to the raw MSE; None when none did. label names the model in messages."""
+    names = [name for name, m in per.items() if m.get("val_mse_cv_fallback")]
+    if not names:
+        return None
+    which = f" ({', '.join(names)})" if len(per) > 1 else ""
+    return (f"{label}: too few validation patients to cross-validate the calibration{which}, so val_mse_cv (and "
+            f"val_loss) is the raw outputs' MSE; a larger --val-frac gives a cross-validated score")
 
 
 def mean_defined(values) -> float:

@@ -10,6 +10,7 @@ val_predictions.csv and summary.json, and a K-fold run's oof_predictions.csv.
     OUT_DIR/<slug>/fold<I>/               the same, for fold I of a K-fold run (train.py --folds K)
     OUT_DIR/<slug>/oof_predictions.csv    PREDICTION_COLUMNS + fold: every row of the K folds' validation
                                           sets once, each predicted by the model that did not train on it
+    OUT_DIR/<slug>/oof_summary.json       per pathology n, mse, mse_ci, nmse, auc, auc_ci of calibrated_oos
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from calibration import calibrate_out_of_sample
 from common import UserError, jsonable, write_text
 from dataset import VIEWS
 
@@ -35,8 +37,11 @@ RUN_FILES = ("best.pt", "last.pt", "history.csv", "summary.json", "val_predictio
              "manifest.json")
 RUN_FOLDERS = ("tb", "top")
 # val_predictions.csv: one row per validation image and pathology; target on the project's scale,
-# blank = unlabelled; raw (the model's output) and calibrated predictions in [-1, 1]
-PREDICTION_COLUMNS = ["path", "patient", "study", "view", "pathology", "target", "raw", "calibrated"]
+# blank = unlabelled; raw (the model's output) and calibrated predictions in [-1, 1]: calibrated by
+# the map that ships (fitted on every validation row: in sample), calibrated_oos by that fit made
+# without the row's patient (calibration.calibrate_out_of_sample: out of sample)
+PREDICTION_COLUMNS = ["path", "patient", "study", "view", "pathology", "target", "raw", "calibrated", "calibrated_oos"]
+OOF_KEYS = ("n", "mse", "mse_ci", "nmse", "auc", "auc_ci")  # oof_summary.json, per pathology
 
 
 
@@ -49,24 +54,28 @@ def write_history(path: Path, rows: list[dict]) -> None:
 
 
 def write_predictions(path: Path, rows: pd.DataFrame, names: list[str], targets: np.ndarray, raw: np.ndarray,
-                      calibrated: np.ndarray) -> None:
+                      calibrated: np.ndarray, calibrated_oos: np.ndarray) -> None:
     """val_predictions.csv in long format: for each pathology k of `names`, every row of `rows`
-    (path, patient, study, view) with its target[:, k], raw[:, k] and calibrated[:, k] (all (N, K)
-    float, NaN target = unlabelled). Floats are written in full, so a calibrated value can be
-    recomputed from its raw one exactly."""
+    (path, patient, study, view) with its target[:, k], raw[:, k], calibrated[:, k] and
+    calibrated_oos[:, k] (all (N, K) float, NaN target = unlabelled). Floats are written in full, so a
+    calibrated value can be recomputed from its raw one exactly."""
     frames = [rows[["path", "patient", "study", "view"]].assign(
         pathology=name, target=targets[:, k].astype(np.float64), raw=raw[:, k].astype(np.float64),
-        calibrated=calibrated[:, k].astype(np.float64)) for k, name in enumerate(names)]
+        calibrated=calibrated[:, k].astype(np.float64), calibrated_oos=calibrated_oos[:, k].astype(np.float64))
+        for k, name in enumerate(names)]
     write_text(path, pd.concat(frames).to_csv(index=False, columns=PREDICTION_COLUMNS, lineterminator="\n"))
 
 
 def read_predictions(path: Path, extra: tuple[str, ...] = ()) -> pd.DataFrame:
     """A val_predictions.csv (or oof_predictions.csv, with extra=("fold",)), checked: the columns,
-    known views, a raw prediction on every row, one row per (path, pathology)."""
+    known views, a raw prediction on every row, one row per (path, pathology). A file written
+    before calibrated_oos existed reads with that column empty (NaN); merge_oof fills it in."""
     try:
         df = pd.read_csv(path, dtype={c: str for c in PREDICTION_COLUMNS[:5]})
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from e
+    if "calibrated_oos" not in df.columns:
+        df.insert(len(PREDICTION_COLUMNS) - 1, "calibrated_oos", np.nan)
     missing = [c for c in (*PREDICTION_COLUMNS, *extra) if c not in df.columns]
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
@@ -74,13 +83,29 @@ def read_predictions(path: Path, extra: tuple[str, ...] = ()) -> pd.DataFrame:
     bad = df[~df["view"].isin(VIEWS)]
     if len(bad):
         raise UserError(f"{path}: view must be frontal or lateral, got {bad['view'].iloc[0]!r} (path {bad['path'].iloc[0]})")
-    for c in ("target", "raw", "calibrated"):
+    for c in ("target", "raw", "calibrated", "calibrated_oos"):
         df[c] = pd.to_numeric(df[c], errors="coerce")
     if df["raw"].isna().any():
         raise UserError(f"{path}: {int(df['raw'].isna().sum())} rows have no raw prediction")
     dup = df.duplicated(["path", "pathology"])
     if dup.any():
         raise UserError(f"{path}: {df.loc[dup, 'path'].iloc[0]} appears twice for {df.loc[dup, 'pathology'].iloc[0]}")
+    return df
+
+
+def fill_calibrated_oos(df: pd.DataFrame, summary: dict) -> pd.DataFrame:
+    """One model folder's predictions (read_predictions) with calibrated_oos computed for each
+    pathology where it is missing (a file written before the column existed), as train.py computes
+    it: calibration.calibrate_out_of_sample of the pathology's raw outputs, targets and patients,
+    with the calibration kind (config.calibration) and training mean (per_pathology.<name>.train_mean;
+    none recorded: no guard) that the folder's summary.json records. Changes df in place; returns it."""
+    kind = (summary.get("config") or {}).get("calibration", "affine")
+    for name, index in df.groupby("pathology").groups.items():
+        if df.loc[index, "calibrated_oos"].isna().any():
+            prior = ((summary.get("per_pathology") or {}).get(name) or {}).get("train_mean")
+            df.loc[index, "calibrated_oos"] = calibrate_out_of_sample(
+                kind, df.loc[index, "raw"].to_numpy(), df.loc[index, "target"].to_numpy(), prior,
+                df.loc[index, "patient"].to_numpy())
     return df
 
 
@@ -158,7 +183,8 @@ def merge_oof(folder: Path, k: int, expected: pd.Series | None = None) -> pd.Dat
     if not all((f / "val_predictions.csv").is_file() and (f / "summary.json").is_file() for f in folders):
         return None
     kfold_split(folder)  # every fold's summary records the same folds (K and hash), or an error names it
-    df = pd.concat([read_predictions(f / "val_predictions.csv").assign(fold=i) for i, f in enumerate(folders)])
+    df = pd.concat([fill_calibrated_oos(read_predictions(f / "val_predictions.csv"), read_summary(f / "summary.json"))
+                    .assign(fold=i) for i, f in enumerate(folders)])
     dup = df.duplicated(["path", "pathology"])
     if dup.any():
         row = df[dup].iloc[0]
@@ -182,9 +208,11 @@ def check_layout(folder: Path, kfold: bool) -> None:
 
 
 def oof_metrics(folder: Path, k: int, names: list[str], expected: pd.Series) -> dict | None:
-    """merge_oof, then per pathology the out-of-fold calibrated predictions' evaluation.evaluate
-    numbers over every labelled row (n, mse, mse_ci, nmse, auc, auc_ci; patient-grouped intervals,
-    200 resamples); None while a fold is missing."""
+    """merge_oof, then per pathology the evaluation.evaluate numbers of calibrated_oos (each row
+    calibrated by a map fitted without its patient, by the fold model that did not train on it) over
+    every labelled row: {name: {n, mse, mse_ci, nmse, auc, auc_ci}} (patient-grouped 95% intervals,
+    200 resamples), also written as OUT_DIR/<slug>/oof_summary.json (NaN as null); None, and nothing
+    written, while a fold is missing."""
     from evaluation import evaluate
     df = merge_oof(folder, k, expected)
     if df is None:
@@ -192,8 +220,10 @@ def oof_metrics(folder: Path, k: int, names: list[str], expected: pd.Series) -> 
     out = {}
     for name in names:
         d = df[(df["pathology"] == name) & df["target"].notna()]
-        out[name] = evaluate(d[["calibrated"]].to_numpy(), d[["target"]].to_numpy(), d["patient"].to_numpy(),
-                             [name], {}, n_boot=200)["per_pathology"][name]
+        m = evaluate(d[["calibrated_oos"]].to_numpy(), d[["target"]].to_numpy(), d["patient"].to_numpy(), [name], {},
+                     n_boot=200)["per_pathology"][name]
+        out[name] = {key: m[key] for key in OOF_KEYS}
+    write_text(Path(folder) / "oof_summary.json", json.dumps(jsonable(out), indent=2, allow_nan=False) + "\n")
     return out
 
 

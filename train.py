@@ -43,12 +43,12 @@ from tqdm import tqdm
 import config
 from augment import AUGMENT_PRESETS, ONLINE_AUGMENTS, augment_batch, online_augment
 from cache import cached_table, find_augmented
-from calibration import CALIBRATIONS, apply_calibration, fit_calibration
+from calibration import CALIBRATIONS, apply_calibration, calibrate_out_of_sample, fit_calibration
 from common import (Parser, UserError, add_data_flags, add_device_flags, check_outputs, format_table, jsonable,
                     may_change, must_keep, run_cli, test_hook, write_text)
 from dataset import (ALL_LABELS, LABEL_CONVENTIONS, UNCERTAIN_POLICIES, XrayDataset, check_pathologies,
                      describe_convention, patient_splits, read_train_csv, resolve_data, sha1, slug, uncertain_targets)
-from evaluation import METRIC_KEYS, mean_defined, pathology_metrics, plot_curves
+from evaluation import METRIC_KEYS, cv_fallback_notice, mean_defined, pathology_metrics, plot_curves
 from model import (HEAD_TYPES, HEAD_VARIANTS, N_STAGES, Checkpoint, build_model, check_arch, loss_terms,
                    model_config, n_stages, param_groups, predict, set_frozen, set_grad_checkpointing)
 from runs import (check_layout, fold_folder, oof_metrics, prepare_folder, resume_differences, write_history,
@@ -504,23 +504,29 @@ def validate(state: TrainState, job: Job, rt: Runtime) -> dict:
     metrics with a calibration map fitted on these predictions, their macro means, and the loss
     that picks best.pt and early stopping watches: the out-of-sample (patient-grouped
     cross-validated) MSE of the calibrated outputs over all labelled entries. "pred" holds the raw
-    predictions (n_val, K) float32 in [-1, 1] (every rank has them all)."""
+    predictions (n_val, K) float32 in [-1, 1] (every rank has them all), "calibrated_oos" (n_val, K)
+    float64 each row calibrated by a map fitted without its patient (val_predictions.csv's column)."""
     s, t0 = state.settings, time.time()
     model = state.validated
     sync_buffers(model, rt)
     pred = predict(model, job.val_set, s.batch_size, rt)
     per, cals = {}, {}
+    patients = job.val_rows["patient"].to_numpy()
+    oos = np.empty(pred.shape, dtype=np.float64)
     for k, name in enumerate(job.names):
-        t = job.val_targets[:, k]
+        t, prior = job.val_targets[:, k], float(job.train_means[k])
         m = ~np.isnan(t)
-        cals[name] = fit_calibration(s.calibration, pred[m, k], t[m], prior=float(job.train_means[k]),
-                                     groups=job.val_rows["patient"].to_numpy()[m])
-        per[name] = pathology_metrics(pred[:, k], t, float(job.train_means[k]), cals[name])
+        cals[name] = fit_calibration(s.calibration, pred[m, k], t[m], prior=prior, groups=patients[m])
+        oos[:, k] = calibrate_out_of_sample(s.calibration, pred[:, k], t, prior=prior, groups=patients)
+        per[name] = pathology_metrics(pred[:, k], t, prior, cals[name])
+    notice = cv_fallback_notice(job.label, per)  # too few patients: val_mse_cv is the raw MSE, never NaN
+    if notice and not state.history:  # once, at a run's first validation
+        rt.log(notice)
     n = sum(per[x]["n"] for x in job.names)
     loss = sum(per[x]["val_mse_cv"] * per[x]["n"] for x in job.names if per[x]["n"]) / n if n else float("nan")
     macro = {key: mean_defined([per[x][key] for x in job.names]) for key in METRIC_KEYS}
     return {"val_loss": loss, **macro, "per_pathology": per, "calibration": cals, "pred": pred,
-            "val_seconds": time.time() - t0}
+            "calibrated_oos": oos, "val_seconds": time.time() - t0}
 
 
 def checkpoint_of(model, state: TrainState, job: Job, metrics: dict, calibration: dict, **values) -> Checkpoint:
@@ -599,7 +605,8 @@ def write_outputs(state: TrainState, job: Job, val: dict, improved: bool) -> Non
         checkpoint_of(state.validated, state, job, state.best["metrics"], val["calibration"]).save(job.folder / "best.pt")
         cal = np.stack([apply_calibration(val["calibration"].get(n), val["pred"][:, k])
                         for k, n in enumerate(job.names)], 1)
-        write_predictions(job.folder / "val_predictions.csv", job.val_rows, job.names, job.val_targets, val["pred"], cal)
+        write_predictions(job.folder / "val_predictions.csv", job.val_rows, job.names, job.val_targets, val["pred"], cal,
+                          val["calibrated_oos"])
     write_history(job.folder / "history.csv", state.history)
     plot_curves(state.history, job.folder / "curves.png", f"{job.label} (view {state.settings.view})")  # about 0.2 s
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.isotonic import isotonic_regression
+from sklearn.isotonic import IsotonicRegression, isotonic_regression
 
 import evaluation
 import train
@@ -70,18 +70,47 @@ def test_pav_matches_known_answers_and_scikit_learns_isotonic_regression():
         np.testing.assert_allclose(isotonic_regression(t, sample_weight=w), pav(t, w), rtol=0, atol=1e-14)
 
 
-def test_isotonic_map_is_what_it_was_before_scikit_learn():
-    """The step map fitted by isotonic_regression equals the one the hand-written PAV gave, ties in
-    the outputs included (they are fitted in the stable sort order, as before)."""
+def test_isotonic_map_pools_tied_outputs_as_scikit_learns_isotonic_regression():
+    """Tied outputs are one point, their targets' mean weighted by their count (the hand-written PAV
+    on the pooled means, and scikit-learn's IsotonicRegression given the data as is): one step
+    value per distinct output, never a step inside a tie."""
     rng = np.random.default_rng(16)
     y = np.round(rng.normal(0, 0.4, 600), 2)  # many tied outputs
     t = np.where(rng.random(600) < 0.2 + 0.4 * (y > 0), 1.0, -1.0)
     cal = fit_calibration("isotonic", y, t)
-    order = np.argsort(y, kind="stable")
-    fitted = pav(t[order])
+    xs, inv, counts = np.unique(y, return_inverse=True, return_counts=True)
+    fitted = pav(np.bincount(inv, t) / counts, counts)
     edges = np.flatnonzero(np.diff(fitted))
-    assert cal["right"] == pytest.approx(y[order][edges].tolist(), abs=0)
+    assert cal["right"] == pytest.approx(xs[edges].tolist(), abs=0)
     assert cal["values"] == pytest.approx(np.append(fitted[edges], fitted[-1]).tolist(), abs=1e-14)
+    step = np.asarray(cal["values"])[np.searchsorted(cal["right"], xs, side="left")]
+    np.testing.assert_allclose(step, IsotonicRegression().fit(y, t).predict(xs), rtol=0, atol=1e-12)
+
+
+def saturated_head(rng, n):
+    """Outputs of a saturated tanh head: most rows exactly -1 or 1 (ties), the rest spread between;
+    targets that follow them loosely; patients of 1-3 rows."""
+    y = np.where(rng.random(n) < 0.7, rng.choice([-1.0, 1.0], n), np.round(rng.uniform(-1, 1, n), 1))
+    t = np.where(rng.random(n) < 0.3 + 0.4 * (y > 0), 1.0, np.where(rng.random(n) < 0.2, 0.0, -1.0))
+    return y, t, rng.integers(0, n // 2, n)
+
+
+@pytest.mark.parametrize("kind", ["affine", "isotonic"])
+def test_the_map_is_the_same_for_any_row_order(kind):
+    """Shuffling the rows (many ties, as a saturated head gives) changes neither the map, its
+    guard's choice and score, nor any prediction, to the last bit."""
+    rng = np.random.default_rng(17)
+    y, t, groups = saturated_head(rng, 400)
+    grid = np.linspace(-1.2, 1.2, 241)
+    for prior in (None, -0.3):
+        cal = fit_calibration(kind, y, t, prior=prior, groups=groups)
+        for seed in range(5):
+            order = np.random.default_rng(seed).permutation(len(y))
+            shuffled = fit_calibration(kind, y[order], t[order], prior=prior, groups=groups[order])
+            assert shuffled == cal
+            np.testing.assert_array_equal(apply_calibration(shuffled, grid), apply_calibration(cal, grid))
+    if kind == "isotonic":  # the fit really has steps, at the tied outputs among others
+        assert len(cal["values"]) > 2 and cal["chosen"] == "map"
 
 
 def test_isotonic_output_is_monotone_and_fits_the_step_on_sorted_inputs():

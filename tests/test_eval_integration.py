@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import evaluation as ev
+from runs import PREDICTION_COLUMNS
 from calibration import apply_blend
 import make_submission
 import train
@@ -78,7 +79,7 @@ def test_val_predictions_are_the_best_epochs_raw_and_calibrated_outputs(runs, de
     for folder, names in ((folder_a(runs), ["Cardiomegaly"]), (folder_b(runs), B_NAMES)):
         df = pd.read_csv(folder / "val_predictions.csv")
         summary = json.loads((folder / "summary.json").read_text())
-        assert list(df.columns) == ev.PREDICTION_COLUMNS
+        assert list(df.columns) == PREDICTION_COLUMNS
         assert len(df) == summary["n_val"] * len(names)  # one row per validation image and pathology
         assert (df.groupby("pathology").size() == summary["n_val"]).all() and sorted(df.pathology.unique()) == names
         assert not df.duplicated(["path", "pathology"]).any()

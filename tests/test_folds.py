@@ -41,7 +41,8 @@ def kfold_run(demo_root, tmp_path_factory):
 def test_each_fold_validates_other_patients_and_oof_covers_every_row_once(kfold_run, demo_root):
     work, argv, summaries = kfold_run
     folder = work / "ckpt" / "cardiomegaly"
-    assert sorted(p.name for p in folder.iterdir()) == ["fold0", "fold1", "fold2", "oof_predictions.csv"]
+    assert sorted(p.name for p in folder.iterdir()) == ["fold0", "fold1", "fold2", "oof_predictions.csv",
+                                                        "oof_summary.json"]
     assert [s["split"]["fold"] for s in summaries] == [0, 1, 2]
     assert len({s["split"]["folds_sha1"] for s in summaries}) == 1
     vals = [set(pd.read_csv(folder / f"fold{i}" / "val_predictions.csv")["patient"]) for i in range(3)]
