@@ -87,6 +87,26 @@ def read_config(path: Path, p: argparse.ArgumentParser, others: argparse.Argumen
     return out
 
 
+def to_argv(values: dict, p: argparse.ArgumentParser) -> list[str]:
+    """Command-line tokens that give parser p these values (dest -> value, as read_config returns
+    them): how a script that passes flags on (gridsearch.py to train.main) hands over a config file's
+    values. Single values are written `--flag=VALUE`, so one that starts with '-' stays a value."""
+    actions, argv = flag_actions(p), []
+    token = lambda v: repr(v) if isinstance(v, float) else str(v)  # repr: a float round-trips exactly
+    for dest, value in values.items():
+        action = actions[dest]
+        flag = next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+        if isinstance(action, argparse.BooleanOptionalAction):  # --flag / --no-flag
+            argv.append(action.option_strings[0] if value else action.option_strings[1])
+        elif action.nargs == 0:  # store_true and the like: present or not
+            argv += [flag] if value == action.const else []
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(token, value)]
+        else:
+            argv.append(f"{flag}={token(value)}")
+    return argv
+
+
 def convert(action: argparse.Action, value):
     """A YAML value as the command line would give it for this flag."""
     if action.nargs == 0:  # switches: --flag / --no-flag
