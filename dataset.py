@@ -2,8 +2,8 @@
 column twice or an image with two sets of labels stops in one line), both CSV layouts and their
 label conventions (detected from the paths first), Ids (parse_ids), patient splits and folds (who
 is a patient: patients.py), and the Dataset that serves training batches from the image cache
-(cache.py). read_train_csv returns the source labels; uncertain_targets makes training targets of
-them.
+(cache.py). read_train_csv returns the source labels; the label policies that make training
+targets of them (--uncertain, --blank) are policies.py's.
 
     python dataset.py --data-root DIR [--csv FILE] [--image-size N] [--cache-dir DIR] [--workers N]
     python dataset.py --csv FILE --labels-only [--label-convention auto|cs156b|chexpert] [--patient-col NAME]
@@ -57,6 +57,7 @@ CHEXPERT_LABELS = [
 
 ALL_LABELS = PATHOLOGIES + [n for n in CHEXPERT_LABELS if n not in PATHOLOGIES]
 VIEWS = ("frontal", "lateral")
+# the fixed-target uncertain policies (uncertain_targets); policies.UNCERTAIN adds soft and three-class ones
 UNCERTAIN_POLICIES = ("keep", "ignore", "ones", "zeros")  # zeros = U-Zeros: uncertain -> -1
 LABEL_CONVENTIONS = ("auto", "cs156b", "chexpert")  # how a source CSV writes its labels (see detect_convention)
 LABEL_COUNT_COLUMNS = ["label", "positive", "uncertain", "negative", "blank"]
@@ -278,7 +279,9 @@ def uncertain_targets(values: np.ndarray, policy: str) -> np.ndarray:
     """Training targets from source labels on the project's scale (1, 0 uncertain, -1, NaN blank):
     the uncertain 0 becomes 0 (keep), NaN (ignore: masked like a blank), 1 (ones) or -1 (zeros).
     values: any shape, float; returns a new float array of that shape (float64 unless values is
-    floating already). Only training targets: validation and scoring keep the source labels."""
+    floating already). Only training targets: validation and scoring keep the source labels.
+    The fixed policies only (UNCERTAIN_POLICIES); policies.training_targets gives every policy, per
+    pathology, with --blank, and builds on this."""
     if policy not in UNCERTAIN_POLICIES:
         raise UserError(f"unknown uncertain policy {policy!r} (choose from {', '.join(UNCERTAIN_POLICIES)})")
     values = np.asarray(values)
@@ -319,7 +322,7 @@ def read_train_csv(csv_path: Path, convention: str = "auto", patient_col: str | 
     label (those after 'AP/PA' in the header, but a patient column): the SOURCE labels on the
     project's scale, 1 positive, 0 uncertain, -1 negative, NaN blank (never filled), mapped from
     the source's convention: `convention` 'cs156b' or 'chexpert', or 'auto' to detect it
-    (choose_convention). No uncertain policy is applied: uncertain_targets makes training
+    (choose_convention). No uncertain policy is applied: policies.training_targets makes training
     targets from these. Patients and studies: identify_patients (a patient column, `patient_col`
     or one of PATIENT_COLUMNS, wins over the path layout). Rows that repeat an earlier path and its
     labels are dropped with one warning; one path with two sets of labels is an error
@@ -484,15 +487,25 @@ class XrayDataset:
     (B, 1, S, S), (B, K), (B, K). Index i reads source i // n at row i % n, so an augmented copy of
     row r is row r again with the copy's pixels: it inherits labels and patient. Targets are on
     [-1, 1] with NaN (blank) replaced by 0 and mask False there. Float conversion and normalisation
-    happen on the training device, not here."""
+    happen on the training device, not here.
 
-    def __init__(self, sources: list[ImageCache], slots: np.ndarray, targets: np.ndarray):
+    With `spread` (N, K) (high - low of policies.training_targets; targets is then low) each item
+    gains a fourth tensor, spread float32 (K,) (0 where mask is False): the trainer draws the
+    target low + spread * U(0, 1) on the device, from its own seeded generator, so a resume draws
+    the same soft targets."""
+
+    def __init__(self, sources: list[ImageCache], slots: np.ndarray, targets: np.ndarray,
+                 spread: np.ndarray | None = None):
         import torch
         self.sources = sources
         self.slots = np.asarray(slots, dtype=np.int64)
         targets = np.asarray(targets, dtype=np.float32).reshape(len(self.slots), -1)
         self.mask = torch.from_numpy(~np.isnan(targets))
         self.targets = torch.from_numpy(np.nan_to_num(targets, nan=0.0))
+        self.spread = None
+        if spread is not None:
+            spread = np.asarray(spread, dtype=np.float32).reshape(targets.shape)
+            self.spread = torch.from_numpy(np.where(np.isnan(targets), 0.0, np.nan_to_num(spread, nan=0.0)))
 
     def __len__(self) -> int:
         return len(self.sources) * len(self.slots)
@@ -508,6 +521,8 @@ class XrayDataset:
             images[torch.from_numpy(sel)] = self.sources[int(s)].get(self.slots[row[sel]])
         rows = torch.from_numpy(row)
         out = images, self.targets[rows], self.mask[rows]
+        if self.spread is not None:
+            out += (self.spread[rows],)
         return tuple(t[0] for t in out) if single else out
 
 
