@@ -106,10 +106,10 @@ def read_csv_lines(csv_path: Path, what: str = "", nrows: int | None = None) -> 
                 records, starts = _walk(reader := csv.reader(f, strict=True), nrows + 1)
             else:
                 text = f.read()
-                records = list(reader := csv.reader(io.StringIO(text), strict=True))
+                records = list(reader := csv.reader(io.StringIO(text, newline=""), strict=True))
                 starts = range(1, len(records) + 1)
-                if text.count("\n") + (not text.endswith("\n") and bool(text)) != len(records):
-                    records, starts = _walk(reader := csv.reader(io.StringIO(text), strict=True))  # a cell spans lines
+                if text.count("\n") + (not text.endswith("\n") and bool(text)) != len(records):  # a cell spans
+                    records, starts = _walk(reader := csv.reader(io.StringIO(text, newline=""), strict=True))  # lines
     except OSError as e:
         raise UserError(f"{what}{csv_path}: cannot be read ({e.strerror or e})") from e
     except (csv.Error, UnicodeDecodeError) as e:

@@ -108,6 +108,17 @@ def test_lines_count_blank_lines_and_cells_that_span_lines(tmp_path):
         read_train_csv(csv)
 
 
+@pytest.mark.parametrize("end", ["\r\n", "\r"], ids=["windows", "old-mac"])
+def test_other_line_ends_count_the_same(tmp_path, end):
+    csv = tmp_path / "train2023.csv"
+    csv.write_text(end.join(["\ufeff" + ",".join(CS156B_HEADER), cs156b_line(1), "", cs156b_line(2, cardio="x")]) + end,
+                   newline="")
+    raw, lines = read_csv_lines(csv)
+    assert lines.tolist() == [2, 4] and raw.columns[0] == "Unnamed: 0.1"  # the byte-order mark is no part of it
+    with pytest.raises(UserError, match=r"line 4, column 'Cardiomegaly': invalid label 'x'"):
+        read_train_csv(csv)
+
+
 # ---------------------------------------------------------------------------------------------
 # Rows given twice
 
