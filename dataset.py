@@ -1,14 +1,17 @@
-"""Data: the pathology names, both CSV layouts and their label conventions (detected from the
-paths first), the uncertain policy (training targets only: read_train_csv returns the source
-labels, uncertain_targets makes training targets of them), Ids (parse_ids), patient splits, and the
-Dataset that serves training batches from the image cache (cache.py).
+"""Data: the pathology names, the CSV reader (lines as an editor counts them; a row cut short, a
+column twice or an image with two sets of labels stops in one line), both CSV layouts and their
+label conventions (detected from the paths first), Ids (parse_ids), patient splits and folds (who
+is a patient: patients.py), and the Dataset that serves training batches from the image cache
+(cache.py). read_train_csv returns the source labels; the label policies that make training
+targets of them (--uncertain, --blank) are policies.py's.
 
     python dataset.py --data-root DIR [--csv FILE] [--image-size N] [--cache-dir DIR] [--workers N]
-    python dataset.py --csv FILE --labels-only [--label-convention auto|cs156b|chexpert]
+    python dataset.py --csv FILE --labels-only [--label-convention auto|cs156b|chexpert] [--patient-col NAME]
 
 builds (or finishes) the image cache for one CSV and prints a summary, ending, for a train CSV, with
-the per-label counts (positive, uncertain, negative, blank on the project's scale: the source
-labels) and the label convention it was read with. --labels-only prints just those counts and reads
+the patients (how many, and how they were told apart), the per-label counts (positive, uncertain,
+negative, blank on the project's scale: the source labels) and the label convention it was read
+with. --labels-only prints just those counts and reads
 no image. Without --csv it reads the first of TRAIN_CSVS under DATA_ROOT (the course's
 train2023.csv, else Stanford's train.csv) and says which. With no --data-root it uses the demo
 dataset, made on first use under ./demo_data (demo.py).
@@ -19,7 +22,9 @@ returns in well under a second, which matters when a SLURM array starts hundreds
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
+import io
 import re
 import sys
 import time
@@ -33,6 +38,7 @@ import pandas as pd
 from cache import N_NAMED, SHARD_SIZE, ImageCache, build_cache
 from common import Parser, UserError, add_data_flags, check_common_flags, format_table, run_cli
 import config
+from patients import PATIENT_COLUMNS, add_patient_col_flag, describe_patients, identify_patients, ids_from_paths
 
 # The one list of pathology names: the CS 156b labels, in the submission's column order.
 PATHOLOGIES = [
@@ -51,6 +57,7 @@ CHEXPERT_LABELS = [
 
 ALL_LABELS = PATHOLOGIES + [n for n in CHEXPERT_LABELS if n not in PATHOLOGIES]
 VIEWS = ("frontal", "lateral")
+# the fixed-target uncertain policies (uncertain_targets); policies.UNCERTAIN adds soft and three-class ones
 UNCERTAIN_POLICIES = ("keep", "ignore", "ones", "zeros")  # zeros = U-Zeros: uncertain -> -1
 LABEL_CONVENTIONS = ("auto", "cs156b", "chexpert")  # how a source CSV writes its labels (see detect_convention)
 LABEL_COUNT_COLUMNS = ["label", "positive", "uncertain", "negative", "blank"]
@@ -69,16 +76,70 @@ def slug(name: str, view: str = "all") -> str:
 # ---------------------------------------------------------------------------------------------
 # CSVs and labels
 
-def read_csv_text(csv_path: Path, what: str = "", nrows: int | None = None) -> pd.DataFrame:
-    """A CSV with every cell as text ('' for empty), nrows rows (all by default). A missing or
-    unreadable file is a UserError naming it, after `what` (e.g. '--labels ')."""
+def _walk(reader, n: int | None = None) -> tuple[list[list[str]], list[int]]:
+    """The first n records of a csv.reader (all: None) and the line each starts on."""
+    records, starts, start = [], [], reader.line_num + 1
+    for record in reader:
+        records.append(record)
+        starts.append(start)
+        start = reader.line_num + 1
+        if n is not None and len(records) >= n:
+            break
+    return records, starts
+
+
+def read_csv_lines(csv_path: Path, what: str = "", nrows: int | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """A CSV with every cell as text ('' for empty), nrows rows (all by default), and the file line
+    each row starts on, (N,) int64, 1-based as an editor shows it (the header is line 1; blank lines
+    are skipped, a quoted cell may span lines). Python's csv module parses it rather than pandas,
+    which pads a row cut short with blanks and renames a repeated column 'X.1' without a word.
+
+    Each of these is a UserError naming the file (after `what`, e.g. '--labels ') and the line: a
+    missing or unreadable file, a row with fewer or more fields than the header (a file cut short
+    mid-row), a column named twice. An empty header cell is named 'Unnamed: I', as pandas names it."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise UserError(f"{what}{csv_path}: no such CSV file")
     try:
-        return pd.read_csv(csv_path, dtype=str, keep_default_na=False, nrows=nrows)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"{what}{csv_path}: not a readable CSV ({str(e).splitlines()[0]})") from e
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            if nrows is not None:
+                records, starts = _walk(reader := csv.reader(f, strict=True), nrows + 1)
+            else:
+                text = f.read()
+                records = list(reader := csv.reader(io.StringIO(text, newline=""), strict=True))
+                starts = range(1, len(records) + 1)
+                if text.count("\n") + (not text.endswith("\n") and bool(text)) != len(records):  # a cell spans
+                    records, starts = _walk(reader := csv.reader(io.StringIO(text, newline=""), strict=True))  # lines
+    except OSError as e:
+        raise UserError(f"{what}{csv_path}: cannot be read ({e.strerror or e})") from e
+    except (csv.Error, UnicodeDecodeError) as e:
+        line = f"line {reader.line_num}: " if isinstance(e, csv.Error) else ""
+        raise UserError(f"{what}{csv_path}: {line}not a readable CSV ({str(e).splitlines()[0]})") from e
+    lengths = np.fromiter(map(len, records), np.int64, len(records))
+    kept = lengths > 1
+    kept[lengths == 1] = [bool(records[i][0].strip()) for i in np.flatnonzero(lengths == 1)]  # a blank line is no row
+    if not kept.any():
+        raise UserError(f"{what}{csv_path}: not a readable CSV (no header line)")
+    records = records if kept.all() else [r for r, k in zip(records, kept) if k]
+    starts, lengths = np.asarray(starts, dtype=np.int64)[kept], lengths[kept]
+    header = [h if h else f"Unnamed: {i}" for i, h in enumerate(records[0])]
+    for i, name in enumerate(header):
+        if name in header[:i]:
+            raise UserError(f"{what}{csv_path}: line {starts[0]}: column '{name}' appears twice (columns "
+                            f"{header.index(name) + 1} and {i + 1}); rename or remove one")
+    bad = np.flatnonzero(lengths[1:] != len(header))
+    if len(bad):
+        n, cut = lengths[bad[0] + 1], "cut short" if lengths[bad[0] + 1] < len(header) else "with a stray separator"
+        raise UserError(f"{what}{csv_path}: line {starts[bad[0] + 1]}: {n} fields where the header has "
+                        f"{len(header)} (a row {cut}?); fix or remove that line")
+    rows = records[1:]
+    table = pd.DataFrame(rows, columns=header, dtype=str) if rows else pd.DataFrame(columns=header, dtype=str)
+    return table, starts[1:]
+
+
+def read_csv_text(csv_path: Path, what: str = "", nrows: int | None = None) -> pd.DataFrame:
+    """read_csv_lines without the line numbers."""
+    return read_csv_lines(csv_path, what, nrows)[0]
 
 
 def read_header(csv_path: Path, what: str = "") -> list[str]:
@@ -90,15 +151,6 @@ def _require(df: pd.DataFrame, columns, csv_path) -> None:
     for c in columns:
         if c not in df.columns:
             raise UserError(f"{csv_path}: missing required column '{c}' (has: {', '.join(df.columns)})")
-
-
-def _ids_from_paths(paths: pd.Series) -> tuple[pd.Series, pd.Series]:
-    """Patient ('pid50512' or 'patient00001') and study ('pid50512/study1') from each path."""
-    m = paths.str.extract(r"((?:pid|patient)\d+)/(study\d+)/")
-    fallback = paths.map(lambda p: "/".join(Path(p).parts[-3:-1]))
-    patient = m[0].fillna(fallback.map(lambda s: s.split("/")[0]))
-    study = (m[0] + "/" + m[1]).fillna(fallback)
-    return patient, study
 
 
 def view_from_filename(paths: pd.Series, default: str | None = "frontal") -> pd.Series:
@@ -227,7 +279,9 @@ def uncertain_targets(values: np.ndarray, policy: str) -> np.ndarray:
     """Training targets from source labels on the project's scale (1, 0 uncertain, -1, NaN blank):
     the uncertain 0 becomes 0 (keep), NaN (ignore: masked like a blank), 1 (ones) or -1 (zeros).
     values: any shape, float; returns a new float array of that shape (float64 unless values is
-    floating already). Only training targets: validation and scoring keep the source labels."""
+    floating already). Only training targets: validation and scoring keep the source labels.
+    The fixed policies only (UNCERTAIN_POLICIES); policies.training_targets gives every policy, per
+    pathology, with --blank, and builds on this."""
     if policy not in UNCERTAIN_POLICIES:
         raise UserError(f"unknown uncertain policy {policy!r} (choose from {', '.join(UNCERTAIN_POLICIES)})")
     values = np.asarray(values)
@@ -236,25 +290,57 @@ def uncertain_targets(values: np.ndarray, policy: str) -> np.ndarray:
     return out
 
 
-def read_train_csv(csv_path: Path, convention: str = "auto") -> pd.DataFrame:
-    """Read a CS 156b train2023.csv or a Stanford CheXpert train.csv/valid.csv.
+def drop_duplicate_rows(out: pd.DataFrame, raw: pd.DataFrame, line: pd.Series, labels: list[str],
+                        where: str) -> pd.DataFrame:
+    """out without the rows that repeat an earlier row's path and labels (label values compared
+    on the project's scale, so '1' and '1.0' agree), dropped with one warning naming their lines
+    (line: the file line of each row, indexed as out). A path given twice with other labels is a
+    UserError naming both lines and the first label that differs (raw: the CSV's text, for it)."""
+    exact = out.duplicated(["path", *labels], keep="first")
+    first = pd.Series(out.index, index=out["path"])
+    first = first[~first.index.duplicated()]  # path -> its first row
+    if exact.any():
+        named = [f"line {line[i]} (as line {line[first[out.at[i, 'path']]]})" for i in out.index[exact][:N_NAMED]]
+        warnings.warn(f"{where}: dropped {int(exact.sum())} duplicate rows (the path and labels of an earlier line): "
+                      + ", ".join(named) + (" ..." if exact.sum() > N_NAMED else ""), stacklevel=3)
+        out = out[~exact]
+    again = out["path"].duplicated(keep="first")
+    if again.any():
+        i = again.idxmax()
+        j = first[out.at[i, "path"]]
+        col = next(c for c in labels if not np.array_equal(out.at[i, c], out.at[j, c], equal_nan=True))
+        raise UserError(f"{where}: lines {line[j]} and {line[i]} give the image {out.at[i, 'path']!r} different labels "
+                        f"({col}: {raw.at[j, col]!r} vs {raw.at[i, col]!r}); keep the right one and remove the other")
+    return out
+
+
+def read_train_csv(csv_path: Path, convention: str = "auto", patient_col: str | None = None) -> pd.DataFrame:
+    """Read a CS 156b train2023.csv, a Stanford CheXpert train.csv/valid.csv, or any CSV with
+    'Path' and 'AP/PA' columns and labels after them.
 
     Returns one row per image with columns path, patient, study, view and one float32 column per
-    label (those after 'AP/PA' in the header): the SOURCE labels on the project's scale, 1 positive,
-    0 uncertain, -1 negative, NaN blank (never filled), mapped from the source's convention:
-    `convention` 'cs156b' or 'chexpert', or 'auto' to detect it (choose_convention). No uncertain
-    policy is applied: uncertain_targets makes training targets from these.
+    label (those after 'AP/PA' in the header, but a patient column): the SOURCE labels on the
+    project's scale, 1 positive, 0 uncertain, -1 negative, NaN blank (never filled), mapped from
+    the source's convention: `convention` 'cs156b' or 'chexpert', or 'auto' to detect it
+    (choose_convention). No uncertain policy is applied: policies.training_targets makes training
+    targets from these. Patients and studies: identify_patients (a patient column, `patient_col`
+    or one of PATIENT_COLUMNS, wins over the path layout). Rows that repeat an earlier path and its
+    labels are dropped with one warning; one path with two sets of labels is an error
+    (drop_duplicate_rows).
     df.attrs: 'labels' lists the label columns; 'label_convention' the convention used and
     'label_convention_how' how it was chosen (describe_convention makes a line of the two);
     'n_stray' counts the stray 'CheXpert-v1.0/…' rows of train2023.csv, dropped with one warning
-    (a CSV whose every path starts so, Stanford's full-size set, has none)."""
-    raw = read_csv_text(csv_path)
+    (a CSV whose every path starts so, Stanford's full-size set, has none); 'n_duplicates' the
+    rows dropped as duplicates; 'patient_rule' how patients were told apart and 'n_patients' how
+    many there are (describe_patients makes a line of the two)."""
+    raw, lines = read_csv_lines(csv_path)
     name, how = choose_convention(convention, raw.columns, raw["Path"] if "Path" in raw.columns else [])
     _require(raw, ["Path", "AP/PA"], csv_path)
-    labels = list(raw.columns[raw.columns.get_loc("AP/PA") + 1:])
+    not_labels = {patient_col, *PATIENT_COLUMNS}
+    labels = [c for c in raw.columns[raw.columns.get_loc("AP/PA") + 1:] if c not in not_labels]
     if not labels:
         raise UserError(f"{csv_path}: no label columns after 'AP/PA'")
-    line = pd.Series(np.arange(len(raw)) + 2, index=raw.index)  # header is line 1
+    line = pd.Series(lines, index=raw.index)
 
     stray = raw["Path"].str.strip().str.startswith(STRAY_PREFIX)
     if stray.all():  # Stanford's full-size CheXpert: every path is under CheXpert-v1.0/, none stray
@@ -266,15 +352,22 @@ def read_train_csv(csv_path: Path, convention: str = "auto") -> pd.DataFrame:
     n_stray = int(stray.sum())
 
     out = pd.DataFrame({"path": raw["Path"].str.strip()})
-    out["patient"], out["study"] = _ids_from_paths(out["path"])
-    # the view column decides; the file name only where it is missing, blank or odd
-    out["view"] = raw.get("Frontal/Lateral", pd.Series("", index=raw.index)).str.strip().str.lower()
-    bad = ~out["view"].isin(VIEWS)
-    out.loc[bad, "view"] = views_from_filenames(out.loc[bad, "path"], csv_path, "train")
     for col in labels:
         out[col] = parse_label_column(raw, col, name, str(csv_path), line).astype(np.float32)
+    n_rows = len(out)
+    out = drop_duplicate_rows(out, raw, line, labels, str(csv_path))
+    raw, line = raw.loc[out.index], line[out.index]
+    patient, study, rule = identify_patients(raw, out["path"], line, str(csv_path), patient_col)
+    out.insert(1, "patient", patient)
+    out.insert(2, "study", study)
+    # the view column decides; the file name only where it is missing, blank or odd
+    out.insert(3, "view", raw.get("Frontal/Lateral", pd.Series("", index=raw.index)).str.strip().str.lower())
+    bad = ~out["view"].isin(VIEWS)
+    out.loc[bad, "view"] = views_from_filenames(out.loc[bad, "path"], csv_path, "train")
     out = out.reset_index(drop=True)
-    out.attrs.update(labels=labels, n_stray=n_stray, label_convention=name, label_convention_how=how)
+    out.attrs.update(labels=labels, n_stray=n_stray, label_convention=name, label_convention_how=how,
+                     n_duplicates=n_rows - len(out),
+                     patient_rule=rule, n_patients=int(out["patient"].nunique()))
     return out
 
 
@@ -304,9 +397,16 @@ def read_test_csv(csv_path: Path) -> pd.DataFrame:
     raw = read_csv_text(csv_path)
     _require(raw, ["Id", "Path"], csv_path)
     out = pd.DataFrame({"Id": parse_ids(raw["Id"], str(csv_path)), "path": raw["Path"].str.strip()})
-    out["patient"], out["study"] = _ids_from_paths(out["path"])
+    out["patient"], out["study"] = ids_from_paths(out["path"])
     out["view"] = views_from_filenames(out["path"], csv_path, "test")
     return out
+
+
+def canonical_pathology(name: str) -> str | None:
+    """The name in ALL_LABELS that `name` means, case-insensitive, '_' for a space; None if none."""
+    by_lower = {n.lower(): n for n in ALL_LABELS}
+    key = name.strip().lower()
+    return by_lower.get(key) or by_lower.get(key.replace("_", " "))
 
 
 def check_pathologies(names: list[str], available: list[str] | None = None) -> list[str]:
@@ -314,10 +414,9 @@ def check_pathologies(names: list[str], available: list[str] | None = None) -> l
     available = list(available) if available is not None else PATHOLOGIES
     if [n.lower() for n in names] == ["all"]:
         return [n for n in ALL_LABELS if n in available]
-    by_lower = {n.lower(): n for n in ALL_LABELS}
     out = []
     for n in names:
-        canon = by_lower.get(n.lower()) or by_lower.get(n.lower().replace("_", " "))
+        canon = canonical_pathology(n)
         if canon is None:
             raise UserError(f"unknown pathology {n!r}; valid names: {', '.join(available)} (or 'all')")
         if canon not in available:
@@ -388,15 +487,25 @@ class XrayDataset:
     (B, 1, S, S), (B, K), (B, K). Index i reads source i // n at row i % n, so an augmented copy of
     row r is row r again with the copy's pixels: it inherits labels and patient. Targets are on
     [-1, 1] with NaN (blank) replaced by 0 and mask False there. Float conversion and normalisation
-    happen on the training device, not here."""
+    happen on the training device, not here.
 
-    def __init__(self, sources: list[ImageCache], slots: np.ndarray, targets: np.ndarray):
+    With `spread` (N, K) (high - low of policies.training_targets; targets is then low) each item
+    gains a fourth tensor, spread float32 (K,) (0 where mask is False): the trainer draws the
+    target low + spread * U(0, 1) on the device, from its own seeded generator, so a resume draws
+    the same soft targets."""
+
+    def __init__(self, sources: list[ImageCache], slots: np.ndarray, targets: np.ndarray,
+                 spread: np.ndarray | None = None):
         import torch
         self.sources = sources
         self.slots = np.asarray(slots, dtype=np.int64)
         targets = np.asarray(targets, dtype=np.float32).reshape(len(self.slots), -1)
         self.mask = torch.from_numpy(~np.isnan(targets))
         self.targets = torch.from_numpy(np.nan_to_num(targets, nan=0.0))
+        self.spread = None
+        if spread is not None:
+            spread = np.asarray(spread, dtype=np.float32).reshape(targets.shape)
+            self.spread = torch.from_numpy(np.where(np.isnan(targets), 0.0, np.nan_to_num(spread, nan=0.0)))
 
     def __len__(self) -> int:
         return len(self.sources) * len(self.slots)
@@ -412,6 +521,8 @@ class XrayDataset:
             images[torch.from_numpy(sel)] = self.sources[int(s)].get(self.slots[row[sel]])
         rows = torch.from_numpy(row)
         out = images, self.targets[rows], self.mask[rows]
+        if self.spread is not None:
+            out += (self.spread[rows],)
         return tuple(t[0] for t in out) if single else out
 
 
@@ -430,6 +541,7 @@ def parse_args(argv=None):
     p.add_argument("--shard-size", type=int, default=SHARD_SIZE,
                    help="images per shard file of a new cache (only the layout: any size is found by every script)")
     add_label_convention_flag(p, "the train CSV")
+    add_patient_col_flag(p)
     p.add_argument("--labels-only", action=argparse.BooleanOptionalAction, default=False,
                    help="only read the train CSV and print its per-label counts (no images read, no cache): "
                    "inspect a CSV whose images are elsewhere")
@@ -471,7 +583,9 @@ def resolve_data(data_root: Path | None, csv: Path | None, default_csv: str,
 
 
 def print_label_summary(df: pd.DataFrame) -> None:
-    """The per-label table (counts on the project's scale) and the line saying which convention was read."""
+    """The patients line, the per-label table (counts on the project's scale) and the line saying
+    which convention was read."""
+    print(describe_patients(df))
     print(format_table(label_counts(df), LABEL_COUNT_COLUMNS))
     print(describe_convention(df.attrs["label_convention"], df.attrs["label_convention_how"]))
 
@@ -487,7 +601,7 @@ def main(argv=None):
     is_test = "Id" in header and "AP/PA" not in header
     if is_test and args.labels_only:
         raise UserError(f"{csv}: --labels-only needs a train CSV (labels after 'AP/PA'); this is an 'Id, Path' test CSV")
-    df = read_test_csv(csv) if is_test else read_train_csv(csv, convention=args.label_convention)
+    df = read_test_csv(csv) if is_test else read_train_csv(csv, args.label_convention, args.patient_col)
     if args.labels_only:
         print(f"{'csv':<10} {csv}\n{'rows':<10} {len(df)} ({df.attrs['n_stray']} stray rows dropped)\n")
         print_label_summary(df)

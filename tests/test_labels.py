@@ -140,8 +140,8 @@ def test_cs156b_file_with_stray_stanford_rows_reads_as_cs156b(tmp_path, unnamed)
 
 
 def test_undetectable_layout_falls_back_to_cs156b_and_says_so(tmp_path):
-    csv = write_csv(tmp_path / "mine.csv", STANFORD_FRONT + ["Cardiomegaly"],
-                    [[f"images/{i}.jpg", "", "", "Frontal", "", "0"] for i in range(3)])
+    csv = write_csv(tmp_path / "mine.csv", STANFORD_FRONT + ["Cardiomegaly", "PatientID"],
+                    [[f"images/{i}.jpg", "", "", "Frontal", "", "0", f"P{i}"] for i in range(3)])
     df = read_train_csv(csv)
     assert df.attrs["label_convention"] == "cs156b" and df.attrs["label_convention_how"] == "default"
     assert (df["Cardiomegaly"] == 0).all()
