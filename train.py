@@ -46,9 +46,11 @@ from cache import cached_table, find_augmented
 from calibration import CALIBRATIONS, apply_calibration, calibrate_out_of_sample, fit_calibration
 from common import (Parser, UserError, add_data_flags, add_device_flags, check_outputs, format_table, jsonable,
                     may_change, must_keep, run_cli, test_hook, write_text)
-from dataset import (ALL_LABELS, LABEL_CONVENTIONS, UNCERTAIN_POLICIES, XrayDataset, check_pathologies,
-                     describe_convention, patient_splits, read_train_csv, resolve_data, sha1, slug, uncertain_targets)
+from dataset import (ALL_LABELS, LABEL_CONVENTIONS, XrayDataset, check_pathologies, describe_convention,
+                     patient_splits, read_train_csv, resolve_data, sha1, slug)
 from evaluation import METRIC_KEYS, cv_fallback_notice, mean_defined, pathology_metrics, plot_curves
+from patients import add_patient_col_flag, describe_patients
+from policies import add_label_policy_flags, policies_from_args, policy_counts, three_class_names, training_targets
 from model import (HEAD_TYPES, HEAD_VARIANTS, N_STAGES, Checkpoint, build_model, check_arch, loss_terms,
                    model_config, n_stages, param_groups, predict, set_frozen, set_grad_checkpointing)
 from runs import (check_layout, fold_folder, oof_metrics, prepare_folder, resume_differences, write_history,
@@ -86,9 +88,8 @@ def make_parser() -> Parser:
     may_change(g.add_argument("--loader-workers", type=int, help="DataLoader workers (default 0 on CPU, 4 on CUDA)"))
     must_keep(g.add_argument("--view", choices=["all", "frontal", "lateral"], default="all",
                              help="train on the rows of this view only"))
-    must_keep(g.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="keep",
-                             help="uncertain labels (0) as training targets: keep as 0, ignore (mask), ones (-> 1), "
-                             "zeros (-> -1); validation always scores them as 0"))
+    add_label_policy_flags(g)  # --uncertain, --blank, --lsr-ones, --lsr-zeros
+    add_patient_col_flag(g)
     must_keep(g.add_argument("--label-convention", choices=LABEL_CONVENTIONS, default="auto",
                              help="how the CSV writes labels: cs156b (0 uncertain, -1 negative), chexpert (Stanford's: "
                              "0 negative, -1 uncertain), or auto: detected from the layout"))
@@ -271,8 +272,10 @@ class Job:
     names: list[str]
     folder: Path               # OUT_DIR/<slug>[/fold<I>]
     label: str                 # for messages
+    head_type: str             # regression, or three-class (--head-type, or --uncertain NAME=three-class)
+    policies: dict             # pathology -> its uncertain and blank policies and the training entries they give
     val_rows: pd.DataFrame     # path, patient, study, view of the validation rows
-    train_targets: np.ndarray  # (n_train, K) float32 after the --uncertain policy, NaN = not in the loss
+    train_targets: np.ndarray  # (n_train, K) float32 after the policies (the low end of a soft range), NaN = not in the loss
     val_targets: np.ndarray    # (n_val, K) the source labels on the project's scale (uncertain 0), NaN = blank
     train_means: np.ndarray    # (K,) the constant predictor's values
     train_set: XrayDataset
@@ -300,31 +303,48 @@ def prepare_job(names: list[str], folder: Path, table: pd.DataFrame, is_val: np.
                 sources: list, args, rt: Runtime) -> Job | None:
     """Pick the rows labelled for any of `names` (and --view) on each side of the split and build the
     loaders; None (with one line) when either side is empty. Validation keeps the source labels;
-    the --uncertain policy applies to the training targets only."""
+    the --uncertain and --blank policies shape the training targets only (policies.training_targets:
+    a range per entry, drawn from in train_step where it is a soft label)."""
     source = table[names].to_numpy(np.float32)
-    targets = uncertain_targets(source, args.uncertain).astype(np.float32)
-    labelled = ~np.isnan(source).all(1)
-    if args.view != "all":
-        labelled &= (table["view"] == args.view).to_numpy()
-    # a training row needs a target after the policy (--uncertain ignore masks uncertain-only rows)
-    tr, va = np.flatnonzero(labelled & ~np.isnan(targets).all(1) & ~is_val), np.flatnonzero(labelled & is_val)
+    uncertain, blank, lsr = policies_from_args(args, names)
+    low, high = training_targets(source, names, uncertain, blank, lsr)
+    in_view = np.ones(len(table), bool) if args.view == "all" else (table["view"] == args.view).to_numpy()
+    # a training row needs a target after the policies (ignore masks, --blank negative adds); a
+    # validation row a source label
+    tr = np.flatnonzero(in_view & ~np.isnan(low).all(1) & ~is_val)
+    va = np.flatnonzero(in_view & ~np.isnan(source).all(1) & is_val)
     label = (" + ".join(names) if len(names) <= 3 else f"{len(names)} pathologies") + (
         f" fold {split['fold']}" if "fold" in split else "")
     if len(tr) == 0 or len(va) == 0:
         rt.log(f"skipping {label} (view {args.view}): {len(tr)} training and {len(va)} validation rows are labelled")
         return None
-    train_t = targets[tr]
-    train_means = np.array([np.nanmean(c) if (~np.isnan(c)).any() else 0.0 for c in train_t.T])
+    train_t, spread = low[tr], (high - low)[tr]
+    # the constant predictor and the calibration's prior: the training rows' source labels, what the metric scores
+    train_means = np.array([np.nanmean(c) if (~np.isnan(c)).any() else 0.0 for c in source[tr].T])
     slots = table["slot"].to_numpy()
-    train_set = XrayDataset(sources, slots[tr], train_t)
+    train_set = XrayDataset(sources, slots[tr], train_t, spread if np.nan_to_num(spread).any() else None)
     val_set = XrayDataset(sources[:1], slots[va], source[va])
     weights = np.tile(sample_weights(train_t, args.sampler_cap), len(sources)) if args.sampler else None
     sampler = EpochSampler(weights, len(train_set), args.batch_size, args.seed, rt.rank, rt.world)
     rows = table.iloc[np.r_[tr, va]]
     split = {**split, "rows_sha1": sha1([*rows["path"], source[np.r_[tr, va]].tobytes().hex(), len(tr)])}
-    return Job(names, folder, label, table.iloc[va][["path", "patient", "study", "view"]].reset_index(drop=True),
+    counts = policy_counts(source[tr], train_t, names, uncertain, blank)
+    return Job(names, folder, label, head_type_of(names, uncertain, args.head_type, label), counts,
+               table.iloc[va][["path", "patient", "study", "view"]].reset_index(drop=True),
                train_t, source[va], train_means, train_set, val_set, sampler,
                train_loader(train_set, sampler, args.loader_workers, rt), split)
+
+
+def head_type_of(names: list[str], uncertain: dict, head_type: str, label: str) -> str:
+    """The model's head type: --head-type, or three-class where --uncertain routes its pathologies
+    there (a --multi-head model has one head type: all of its pathologies, or none)."""
+    routed = three_class_names(uncertain)
+    if head_type == "three-class" or not routed:
+        return head_type
+    if len(routed) < len(names):
+        raise UserError(f"{label}: --uncertain routes {', '.join(routed)} to the three-class head and the others not; "
+                        f"a --multi-head model has one head type: route all of them, or train one model each")
+    return "three-class"
 
 
 def build_state(job: Job, args, rt: Runtime, ckpt: Checkpoint | None = None) -> TrainState:
@@ -332,10 +352,10 @@ def build_state(job: Job, args, rt: Runtime, ckpt: Checkpoint | None = None) -> 
     saved (TrainState.restore), moved to rt.device: the model rebuilt from the file's own config (its
     normalisation kept), the optimizer state moved by load_state_dict, the RNG streams restored last."""
     if ckpt is None:
-        model = build_model(model_config(job.names, args.head, args.hidden, args.dropout, args.arch, args.head_type,
+        model = build_model(model_config(job.names, args.head, args.hidden, args.dropout, args.arch, job.head_type,
                                          args.image_size))
         source = load_pretrained(model, args.weights)
-        rt.log(f"{job.label}: {args.arch}, {args.head_type} head(s), weights {source['source']}"
+        rt.log(f"{job.label}: {args.arch}, {job.head_type} head(s), weights {source['source']}"
                + (f" ({args.weights})" if source["source"] not in ("none", "imagenet") else "")
                + f", input normalised with mean {source['mean']:.4g}, std {source['std']:.4g}")
     else:
@@ -534,7 +554,9 @@ def checkpoint_of(model, state: TrainState, job: Job, metrics: dict, calibration
     return Checkpoint.of(model, view=s.view, epoch=epoch_number(state.progress(job.epoch_len)), metrics=metrics,
                          calibration=calibration,
                          preprocess={"image_size": s.image_size, "square": s.square, "mean": model.config["mean"],
-                                     "std": model.config["std"], "uncertain": s.uncertain,
+                                     "std": model.config["std"],
+                                     "uncertain": {n: p["uncertain"] for n, p in job.policies.items()},
+                                     "blank": {n: p["blank"] for n, p in job.policies.items()},
                                      "label_convention": s.label_convention},
                          train_config=jsonable(vars(s)), split=job.split, **values)
 
@@ -724,14 +746,15 @@ def write_summary(state: TrainState, job: Job, data: dict, rt: Runtime) -> dict:
                "view": state.settings.view, "folder": job.folder.name, "n_train": job.n_train,
                "n_val": len(job.val_targets), "n_sources": len(data["sources"]),
                "n_stray_rows": table.attrs.get("n_stray", 0), "n_bad_images": table.attrs.get("n_bad_images", 0),
-               "patients": {k: table.attrs[k] for k in ("patient_rule", "n_patients") if k in table.attrs},
+               "patients": {"rule": table.attrs.get("patient_rule"), "n": int(table["patient"].nunique())},
+               "n_duplicate_rows": table.attrs.get("n_duplicates", 0), "head_type": job.head_type,
                "best_epoch": state.best["epoch"], "epochs_run": epoch_number(state.progress(job.epoch_len)),
                "validations": state.validations, "early_stopped": state.best["stopped"],
                **{k: best.get(k) for k in ("val_loss", *METRIC_KEYS)},
                "per_pathology": best.get("per_pathology", {}), "split": job.split,
                "config": jsonable(vars(state.settings))}
     for k, name in enumerate(job.names):
-        summary["per_pathology"].setdefault(name, {})["n_train"] = job.n_train_of(k)
+        summary["per_pathology"].setdefault(name, {}).update(n_train=job.n_train_of(k), **job.policies[name])
     on_main(rt, lambda: write_text(job.folder / "summary.json", json.dumps(jsonable(summary), indent=2)))
     return summary
 
@@ -748,9 +771,10 @@ def read_table(args, rt: Runtime) -> tuple[pd.DataFrame, Path, Path]:
     check_outputs(folders={"--out-dir": args.out_dir}, data_root=root,
                   inputs={"--train-csv": csv_path, "--weights": None if args.weights in ("imagenet", "none")
                           else Path(args.weights)})
-    table = read_train_csv(csv_path, convention=args.label_convention)
+    table = read_train_csv(csv_path, convention=args.label_convention, patient_col=args.patient_col)
     args.label_convention = table.attrs["label_convention"]  # what was used, in summary.json and checkpoints
     rt.log(describe_convention(args.label_convention, table.attrs["label_convention_how"]))
+    rt.log(describe_patients(table))
     return table, root, csv_path
 
 

@@ -193,8 +193,8 @@ def test_augmented_triples_training_samples_and_leaves_validation_alone(demo_roo
     made = []
 
     class Recording(dataset.XrayDataset):
-        def __init__(self, sources, slots, targets):
-            super().__init__(sources, slots, targets)
+        def __init__(self, sources, slots, targets, spread=None):
+            super().__init__(sources, slots, targets, spread)
             made.append(self)
     monkeypatch.setattr(train, "XrayDataset", Recording)
     monkeypatch.setattr(train, "train_step", lambda *a, **k: torch.zeros(2))  # what is trained on, not the training
