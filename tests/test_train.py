@@ -330,10 +330,13 @@ def test_uncertain_policy_shapes_training_targets_only(tiny_args, tmp_path):
         summary, val = runs[policy]
         assert summary["n_val"] == keep["n_val"] == len(val)
         pd.testing.assert_frame_equal(val[["path", "target"]], keep_val[["path", "target"]])
-    # the training targets do follow the policy: ignore masks the uncertain training rows, ones raises the mean
+    # the training targets do follow the policy: ignore masks the uncertain training rows
     assert runs["ignore"][0]["n_train"] < keep["n_train"] == runs["ones"][0]["n_train"]
-    train_mean = {p: s["per_pathology"]["Cardiomegaly"]["train_mean"] for p, (s, _) in runs.items()}
-    assert train_mean["ones"] > train_mean["keep"]
+    per = {p: s["per_pathology"]["Cardiomegaly"] for p, (s, _) in runs.items()}
+    assert per["keep"]["n_uncertain_loss"] == per["ones"]["n_uncertain_loss"] > 0 == per["ignore"]["n_uncertain_loss"]
+    assert [per[p]["uncertain"] for p in ("keep", "ones", "ignore")] == ["keep", "ones", "ignore"]
+    # the constant predictor stays the mean of the source labels the metric scores
+    assert per["keep"]["train_mean"] == per["ones"]["train_mean"]
 
 
 def test_summary_reports_normalised_mse_beside_mse(tiny_args, tmp_path):
