@@ -55,7 +55,7 @@ def changes(old: dict, new: dict) -> str:
     """What differs between two fingerprints, in words: 'best.pt epoch 3 -> 5, val_predictions.csv differs'."""
     def show(v):
         return f"{v:.6g}" if isinstance(v, float) else str(v)
-    was, now = old.get("checkpoints") or [], new["checkpoints"]
+    was, now = [c if isinstance(c, dict) else {} for c in old.get("checkpoints") or []], new["checkpoints"]
     out = [f"{len(was)} -> {len(now)} checkpoints"] if len(was) != len(now) else []
     for i, (a, b) in enumerate(zip(was, now)):
         out += [f"{f'fold{i}/' if len(now) > 1 else ''}best.pt {key.replace('_', ' ')} {show(a.get(key))} -> "
@@ -74,7 +74,9 @@ def check_fingerprints(path: Path, recorded, members: dict[str, tuple[list, bool
                         f"experiments/blend.py), so a retrained member would go unnoticed; rerun experiments/blend.py")
     for name, (ckpts, kfold) in sorted(members.items()):
         now = fingerprint([checkpoint_record(c) for c in ckpts], predictions_file(Path(folder) / name, kfold))
-        if recorded.get(name) != now:
-            raise UserError(f"--blend {path}: member {name} changed since the blend was fitted "
-                            f"({changes(recorded.get(name) or {}, now)}), and its weights and calibration were fitted "
-                            f"on the old one's outputs; rerun experiments/blend.py on its runs")
+        was = recorded.get(name)
+        if was != now:
+            what = changes(was if isinstance(was, dict) else {}, now)
+            raise UserError(f"--blend {path}: member {name} changed since the blend was fitted ({what}), and its "
+                            f"weights and calibration were fitted on the old one's outputs; rerun experiments/blend.py "
+                            f"on its runs")

@@ -41,7 +41,7 @@ from dataset import slug
 from demo import DEMO_ROOT
 from evaluation import new_figure, save_png
 from calibration import apply_calibration
-from model import Checkpoint
+from model import load_checkpoint
 from runtime import setup_runtime
 
 PNG_SIZE = (520, 470)  # pixels of each heatmap PNG (width, height)
@@ -137,10 +137,10 @@ def read_images(paths: list[Path], size: int, square: str) -> np.ndarray:
 
 
 def guard_out(out: Path, checkpoint: Path, images: list[Path], train_config: dict) -> None:
-    """common.check_outputs for the --out folder, before any image is read: it holds neither the
-    checkpoint nor an image, lies outside the data root the checkpoint was trained on (the demo's
-    folder when none was given; none known for a checkpoint without a training configuration) and
-    is writable."""
+    """common.check_outputs for the --out folder (which it creates: so after the checkpoint's own
+    checks, before any image is read): it holds neither the checkpoint nor an image, lies outside
+    the data root the checkpoint was trained on (the demo's folder when none was given; none known
+    for a checkpoint without a training configuration) and is writable."""
     root = (Path(train_config["data_root"]) if train_config.get("data_root") else DEMO_ROOT) if train_config else None
     inputs = {"--checkpoint": checkpoint, **{f"--images #{i + 1}": path for i, path in enumerate(images)}}
     check_outputs(folders={"--out": out}, inputs=inputs, data_root=root)
@@ -151,13 +151,12 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     args.amp = False
     device = setup_runtime(args, distributed=False).device  # --device cuda without one: one line, not a traceback
-    ckpt = Checkpoint.load(args.checkpoint)
-    guard_out(args.out, args.checkpoint, args.images, ckpt.train_config)
-    model = ckpt.build(device, args.checkpoint)
+    model, ckpt = load_checkpoint(args.checkpoint, device)
     if not model.has_feature_map:
         raise UserError(f"--checkpoint {args.checkpoint}: its {model.arch} has no spatial feature map (its features "
                         f"are tokens), which Grad-CAM needs; use a model of a convolutional --arch")
     heads = pick_heads(ckpt.pathologies, args.pathology, args.checkpoint)
+    guard_out(args.out, args.checkpoint, args.images, ckpt.train_config)  # before any image is read or written
     size, square = int(ckpt.preprocess["image_size"]), ckpt.preprocess["square"]
     images = read_images(args.images, size, square)
     results, taken = [], set()
