@@ -371,17 +371,38 @@ def read_train_csv(csv_path: Path, convention: str = "auto", patient_col: str | 
     return out
 
 
+# An Id as written: an integer, optionally with a zero fraction ('7.0': a column that went through a
+# float in a spreadsheet, still exact). Read from the text, never through float64, which changes
+# every integer above 2**53 (9007199254740993 -> ...992) and turns 20 digits into garbage.
+_ID_TEXT = re.compile(r"\s*([+-]?[0-9]+)(?:\.0*)?\s*")  # [0-9]: int() would also take other scripts' digits
+
+
+def _exact_id(cell: str) -> int | None:
+    """The integer an Id cell holds exactly, or None (not an integer, or more digits than Python
+    converts: sys.get_int_max_str_digits)."""
+    m = _ID_TEXT.fullmatch(cell)
+    try:
+        return int(m.group(1)) if m else None
+    except ValueError:
+        return None
+
+
 def parse_ids(text: pd.Series, where: str) -> np.ndarray:
-    """A CSV's 'Id' column, read as text, -> int64 (N,): the one rule for Ids (test CSVs, --labels,
-    the written submission). Each must be an integer ('7' or '7.0') and appear once; otherwise a
-    UserError naming `where` (the file) and the line, row i being line i + 2 (the header is line 1)."""
+    """A CSV's 'Id' column, read as text, -> (N,) exact integers: int64 when every Id fits in it,
+    else an object array of Python ints (any size, unchanged): the one rule for Ids (test CSVs,
+    --labels, the written submission). Each must be an integer ('7', ' 7 ', '-7', or '7.0' with a
+    zero fraction; not '1e3', '7.5' or blank) and appear once; otherwise a UserError naming `where`
+    (the file) and the line, row i being line i + 2 (the header is line 1)."""
     text = pd.Series(text, dtype=object).reset_index(drop=True).astype(str)
-    values = pd.to_numeric(text.str.strip(), errors="coerce").to_numpy(np.float64)
-    bad = ~np.isfinite(values) | (values != np.round(values))
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise UserError(f"{where}: line {i + 2}, column 'Id': {text[i]!r} is not an integer")
-    ids = values.astype(np.int64)
+    values = [_exact_id(cell) for cell in text]
+    if None in values:
+        i = values.index(None)
+        hint = " (a float's exponent form: digits may be lost; write the Ids as integers)" \
+            if re.fullmatch(r"\s*[+-]?[\d.]+[eE][+-]?\d+\s*", text[i]) else ""
+        raise UserError(f"{where}: line {i + 2}, column 'Id': {text[i]!r} is not an integer{hint}")
+    int64 = np.iinfo(np.int64)
+    fits = all(int64.min <= v <= int64.max for v in values)
+    ids = np.array(values, dtype=np.int64 if fits else object)
     dup = pd.Series(ids).duplicated().to_numpy()
     if dup.any():
         i = int(np.argmax(dup))
@@ -391,9 +412,10 @@ def parse_ids(text: pd.Series, where: str) -> np.ndarray:
 
 
 def read_test_csv(csv_path: Path) -> pd.DataFrame:
-    """Read an 'Id, Path' test CSV (test_ids.csv, solution_ids.csv). Returns columns Id (int64,
-    parse_ids), path, patient, study, view; the view comes from the file name (viewN_frontal.jpg /
-    viewN_lateral.jpg), frontal with one warning where it names none."""
+    """Read an 'Id, Path' test CSV (test_ids.csv, solution_ids.csv). Returns columns Id (parse_ids:
+    int64, or Python ints where one does not fit int64, exactly as written), path, patient, study,
+    view; the view comes from the file name (viewN_frontal.jpg / viewN_lateral.jpg), frontal with one
+    warning where it names none."""
     raw = read_csv_text(csv_path)
     _require(raw, ["Id", "Path"], csv_path)
     out = pd.DataFrame({"Id": parse_ids(raw["Id"], str(csv_path)), "path": raw["Path"].str.strip()})

@@ -22,29 +22,25 @@ model, shown as `<slug>/fold* (K models)`, no --ensemble needed: its output is t
 folds' calibrated outputs, each fold through its own map (fitted on its own validation rows). A
 fold without best.pt is an error naming it: finish it, or move the K-fold folder away.
 
-Speed: each test image is decoded once, into the same uint8 cache train.py uses (one cache per
-distinct image size and square mode); each model then reads the rows it serves from that cache and
-predicts them with model.predict, the loop that training's validation uses.
+Speed: each test image is decoded once, into the uint8 cache train.py uses; each model reads the
+rows it serves from there and predicts them with model.predict, training's validation loop.
 
-Scoring, before a leaderboard submission is spent (the written CSV is scored, exactly as submitted):
+Scoring (--labels FILE: an 'Id' + label-columns CSV for the test CSV's Ids, or a labelled CSV in a
+training layout whose own images are predicted, Ids 0..N-1): the written CSV, read back exactly as
+submitted, is scored per pathology with patient-grouped bootstrap intervals into metrics.json and
+metrics.csv beside --out; --plots DIR adds a ROC curve and a reliability diagram per pathology.
     python make_submission.py --data-root DIR --labels heldout.csv --out eval/sub.csv --plots eval/plots
---labels FILE is either an 'Id' + label-columns CSV for the test CSV's Ids (the demo's
-test_labels.csv; pass it as --test-csv too, since it covers test_ids.csv and solution_ids.csv), or
-a labelled CSV in a training layout ('Path' and 'AP/PA' columns: a held-out slice of train2023.csv,
-Stanford's valid.csv), whose images are then the ones predicted, with Ids 0..N-1 in the written CSV
-(rows whose image is missing or unreadable are dropped with a warning). Labels are read in the
---label-convention (detected from the layout by default) onto the project's scale; uncertain (0)
-counts in the MSE, blank does not. It prints per pathology n, MSE, the constant training mean's
-MSE and AUC with 95% patient-grouped bootstrap intervals, then macro MSE and AUC, and writes them to
-metrics.json and metrics.csv beside --out (format: evaluation.evaluate); --plots DIR adds a ROC
-curve and a reliability diagram per pathology.
 
 Blend (experiments/blend.py): with --blend blend.json and --checkpoints PARENT (the folder holding
 the runs), each pathology the blend covers is predicted by exactly its members, PARENT/<member>/best.pt
-(a K-fold member: the mean of its folds' raw outputs, PARENT/<member>/fold<I>/best.pt), combined by
-calibration.apply_blend (learned weights over the members that serve the image's view, the learned
-frontal/lateral study fusion in place of --study-fusion, and the blend's calibration). Other
+(a K-fold member: the mean of its folds' raw outputs), combined by calibration.apply_blend (learned
+weights, study fusion and calibration). A member that changed since the blend was fitted (its
+best.pt's epoch or validation loss, or its validation predictions: blendfile.py) is refused. Other
 pathologies are routed as above over all checkpoints under PARENT.
+
+Every file written (--out, metrics.json/.csv beside it, --plots) is checked before any work: never
+an input (a CSV, a checkpoint, the blend), never under the data root, writable. Reference:
+docs/submission.md, docs/evaluation.md.
 """
 from __future__ import annotations
 
@@ -63,13 +59,16 @@ import torch
 from tqdm import tqdm
 
 from cache import cached_table
-from common import Parser, UserError, add_data_flags, add_device_flags, atomic_write, format_table, run_cli
+from blendfile import check_fingerprints, predictions_file
+from common import (Parser, UserError, add_data_flags, add_device_flags, atomic_write, check_outputs, format_table,
+                    run_cli)
 import config
 from dataset import (LABEL_CONVENTIONS, PATHOLOGIES, VIEWS, XrayDataset, choose_convention, describe_convention,
                      parse_ids, parse_label_column, read_csv_text, read_header, read_test_csv, read_train_csv,
                      resolve_data)
 from calibration import apply_blend, apply_calibration, fuse_studies
 from evaluation import METRIC_COLUMNS, evaluate, metrics_rows, plot_evaluation, write_metrics
+from demo import DEMO_ROOT
 from model import Checkpoint, load_checkpoint, predict
 from runs import FOLD_NAME
 from runtime import Runtime, setup_runtime
@@ -116,6 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "per pathology, as PNGs in DIR")
     p.add_argument("--batch-size", type=int, default=64)
     add_device_flags(p)
+    config.add_config_flag(p)
     args = config.parse_args(p, argv)
     if args.fill_missing is not None and not (math.isfinite(args.fill_missing) and -1 <= args.fill_missing <= 1):
         p.error(f"--fill-missing must be a number in [-1, 1], got {args.fill_missing}")
@@ -183,6 +183,36 @@ def find_checkpoints(folder: Path) -> list[Path]:
     if not paths:
         raise UserError(f"no best.pt under {folder}; train first (python train.py --pathology NAME --out-dir {folder})")
     return paths
+
+
+def warn_unfinished(paths: list[Path]) -> None:
+    """One warning naming the model folders whose best.pt has no summary.json beside it: runs still
+    training or stopped before their end, whose best epoch so far is used (never silently)."""
+    folders = [str(p.parent) for p in paths if not (p.parent / "summary.json").is_file()]
+    if folders:
+        warnings.warn(f"{len(folders)} model folder(s) with best.pt but no summary.json (a run still training or "
+                      f"stopped before its end): {', '.join(folders[:5])}{', ...' if len(folders) > 5 else ''}; their "
+                      f"best epoch so far is used: finish them (train.py ... --resume), or move them out of "
+                      f"--checkpoints", stacklevel=2)
+
+
+def guard_outputs(args, paths: list[Path]) -> None:
+    """common.check_outputs for every file this run writes, before any work: --out, metrics.json and
+    metrics.csv beside it (with --labels), --plots. None may be an input (--test-csv, --labels,
+    --blend, a checkpoint, with --blend the runs' validation predictions), lie under the data root
+    (the demo's folder without --data-root; the training CSV lies there too) or be unwritable."""
+    files = {"--out": args.out}
+    if args.labels is not None:
+        files.update({f"{name} beside --out": args.out.with_name(name) for name in ("metrics.json", "metrics.csv")})
+    inputs = {"--test-csv": args.test_csv, "--labels": args.labels, "--blend": args.blend}
+    for path, rel in ((p, p.relative_to(args.checkpoints)) for p in paths):
+        inputs[f"--checkpoints ({rel.as_posix()})"] = path
+        fold = FOLD_NAME.fullmatch(path.parent.name)  # a K-fold model's predictions are its parent's
+        pred = predictions_file(path.parent.parent if fold else path.parent, bool(fold))
+        if args.blend is not None and pred.is_file():
+            inputs[f"--checkpoints ({(rel.parent.parent if fold else rel.parent).as_posix()}/{pred.name})"] = pred
+    root = args.data_root if args.data_root is not None else DEMO_ROOT  # what resolve_data will read
+    check_outputs(files=files, folders={"--plots": args.plots}, inputs=inputs, data_root=root)
 
 
 def load_sources(paths: list[Path], folder: Path, rt: Runtime) -> list[Source]:
@@ -267,10 +297,12 @@ class Blend:
 def load_blend(path: Path, sources: list[Source], folder: Path) -> dict[str, Blend]:
     """blend.json's pathologies with their members among the loaded checkpoints: member
     'run_a/cardiomegaly' is folder/run_a/cardiomegaly/best.pt, or the K-fold model of its
-    fold<I>/best.pt. A missing member, or one that does not predict the pathology, is an error
-    naming it; a pathology that is no submission column is left out with a warning."""
+    fold<I>/best.pt. A missing member, one that does not predict the pathology, or one that changed
+    since the blend was fitted (check_fingerprints) is an error naming it; a pathology that is no
+    submission column is left out with a warning."""
     try:
-        entries = json.loads(Path(path).read_text())["pathologies"]
+        data = json.loads(Path(path).read_text())
+        entries = data["pathologies"]
         wanted = {name: (list(e["members"]), len(e["weights"])) for name, e in entries.items()}
     except FileNotFoundError as e:
         raise UserError(f"--blend {path}: no such file") from e
@@ -283,6 +315,8 @@ def load_blend(path: Path, sources: list[Source], folder: Path) -> dict[str, Ble
         raise UserError(f"--blend {path}: no checkpoint for member{'s' * (len(missing) > 1)} {', '.join(missing)} "
                         f"(no {Path(folder) / missing[0] / 'best.pt'}); pass --checkpoints the folder that holds the "
                         f"runs blend.py was given")
+    check_fingerprints(path, data.get("fingerprints"), {m: (sources[index[m]].ckpts, sources[index[m]].kfold)
+                                                        for members, _ in wanted.values() for m in members}, folder)
     blends = {}
     for name, (members, n_weights) in wanted.items():
         if name not in PATHOLOGIES:
@@ -455,7 +489,7 @@ def score(out: Path, test: pd.DataFrame, targets: pd.DataFrame, const: dict, plo
     with plots, a ROC and a reliability PNG per labelled pathology. Returns (metrics, PNG paths)."""
     ids = test["Id"].to_numpy()
     names = list(targets.columns)
-    pred = pd.read_csv(out).set_index("Id").loc[ids, names].to_numpy(np.float64)
+    pred = read_submission(out).set_index("Id").loc[ids, names].to_numpy(np.float64)
     target = targets.reindex(ids).to_numpy(np.float64)
     metrics = evaluate(pred, target, test["patient"].to_numpy(), names, const)
     write_metrics(metrics, out.with_name("metrics.json"), out.with_name("metrics.csv"))
@@ -517,6 +551,13 @@ def assemble(sources: list[Source], raw: list[np.ndarray], routes: Routes, views
 # ---------------------------------------------------------------------------------------------
 # The checked CSV
 
+def read_submission(path: Path) -> pd.DataFrame:
+    """A written submission CSV, its Ids read exactly (parse_ids, never through a float)."""
+    df = pd.read_csv(path, converters={"Id": str})
+    df["Id"] = parse_ids(df["Id"], str(path))
+    return df
+
+
 def check_submission(path: Path, ids) -> None:
     """The CSV at path is a valid submission for these test Ids: exact header, every Id once and no
     other (any order; Ids as parse_ids reads them), every value finite and in [-1, 1]. Raises
@@ -525,9 +566,8 @@ def check_submission(path: Path, ids) -> None:
         header = f.readline().rstrip("\r\n")
     if header != HEADER:
         raise UserError(f"{path}: header is {header!r}, expected {HEADER!r}")
-    df = pd.read_csv(path, converters={"Id": str})
-    got = set(parse_ids(df["Id"], str(path)).tolist())
-    want = set(int(i) for i in ids)
+    df = read_submission(path)
+    got, want = set(df["Id"].tolist()), set(int(i) for i in ids)  # Python ints: compared exactly
     extra, missing = got - want, want - got
     if extra or missing:
         raise UserError(f"{path}: {len(missing)} test Ids missing (e.g. {sorted(missing)[:3]}) and "
@@ -588,6 +628,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     t0 = time.time()
     paths = find_checkpoints(args.checkpoints)
+    guard_outputs(args, paths)
+    warn_unfinished(paths)
     root, csv_path, test, targets, from_labels = read_inputs(args)
     if len(test) == 0:
         raise UserError(f"{csv_path}: no test rows")

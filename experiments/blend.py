@@ -27,11 +27,16 @@ shrinkage toward uniform, a frontal/lateral study-fusion weight and an affine ca
 chosen by patient-grouped K-fold CV. It prints the out-of-fold MSE of the best single member, the
 uniform average and the learned blend, per pathology and macro, each with its own calibration
 refitted without the fold it predicts, and writes blend.json:
-    {"version": 1, "folds": K, "seed": N, "pathologies": {name: {"members": [...], "weights": [...],
+    {"version": 2, "folds": K, "seed": N, "fingerprints": {member: {...}},
+     "pathologies": {name: {"members": [...], "weights": [...],
      "lambda": f, "a": f, "b": f, "w_frontal": f or null, "fallback": bool, "reason": str or null,
      "oof": {"best_single": f, "uniform": f, "blend": f, "n": int}}}}
 A pathology with too few labelled validation images (--min-rows, or under 2 patients per fold) falls
-back to the uniform average (fallback true, reason says why).
+back to the uniform average (fallback true, reason says why). Each member's fingerprint (blendfile.py:
+its best.pt's epoch and validation loss, the SHA-256 of its predictions) lets make_submission.py
+refuse a member retrained since. A model folder with best.pt but no summary.json (a run still
+training, or stopped before its end) is left out, named in a warning. --out is checked before any
+work: never a member's file, never under a data root the members' summary.json records.
 """
 from __future__ import annotations
 
@@ -50,11 +55,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from blendfile import BLEND_VERSION, checkpoint_record, fingerprint, predictions_file
 from calibration import fit_blend
-from common import Parser, UserError, format_table, jsonable, run_cli, write_text
+from common import Parser, UserError, check_outputs, format_table, jsonable, run_cli, write_text
 import config
 from dataset import ALL_LABELS
-from runs import FOLD_NAME, fold_indices, kfold_split, read_oof, read_predictions, read_summary
+from demo import DEMO_ROOT
+from runs import FOLD_NAME, fold_folder, fold_indices, kfold_split, read_oof, read_predictions, read_summary
 
 TABLE_COLUMNS = ["pathology", "members", "n", "best_single", "uniform", "blend", "w_frontal", "note"]
 
@@ -65,16 +72,41 @@ class Member:
     run: str  # the run folder relative to the same parent: 'run_a'
     folder: Path
     split: dict  # summary.json's split record (a K-fold model's: its finished folds' common one)
+    data_root: Path | None  # the data root its summary.json records (the demo's when none was given)
 
     @property
     def kfold(self) -> bool:
         """A K-fold model (folder/fold<I>/): its predictions are oof_predictions.csv, every training row."""
         return bool(fold_indices(self.folder))
 
+    @property
+    def model_folders(self) -> list[Path]:
+        """The folders holding its best.pt and summary.json: folder, or a K-fold model's K fold<I>/."""
+        return [fold_folder(self.folder, i) for i in range(int(self.split["folds"]))] if self.kfold else [self.folder]
+
+    def inputs(self) -> list[Path]:
+        """Every file of it that blend.py reads: its predictions, summary.json and best.pt files."""
+        return [predictions_file(self.folder, self.kfold)] + [f / name for f in self.model_folders
+                                                             for name in ("summary.json", "best.pt")]
+
     def predictions(self) -> pd.DataFrame:
         """val_predictions.csv, or a K-fold model's oof_predictions.csv (runs.read_oof: an error names
         the folds not finished)."""
         return read_oof(self.folder) if self.kfold else read_predictions(self.folder / "val_predictions.csv")
+
+    def fingerprint(self) -> dict:
+        """blendfile.fingerprint: each best.pt's epoch and validation loss (read from the checkpoint,
+        whose validation predictions these are; from summary.json where best.pt was not kept, as
+        when only the CSVs were copied to blend), and the SHA-256 of its predictions file."""
+        from model import Checkpoint  # torch: only when a blend is written
+        models = []
+        for f in self.model_folders:
+            if (f / "best.pt").is_file():
+                models.append(checkpoint_record(Checkpoint.load(f / "best.pt")))
+            else:  # neither: an unfinished fold, which reading the predictions then names
+                summary = read_summary(f / "summary.json") if (f / "summary.json").is_file() else {}
+                models.append((summary.get("best_epoch"), summary.get("val_loss")))
+        return fingerprint(models, predictions_file(self.folder, self.kfold))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -95,10 +127,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def is_unfinished(d: Path) -> bool:
+    """A model folder with best.pt but no summary.json: a run still training, or stopped before its end."""
+    return (d / "best.pt").is_file() and not (d / "summary.json").is_file() and not fold_indices(d)
+
+
+def recorded_root(summary: dict) -> Path | None:
+    """The data root a summary.json's configuration records (the demo's folder when none was
+    given); None for a summary without a configuration."""
+    settings = summary.get("config")
+    if not isinstance(settings, dict):
+        return None
+    return Path(settings["data_root"]) if settings.get("data_root") else DEMO_ROOT
+
+
 def find_members(runs: list[Path]) -> list[Member]:
     """Every model folder of the runs: a single model (summary.json + val_predictions.csv) or a K-fold
     model (fold<I>/ folders, one member); a run folder that is itself a model folder counts as one.
-    Names are relative to the runs' common parent."""
+    Names are relative to the runs' common parent. Unfinished model folders (is_unfinished) are left
+    out, named in one warning."""
     runs = [Path(r).resolve() for r in runs]
     for r in runs:
         if not r.is_dir():
@@ -107,26 +154,40 @@ def find_members(runs: list[Path]) -> list[Member]:
 
     def is_model(d: Path) -> bool:
         return (d / "summary.json").is_file() or bool(fold_indices(d))
-    members = []
+    members, unfinished = [], []
     for r in runs:
         if FOLD_NAME.fullmatch(r.name) and (r / "summary.json").is_file():
             raise UserError(f"--runs {r}: one fold of a K-fold model; give its parent {r.parent}, whose "
                             f"out-of-fold predictions cover every training row")
-        folders = [r] if is_model(r) else sorted(d for d in r.iterdir() if d.is_dir() and is_model(d))
+        subfolders = [] if is_model(r) or is_unfinished(r) else sorted(d for d in r.iterdir() if d.is_dir())
+        folders = [r] if is_model(r) else [d for d in subfolders if is_model(d)]
+        waiting = [d for d in [r, *subfolders] if is_unfinished(d)]
+        unfinished += waiting
         found = []
         for d in folders:
             if fold_indices(d):
                 split = kfold_split(d)
+                summary = read_summary(next(f for f in (fold_folder(d, i) for i in fold_indices(d))
+                                            if (f / "summary.json").is_file()) / "summary.json")
             elif not (d / "val_predictions.csv").is_file():
                 warnings.warn(f"{d} has no val_predictions.csv (trained before train.py wrote it?): left out")
                 continue
             else:
-                split = read_summary(d / "summary.json").get("split") or {}
-            found.append(Member(d.relative_to(parent).as_posix(), r.relative_to(parent).as_posix(), d, split))
+                summary = read_summary(d / "summary.json")
+                split = summary.get("split") or {}
+            found.append(Member(d.relative_to(parent).as_posix(), r.relative_to(parent).as_posix(), d, split,
+                                recorded_root(summary)))
         if not found:
             raise UserError(f"--runs {r}: no model folder in it (summary.json and val_predictions.csv, or the "
-                            f"fold<I>/ folders of a K-fold model)")
+                            f"fold<I>/ folders of a K-fold model)"
+                            + (f"; {waiting[0]} has best.pt but no summary.json: finish its training first"
+                               if waiting else ""))
         members += found
+    if unfinished:
+        warnings.warn(f"{len(unfinished)} model folder(s) with best.pt but no summary.json (a run still training or "
+                      f"stopped before its end) left out of the blend: {', '.join(map(str, unfinished))}; finish them "
+                      f"(train.py ... --resume) and rerun experiments/blend.py (until then make_submission.py --blend "
+                      f"uses such a best.pt alone for a pathology no member predicts)")
     names = [m.name for m in members]
     if len(set(names)) < len(names):
         raise UserError(f"a model folder is given twice: {sorted({n for n in names if names.count(n) > 1})}")
@@ -245,13 +306,25 @@ def weights_line(name: str, e: dict) -> str:
     return f"{name}: {parts} (lambda {e['lambda']:g}, a {e['a']:.3f}, b {e['b']:+.3f}, w_frontal {fusion})"
 
 
+def guard_out(out: Path, members: list[Member]) -> None:
+    """common.check_outputs for --out, before any work: not a file of a member (its predictions,
+    summary.json, best.pt), not under a data root the members record, writable."""
+    inputs = {f"--runs ({m.name}/{f.relative_to(m.folder).as_posix()})": f for m in members for f in m.inputs()}
+    for root in sorted({m.data_root for m in members if m.data_root is not None}) or [None]:
+        check_outputs(files={"--out": out}, inputs=inputs, data_root=root)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     members = find_members(args.runs)
     check_split(members)
+    guard_out(args.out, members)
+    # before the files are read: one rewritten meanwhile is then refused by make_submission, never trusted
+    fingerprints = {m.name: m.fingerprint() for m in members}
     tables = shared_rows(members, {m.name: m.predictions() for m in members})
     names = pathology_order({p for df in tables.values() for p in df["pathology"].unique()})
-    blend = {"version": 1, "folds": args.folds, "seed": args.seed, "pathologies": {}}
+    blend = {"version": BLEND_VERSION, "folds": args.folds, "seed": args.seed, "fingerprints": fingerprints,
+             "pathologies": {}}
     for name in tqdm(names, desc="blending", disable=not args.progress, leave=False, dynamic_ncols=True):
         have = [m for m in members if (tables[m.name]["pathology"] == name).any()]
         blend["pathologies"][name] = blend_pathology(name, have, tables, args)

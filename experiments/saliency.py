@@ -16,7 +16,8 @@ three-class head p(positive) - p(negative)). Coarse by nature: h = w = about the
 size / 32 (7 x 7 at 224 px; a model trained at 32 px has a single cell, so no map to speak of).
 It needs a spatial map: every torchvision --arch and timm's convolutional models and Swin have one;
 a ViT's features are tokens, and the script says so and stops.
-The images are only read; files are written under --out only.
+The images are only read; files are written under --out only, which is checked first: a folder
+that holds none of them nor the checkpoint, outside the data root the checkpoint was trained on.
 """
 from __future__ import annotations
 
@@ -34,9 +35,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cache import ImageError, load_image
-from common import Parser, UserError, add_device_flags, run_cli
+from common import Parser, UserError, add_device_flags, check_outputs, run_cli
 import config
 from dataset import slug
+from demo import DEMO_ROOT
 from evaluation import new_figure, save_png
 from calibration import apply_calibration
 from model import load_checkpoint
@@ -134,6 +136,16 @@ def read_images(paths: list[Path], size: int, square: str) -> np.ndarray:
     return np.stack(images)
 
 
+def guard_out(out: Path, checkpoint: Path, images: list[Path], train_config: dict) -> None:
+    """common.check_outputs for the --out folder (which it creates: so after the checkpoint's own
+    checks, before any image is read): it holds neither the checkpoint nor an image, lies outside
+    the data root the checkpoint was trained on (the demo's folder when none was given; none known
+    for a checkpoint without a training configuration) and is writable."""
+    root = (Path(train_config["data_root"]) if train_config.get("data_root") else DEMO_ROOT) if train_config else None
+    inputs = {"--checkpoint": checkpoint, **{f"--images #{i + 1}": path for i, path in enumerate(images)}}
+    check_outputs(folders={"--out": out}, inputs=inputs, data_root=root)
+
+
 def main(argv=None) -> list[dict]:
     """Returns one dict per image and head: image, pathology, raw, score (calibrated), png, cam (S, S)."""
     args = parse_args(argv)
@@ -144,6 +156,7 @@ def main(argv=None) -> list[dict]:
         raise UserError(f"--checkpoint {args.checkpoint}: its {model.arch} has no spatial feature map (its features "
                         f"are tokens), which Grad-CAM needs; use a model of a convolutional --arch")
     heads = pick_heads(ckpt.pathologies, args.pathology, args.checkpoint)
+    guard_out(args.out, args.checkpoint, args.images, ckpt.train_config)  # before any image is read or written
     size, square = int(ckpt.preprocess["image_size"]), ckpt.preprocess["square"]
     images = read_images(args.images, size, square)
     results, taken = [], set()

@@ -227,7 +227,9 @@ def test_blend_script_end_to_end(tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     b = json.loads(out.read_text())
-    assert (b["version"], b["folds"], b["seed"]) == (1, 4, 1)
+    assert (b["version"], b["folds"], b["seed"]) == (2, 4, 1)
+    assert set(b["fingerprints"]) == {"run_a/cardiomegaly", "run_a/fracture", "run_b/multi_head",
+                                      "run_b/cardiomegaly_frontal"}
     assert list(b["pathologies"]) == ["Cardiomegaly", "Fracture"]  # dataset.PATHOLOGIES order
     card, frac = b["pathologies"]["Cardiomegaly"], b["pathologies"]["Fracture"]
     assert card["members"] == ["run_a/cardiomegaly", "run_b/cardiomegaly_frontal", "run_b/multi_head"]
