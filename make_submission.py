@@ -63,6 +63,7 @@ from blendfile import check_fingerprints, predictions_file
 from common import (Parser, UserError, add_data_flags, add_device_flags, atomic_write, check_outputs, format_table,
                     run_cli)
 import config
+from patients import add_patient_col_flag
 from dataset import (LABEL_CONVENTIONS, PATHOLOGIES, VIEWS, XrayDataset, choose_convention, describe_convention,
                      parse_ids, parse_label_column, read_csv_text, read_header, read_test_csv, read_train_csv,
                      resolve_data)
@@ -108,6 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="score the written CSV: an 'Id' + label-columns CSV for the test CSV's Ids, or a labelled CSV "
                         "with 'Path' in a training layout whose images are then predicted; writes metrics.json and "
                         "metrics.csv beside --out")
+    add_patient_col_flag(p)  # a --labels CSV in a training layout: its patients, for the intervals
     p.add_argument("--label-convention", choices=LABEL_CONVENTIONS, default="auto",
                    help="how --labels writes labels: cs156b (0 uncertain, -1 negative), chexpert (Stanford's: "
                         "0 negative, -1 uncertain), or auto: detected from the layout")
@@ -411,7 +413,7 @@ def read_inputs(args) -> tuple[Path, Path, pd.DataFrame, pd.DataFrame | None, bo
             raise UserError(f"--labels {args.labels} is a labelled CSV with 'Path': its own images are predicted; "
                             f"drop --test-csv, or give --labels an 'Id' + label-columns CSV for the test CSV")
         root, csv_path = resolve_data(args.data_root, args.labels, "")
-        table = read_train_csv(csv_path, convention=args.label_convention)
+        table = read_train_csv(csv_path, convention=args.label_convention, patient_col=args.patient_col)
         print(f"--labels {csv_path}: "
               + describe_convention(table.attrs["label_convention"], table.attrs["label_convention_how"]))
         test = table[["path", "patient", "study", "view"]].copy()

@@ -119,6 +119,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-rows", type=int, default=50, metavar="N",
                    help="fewer labelled validation images than this: uniform average (default 50)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar")
+    config.add_config_flag(p)
     args = config.parse_args(p, argv)
     if args.folds < 2:
         p.error(f"--folds must be at least 2, got {args.folds}")

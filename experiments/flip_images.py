@@ -26,6 +26,7 @@ from cache import ImageCache, cached_table, derive_cache
 from common import Parser, add_data_flags, run_cli
 import config
 from dataset import read_train_csv, resolve_data
+from patients import add_patient_col_flag
 
 
 def make_parser(description: str) -> argparse.ArgumentParser:
@@ -33,6 +34,7 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     p = Parser(description=description)
     add_data_flags(p, "--csv", "training CSV (default: the first of DATA_ROOT/student_labels/train2023.csv, "
                    "CheXpert-v1.0-small/train.csv, CheXpert-v1.0/train.csv)")
+    add_patient_col_flag(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     return p
 
@@ -56,7 +58,7 @@ def build_copy(args: argparse.Namespace, name: str, transform: Callable) -> Imag
     t0 = time.time()
     root, csv = resolve_data(args.data_root, args.csv, "train2023.csv")
     # the same call train.py makes, so the base cache (and hence the copy) has the same key
-    table, base = cached_table(read_train_csv(csv), root, args.image_size, args.cache_dir, csv.stem, args.square,
+    table, base = cached_table(read_train_csv(csv, patient_col=args.patient_col), root, args.image_size, args.cache_dir, csv.stem, args.square,
                                args.workers, progress=args.progress)
     copy = derive_cache(base, name, transform, progress=args.progress)
     n_bytes = sum(copy.shard_path(k).stat().st_size for k in range(copy.n_shards))

@@ -57,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pathology", metavar="NAME", help="only this head of the model (default: every head)")
     p.add_argument("--alpha", type=float, default=0.4, help="opacity of the heatmap over the image")
     add_device_flags(p, amp=False)  # Grad-CAM's gradients in float32
+    config.add_config_flag(p)
     args = config.parse_args(p, argv)
     if not 0 <= args.alpha <= 1:
         p.error(f"--alpha must be in [0, 1], got {args.alpha}")
