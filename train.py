@@ -58,6 +58,7 @@ from runs import (check_layout, fold_folder, oof_metrics, prepare_folder, resume
 from runtime import (Runtime, StopSignals, agree, check_same_table, close_loader, join_process_group, on_main,
                      seed_everything, setup_runtime, sync_buffers, to_device)
 from sampler import SAMPLER_CAP, EpochSampler, sample_weights, train_loader
+from snapshots import average_weights, recompute_batchnorm, top_name, update_top
 from state import TrainState
 from tracking import LOG_KINDS, RunLog, check_kind, file_fingerprint, finish_manifest, start_manifest
 from weights import load_pretrained
@@ -164,6 +165,11 @@ def make_parser() -> Parser:
                              "checkpoint"))
     may_change(g.add_argument("--patience", type=int, default=3, help="early stopping: validations without improvement "
                               "of the validation loss; 0 turns it off"))
+    must_keep(g.add_argument("--keep-top", type=int, default=0, metavar="K",
+                             help="keep the K best validated weights in OUT_DIR/<slug>/top/ beside best.pt (0: off)"))
+    must_keep(g.add_argument("--average-top", type=int, default=0, metavar="K",
+                             help="at the end, average the K best kept weights (K <= --keep-top), recompute their "
+                             "BatchNorm statistics on training batches and validate them: best.pt when better"))
     must_keep(g.add_argument("--val-per-epoch", type=int, default=1, metavar="N",
                              help="validate (and save best.pt and last.pt) N times an epoch, evenly spread; history.csv "
                              "gets a row per validation and --patience counts validations"))
@@ -243,6 +249,11 @@ def bad_values(args: argparse.Namespace, explicit_warmup: float | None = None) -
                f"--freeze must be between 0 and {N_STAGES}, got {args.freeze}"),
               (args.patience < 0, f"--patience must be >= 0, got {args.patience}"),
               (args.val_per_epoch < 1, f"--val-per-epoch must be at least 1, got {args.val_per_epoch}"),
+              (args.keep_top < 0, f"--keep-top must be >= 0, got {args.keep_top}"),
+              (args.average_top < 0 or args.average_top == 1,
+               f"--average-top must be 0 (off) or at least 2, got {args.average_top}"),
+              (args.average_top > args.keep_top, f"--average-top {args.average_top} averages kept weights: it needs "
+               f"--keep-top {args.average_top} or more, got --keep-top {args.keep_top}"),
               (not 0 <= args.sampler_cap < math.inf, f"--sampler-cap must be >= 0 (0: no bound), got {args.sampler_cap}"),
               (not 0 <= args.warmup_epochs < math.inf, f"--warmup-epochs must be >= 0, got {args.warmup_epochs}"),
               (args.schedule == "plateau" and bool(explicit_warmup),
@@ -519,15 +530,16 @@ def log_steps(job: Job, steps: list, rt: Runtime) -> None:
             job.runlog.scalars(samples, {"train/loss": loss / max(n, 1), "train/lr": lr})
 
 
-def validate(state: TrainState, job: Job, rt: Runtime) -> dict:
+def validate(state: TrainState, job: Job, rt: Runtime, model: torch.nn.Module | None = None) -> dict:
     """Validation of the weights best.pt would save (every rank with rank 0's buffers): per-pathology
     metrics with a calibration map fitted on these predictions, their macro means, and the loss
     that picks best.pt and early stopping watches: the out-of-sample (patient-grouped
     cross-validated) MSE of the calibrated outputs over all labelled entries. "pred" holds the raw
     predictions (n_val, K) float32 in [-1, 1] (every rank has them all), "calibrated_oos" (n_val, K)
-    float64 each row calibrated by a map fitted without its patient (val_predictions.csv's column)."""
+    float64 each row calibrated by a map fitted without its patient (val_predictions.csv's column).
+    `model`: other weights to validate (--average-top's average) instead of state.validated."""
     s, t0 = state.settings, time.time()
-    model = state.validated
+    model = state.validated if model is None else model
     sync_buffers(model, rt)
     pred = predict(model, job.val_set, s.batch_size, rt)
     per, cals = {}, {}
@@ -615,22 +627,68 @@ def end_validation(state: TrainState, job: Job, val: dict, rt: Runtime) -> None:
     else:
         best["bad"] += 1
     best["stopped"] = bool(s.patience and best["bad"] >= s.patience)
-    on_main(rt, lambda: write_outputs(state, job, val, improved))
+    keep, drop = False, []
+    if s.keep_top:
+        state.top, keep, drop = update_top(state.top, val["val_loss"], row["epoch"], state.validations, s.keep_top)
+    on_main(rt, lambda: write_outputs(state, job, val, improved, keep, drop))
     save_last(state, job, rt)
     log_validation(state, job, row, val, improved, rt)
 
 
-def write_outputs(state: TrainState, job: Job, val: dict, improved: bool) -> None:
+def write_outputs(state: TrainState, job: Job, val: dict, improved: bool, keep: bool = False,
+                  drop: list[str] = ()) -> None:
     """Rank 0's files after a validation, from the state: best.pt and val_predictions.csv when it
-    improved (from this validation's weights, never a live reference), history.csv, curves.png."""
+    improved (from this validation's weights, never a live reference), --keep-top's files (this
+    validation's weights when they rank among the K best; those that fell out removed),
+    history.csv, curves.png."""
     if improved:
-        checkpoint_of(state.validated, state, job, state.best["metrics"], val["calibration"]).save(job.folder / "best.pt")
-        cal = np.stack([apply_calibration(val["calibration"].get(n), val["pred"][:, k])
-                        for k, n in enumerate(job.names)], 1)
-        write_predictions(job.folder / "val_predictions.csv", job.val_rows, job.names, job.val_targets, val["pred"], cal,
-                          val["calibrated_oos"])
+        write_best(state, job, val, state.validated)
+    if keep:
+        checkpoint_of(state.validated, state, job, jsonable(state.history[-1]), val["calibration"]).save(
+            job.folder / top_name(state.validations))
+    for name in drop:
+        (job.folder / name).unlink(missing_ok=True)
     write_history(job.folder / "history.csv", state.history)
     plot_curves(state.history, job.folder / "curves.png", f"{job.label} (view {state.settings.view})")  # about 0.2 s
+
+
+def write_best(state: TrainState, job: Job, val: dict, model: torch.nn.Module) -> None:
+    """best.pt (these weights, with state.best's metrics and val's calibration) and val_predictions.csv."""
+    checkpoint_of(model, state, job, state.best["metrics"], val["calibration"]).save(job.folder / "best.pt")
+    cal = np.stack([apply_calibration(val["calibration"].get(n), val["pred"][:, k]) for k, n in enumerate(job.names)], 1)
+    write_predictions(job.folder / "val_predictions.csv", job.val_rows, job.names, job.val_targets, val["pred"], cal,
+                      val["calibrated_oos"])
+
+
+def average_top(state: TrainState, job: Job, rt: Runtime) -> None:
+    """--average-top K, once training has ended: the mean of the K best kept weights, their
+    BatchNorm statistics recomputed on training batches, validated; best.pt when it validates
+    better than the best single validation. state.best["averaged"] records the outcome (so a
+    resume does not redo it) and summary.json says which weights best.pt holds."""
+    s = state.settings
+    paths = [job.folder / e["file"] for e in state.top[:s.average_top]]
+    if len(paths) < 2:
+        state.best["averaged"] = {"k": len(paths), "kept": False, "note": "fewer than 2 validations kept"}
+        rt.log(f"{job.label}: --average-top {s.average_top}: only {len(paths)} validation(s) kept, nothing to average")
+        return
+    model = average_weights(paths).build(rt.device, paths[0])
+    if rt.cuda:
+        model.to(memory_format=torch.channels_last)
+    job.sampler.set_epoch(0)
+    recompute_batchnorm(model, job.loader, rt.device)
+    val = validate(state, job, rt, model)
+    better = val["val_loss"] < state.best["val_loss"]
+    state.best["averaged"] = {"k": len(paths), "val_loss": val["val_loss"], "kept": better,
+                              "epochs": [e["epoch"] for e in state.top[:len(paths)]]}
+    rt.log(f"{job.label}: the average of the {len(paths)} best validations: val {val['val_loss']:.4f} against "
+           f"{state.best['val_loss']:.4f}, " + ("kept as best.pt" if better else "best.pt stays the best validation"))
+    if better:
+        per = {name: {**val["per_pathology"][name], "n_train": job.n_train_of(k)} for k, name in enumerate(job.names)}
+        state.best.update(val_loss=val["val_loss"], calibration=val["calibration"], metrics=jsonable(
+            {**{k: v for k, v in val.items() if k in METRIC_KEYS or k == "val_loss"}, "epoch": state.best["epoch"],
+             "averaged": len(paths), "per_pathology": per}))
+        on_main(rt, lambda: write_best(state, job, val, model))
+    save_last(state, job, rt)
 
 
 def log_validation(state: TrainState, job: Job, row: dict, val: dict, improved: bool, rt: Runtime) -> None:
@@ -678,7 +736,7 @@ def train_job(names: list[str], folder: Path, data: dict, is_val: np.ndarray, sp
         return None
     ckpt = load_last(job, args, rt)
     state = build_state(job, args, rt, ckpt)
-    if finished(state):
+    if finished(state) and not (args.average_top and "averaged" not in state.best):
         rt.log(f"{job.label}: already finished ({state.epoch} epochs{', early-stopped' if state.best['stopped'] else ''})")
         return write_summary(state, job, data, rt)
     fold = split.get("fold")
@@ -708,6 +766,8 @@ def train_job(names: list[str], folder: Path, data: dict, is_val: np.ndarray, sp
                     reason = signal_name(signals.requested)
                     rt.log(f"saved {job.folder / 'last.pt'} after epoch {state.epoch}; continue with --resume")
                     raise SystemExit(130)
+            if args.average_top and "averaged" not in state.best:
+                average_top(state, job, rt)
         reason = "early stop" if state.best["stopped"] else "finished"
         summary = write_summary(state, job, data, rt)
         job.runlog.hparams(config.settings(args, make_parser()),
@@ -750,6 +810,9 @@ def write_summary(state: TrainState, job: Job, data: dict, rt: Runtime) -> dict:
                "n_duplicate_rows": table.attrs.get("n_duplicates", 0), "head_type": job.head_type,
                "best_epoch": state.best["epoch"], "epochs_run": epoch_number(state.progress(job.epoch_len)),
                "validations": state.validations, "early_stopped": state.best["stopped"],
+               "best_from": (f"the average of the {state.best['averaged']['k']} best validations"
+                             if state.best.get("averaged", {}).get("kept") else "the best validation"),
+               "averaged": state.best.get("averaged"),
                **{k: best.get(k) for k in ("val_loss", *METRIC_KEYS)},
                "per_pathology": best.get("per_pathology", {}), "split": job.split,
                "config": jsonable(vars(state.settings))}
