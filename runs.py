@@ -227,11 +227,11 @@ def oof_metrics(folder: Path, k: int, names: list[str], expected: pd.Series) -> 
     return out
 
 
-def prepare_folder(folder: Path, resume: bool, overwrite: bool, log) -> None:
+def prepare_folder(folder: Path, resume: bool, overwrite: bool, log, remove: bool = True) -> None:
     """Before any image is read: a model folder that holds another run (last.pt or best.pt) is
-    carried on with --resume, started again with --overwrite (its run files removed, saying so), and
-    otherwise refused in one line naming both; --resume where there is no last.pt says that it
-    starts afresh."""
+    carried on with --resume, started again with --overwrite (its run files removed, saying so, where
+    `remove`: rank 0 only), and otherwise refused in one line naming both; --resume where there is no
+    last.pt says that it starts afresh."""
     folder = Path(folder)
     last, best = (folder / "last.pt").is_file(), (folder / "best.pt").is_file()
     if resume:
@@ -247,6 +247,8 @@ def prepare_folder(folder: Path, resume: bool, overwrite: bool, log) -> None:
         raise UserError(f"{folder} holds another run ({', '.join(n for n, x in (('last.pt', last), ('best.pt', best)) if x)}):"
                         f" add --resume to carry it on, or --overwrite to start it again (its files are replaced)")
     log(f"--overwrite: removing the run in {folder} and starting again")
+    if not remove:
+        return
     for name in RUN_FILES:
         (folder / name).unlink(missing_ok=True)
     for name in RUN_FOLDERS:

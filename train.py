@@ -894,9 +894,9 @@ def main(argv=None) -> list[dict]:
         names = check_pathologies(args.pathology, table.attrs["labels"])
         models = model_folders(names, args)
         for _, folder, folders in models:  # before any image is read: a run is never erased by accident
-            on_main(rt, lambda: check_layout(folder, args.folds is not None))
+            check_layout(folder, args.folds is not None)  # every rank checks: no process group yet
             for f in folders:
-                on_main(rt, lambda: prepare_folder(f, args.resume, args.overwrite, rt.log))
+                prepare_folder(f, args.resume, args.overwrite, rt.log, remove=rt.main)
         table, sources = load_images(table, root, csv_path, args)
         join_process_group(rt)
         check_same_table(rt, table["path"].tolist(), sha1([*table["path"], table[names].to_numpy().tobytes().hex()]))

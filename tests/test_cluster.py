@@ -311,11 +311,11 @@ def test_resume_on_fewer_or_more_gpus_restores_the_streams_that_fit(monkeypatch)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [set_one(s, i) for i, s in enumerate(states)])
     saved = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "cuda": [torch.tensor([10 + i], dtype=torch.uint8) for i in range(4)]}  # a 4-GPU run's last.pt
-    train.set_rng_state(saved)
+    runtime.set_rng_state(saved)
     assert restored == {0: 10}
     restored.clear()
     visible[0] = 8
-    train.set_rng_state(saved)
+    runtime.set_rng_state(saved)
     assert restored == {0: 10, 1: 11, 2: 12, 3: 13}
 
 
@@ -325,12 +325,13 @@ def test_resume_on_fewer_or_more_gpus_restores_the_streams_that_fit(monkeypatch)
 def test_each_rank_draws_its_own_dropout_masks(tiny_args, monkeypatch):
     draws = {}
 
-    def record(names, folder, table, is_val, split, sources, args, rt):
+    def record(names, folder, data, is_val, split, args, rt):
         draws[(rt.world, rt.rank)] = torch.nn.functional.dropout(torch.ones(64), 0.5)
         return None
     monkeypatch.setattr(train, "train_job", record)
     monkeypatch.setattr(train, "join_process_group", lambda rt: None)  # two ranks' view, without a group
     monkeypatch.setattr(train, "on_main", lambda rt, fn: fn())  # ... so rank 0's checks run here, unbroadcast
+    monkeypatch.setattr(train, "check_same_table", lambda *a: None)
     argv = tiny_args("--pathology", "Cardiomegaly")
     for world, rank in [(1, 0), (2, 0), (2, 1)]:
         monkeypatch.setenv("WORLD_SIZE", str(world))
@@ -340,10 +341,10 @@ def test_each_rank_draws_its_own_dropout_masks(tiny_args, monkeypatch):
     assert not torch.equal(draws[(2, 0)], draws[(2, 1)])
     assert torch.equal(draws[(2, 0)], draws[(1, 0)])  # rank 0 draws what a single process draws
     # resumed: rank 0 continues last.pt's stream exactly, the others derive their own from it
-    saved = train.rng_state()
+    saved = runtime.rng_state()
     after = {}
     for rank in (0, 1, 0):
-        train.set_rng_state(saved, rank=rank)
+        runtime.set_rng_state(saved, rank=rank)
         after.setdefault(rank, []).append(torch.rand(8))
     assert torch.equal(after[0][0], after[0][1]) and not torch.equal(after[0][0], after[1][0])
 

@@ -297,14 +297,14 @@ def test_a_config_file_sets_grid_and_training_flags_and_the_command_line_wins(tm
     cfg = tmp_path / "grid.yaml"
     cfg.write_text(f"pathology: pleural effusion\nhidden: [8, 16]\nfreeze: 5\nlr: 1.0e-3\nout_dir: {tmp_path / 'grid'}\n"
                    "unfreeze-epoch: 1\nepochs: 3\nimage-size: 48\nsampler: false\nuncertain: ignore\n"
-                   "augmented: [flip]\nseed: -4\nweights: none\n")
+                   "augmented: [flip]\nseed: 4\nweights: none\n")
     rows = gridsearch.main(["--config", str(cfg), "--epochs", "2", "--lr", "1e-4"])
     assert len(calls) == len(rows) == 2
     for argv, hidden in zip(calls, [8, 16]):
         a = train.parse_args(argv)
         assert (a.pathology, a.hidden, a.freeze, a.lr, a.unfreeze_epoch) == (["Pleural Effusion"], hidden, 5, 1e-4, 1)
         assert (a.epochs, a.image_size, a.sampler, a.uncertain, a.augmented, a.seed) == (2, 48, False, "ignore",
-                                                                                        ["flip"], -4)
+                                                                                        ["flip"], 4)
         assert a.out_dir == tmp_path / "grid" / f"hidden{hidden}_freeze5_lr0.0001" and a.resume
 
 
