@@ -20,13 +20,22 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from calibration import calibrate_out_of_sample
+from calibration import apply_calibration, calibrate_out_of_sample
 from common import UserError, jsonable, write_text
 from dataset import VIEWS
+from evaluation import METRIC_KEYS, plot_curves
+from model import Checkpoint
+from runtime import Runtime, on_main
+from snapshots import top_name
+
+if TYPE_CHECKING:  # the types of train.py's run, which these functions write out
+    from jobs import Job
+    from state import TrainState
 
 # history.csv: one row per validation (per epoch unless --val-per-epoch); samples: training samples
 # drawn since the row before, all ranks together; lr: the rate at that point
@@ -36,6 +45,9 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_mse", "val_mse_cv", "
 RUN_FILES = ("best.pt", "last.pt", "history.csv", "summary.json", "val_predictions.csv", "curves.png", "args.yaml",
              "manifest.json")
 RUN_FOLDERS = ("tb", "top")
+# the final table train.py prints: a row per model (and fold), the oof rows, the macro mean
+TABLE_COLUMNS = ["pathology", "view", "fold", "n_train", "n_val", "best_epoch", "val_mse", "val_mse_cv", "val_mse_cal",
+                 "const_mse", "val_nmse", "val_auc"]
 # val_predictions.csv: one row per validation image and pathology; target on the project's scale,
 # blank = unlabelled; raw (the model's output) and calibrated predictions in [-1, 1]: calibrated by
 # the map that ships (fitted on every validation row: in sample), calibrated_oos by that fit made
@@ -277,3 +289,93 @@ def resume_differences(ckpt, names: list[str], split: dict, args, parser) -> lis
         out.append("the training rows, their labels or the split's patients differ (the CSV or its readable images "
                    "changed)")
     return out
+
+
+def checkpoint_of(model, state: TrainState, job: Job, metrics: dict, calibration: dict, **values) -> Checkpoint:
+    s = state.settings
+    return Checkpoint.of(model, view=s.view, epoch=epoch_number(state.progress(job.epoch_len)), metrics=metrics,
+                         calibration=calibration,
+                         preprocess={"image_size": s.image_size, "square": s.square, "mean": model.config["mean"],
+                                     "std": model.config["std"],
+                                     "uncertain": {n: p["uncertain"] for n, p in job.policies.items()},
+                                     "blank": {n: p["blank"] for n, p in job.policies.items()},
+                                     "label_convention": s.label_convention},
+                         train_config=jsonable(vars(s)), split=job.split, **values)
+
+
+def epoch_number(progress: float) -> int | float:
+    """Epochs as history.csv and checkpoints show them: 2 at an epoch's end, 1.25 within one."""
+    return int(progress) if progress == int(progress) else round(progress, 4)
+
+
+def write_outputs(state: TrainState, job: Job, val: dict, improved: bool, keep: bool = False,
+                  drop: list[str] = ()) -> None:
+    """Rank 0's files after a validation, from the state: best.pt and val_predictions.csv when it
+    improved (from this validation's weights, never a live reference), --keep-top's files (this
+    validation's weights when they rank among the K best; those that fell out removed),
+    history.csv, curves.png."""
+    if improved:
+        write_best(state, job, val, state.validated)
+    if keep:
+        checkpoint_of(state.validated, state, job, jsonable(state.history[-1]), val["calibration"]).save(
+            job.folder / top_name(state.validations))
+    for name in drop:
+        (job.folder / name).unlink(missing_ok=True)
+    write_history(job.folder / "history.csv", state.history)
+    plot_curves(state.history, job.folder / "curves.png", f"{job.label} (view {state.settings.view})")  # about 0.2 s
+
+
+def write_best(state: TrainState, job: Job, val: dict, model) -> None:
+    """best.pt (these weights, with state.best's metrics and val's calibration) and val_predictions.csv."""
+    checkpoint_of(model, state, job, state.best["metrics"], val["calibration"]).save(job.folder / "best.pt")
+    cal = np.stack([apply_calibration(val["calibration"].get(n), val["pred"][:, k]) for k, n in enumerate(job.names)], 1)
+    write_predictions(job.folder / "val_predictions.csv", job.val_rows, job.names, job.val_targets, val["pred"], cal,
+                      val["calibrated_oos"])
+
+
+def write_summary(state: TrainState, job: Job, data: dict, rt: Runtime) -> dict:
+    """summary.json, from the state: sizes, how patients were found, the best validation's metrics
+    per pathology, the split and the configuration; every rank returns it."""
+    table, best = data["table"], state.best.get("metrics", {})
+    summary = {"pathology": job.names[0] if len(job.names) == 1 else "multi_head", "pathologies": job.names,
+               "view": state.settings.view, "folder": job.folder.name, "n_train": job.n_train,
+               "n_val": len(job.val_targets), "n_sources": len(data["sources"]),
+               "n_stray_rows": table.attrs.get("n_stray", 0), "n_bad_images": table.attrs.get("n_bad_images", 0),
+               "patients": {"rule": table.attrs.get("patient_rule"), "n": int(table["patient"].nunique())},
+               "n_duplicate_rows": table.attrs.get("n_duplicates", 0), "head_type": job.head_type,
+               "best_epoch": state.best["epoch"], "epochs_run": epoch_number(state.progress(job.epoch_len)),
+               "validations": state.validations, "early_stopped": state.best["stopped"],
+               "best_from": (f"the average of the {state.best['averaged']['k']} best validations"
+                             if state.best.get("averaged", {}).get("kept") else "the best validation"),
+               "averaged": state.best.get("averaged"),
+               **{k: best.get(k) for k in ("val_loss", *METRIC_KEYS)},
+               "per_pathology": best.get("per_pathology", {}), "split": job.split,
+               "config": jsonable(vars(state.settings))}
+    for k, name in enumerate(job.names):
+        summary["per_pathology"].setdefault(name, {}).update(n_train=job.n_train_of(k), **job.policies[name])
+    on_main(rt, lambda: write_text(job.folder / "summary.json", json.dumps(jsonable(summary), indent=2)))
+    return summary
+
+
+def out_of_fold(folder: Path, job_names: list[str], table: pd.DataFrame, args, rt: Runtime) -> list[dict]:
+    """Once all K folds of a model are trained: oof_predictions.csv (on rank 0) and a table row per
+    pathology of the out-of-fold calibrated MSE and AUC over every row, with patient-grouped 95%
+    intervals ([] until then)."""
+    labelled = ~np.isnan(table[job_names].to_numpy(np.float32)).all(1)
+    if args.view != "all":
+        labelled &= (table["view"] == args.view).to_numpy()
+    per = on_main(rt, lambda: oof_metrics(folder, args.folds, job_names, table["path"][labelled])) or {}
+    return [{"pathology": name, "view": args.view, "fold": "oof", "n_val": m["n"], "val_nmse": m["nmse"],
+             "val_mse_cv": f"{m['mse']:.4f} ({m['mse_ci'][0]:.3f}-{m['mse_ci'][1]:.3f})",
+             "val_auc": f"{m['auc']:.4f} ({m['auc_ci'][0]:.3f}-{m['auc_ci'][1]:.3f})"} for name, m in per.items()]
+
+
+def table_rows(summary: dict, fold) -> list[dict]:
+    """Final-table rows: one per pathology of a job."""
+    rows = []
+    for name in summary["pathologies"]:
+        per = summary["per_pathology"].get(name, {})
+        rows.append({"pathology": name, "view": summary["view"], "fold": "-" if fold is None else fold,
+                     "n_train": per.get("n_train"), "n_val": per.get("n"), "best_epoch": summary["best_epoch"],
+                     **{k: per.get(k) for k in TABLE_COLUMNS[6:]}})
+    return rows

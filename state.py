@@ -14,9 +14,13 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch.optim.swa_utils import AveragedModel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from runtime import rng_state, set_rng_state
+from common import UserError
+from model import Checkpoint, build_model, model_config, n_stages, param_groups, set_grad_checkpointing
+from runs import resume_differences
+from runtime import Runtime, on_main, rng_state, set_rng_state
+from weights import load_pretrained
 
 
 def lr_factor(done: float, total: float, warmup: float, step: float = 0.0) -> float:
@@ -107,3 +111,62 @@ class TrainState:
                        else torch.zeros(2, device=device))
         set_rng_state(ts["rng"], rank)  # last: nothing may draw from the streams before training goes on
         return notes
+
+
+def build_state(job, args, rt: Runtime, ckpt: Checkpoint | None = None) -> TrainState:
+    """A fresh model, optimiser and scaler; or, from last.pt (loaded on the CPU), all of them as
+    saved (TrainState.restore), moved to rt.device: the model rebuilt from the file's own config (its
+    normalisation kept), the optimizer state moved by load_state_dict, the RNG streams restored last."""
+    if ckpt is None:
+        model = build_model(model_config(job.names, args.head, args.hidden, args.dropout, args.arch, job.head_type,
+                                         args.image_size))
+        source = load_pretrained(model, args.weights)
+        rt.log(f"{job.label}: {args.arch}, {job.head_type} head(s), weights {source['source']}"
+               + (f" ({args.weights})" if source["source"] not in ("none", "imagenet") else "")
+               + f", input normalised with mean {source['mean']:.4g}, std {source['std']:.4g}")
+    else:
+        model = ckpt.build("cpu", job.folder / "last.pt").train()
+    if args.freeze > n_stages(model):
+        raise UserError(f"--freeze {args.freeze}: {args.arch} has {n_stages(model)} stages to freeze")
+    if args.grad_checkpointing:
+        set_grad_checkpointing(model)
+    model.to(rt.device)
+    if rt.cuda:
+        model.to(memory_format=torch.channels_last)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"], "base_lr": args.lr * g["lr_scale"],
+               "lr": args.lr * g["lr_scale"]} for g in param_groups(model, args.weight_decay, args.layer_decay)]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=1)
+               if args.schedule == "plateau" else None)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    state = TrainState(args, model, ema, optimizer, scaler, plateau, totals=torch.zeros(2, device=rt.device))
+    if ckpt is not None:
+        for note in state.restore(ckpt.training_state, rt.rank):
+            rt.log(f"{job.label}: {note}")
+        old = ckpt.train_config.get("epochs")
+        if old != args.epochs and args.schedule == "cosine":
+            rt.log(f"{job.label}: --epochs {old} -> {args.epochs}: the cosine schedule now runs over {args.epochs} "
+                   f"epochs, from where the run is (epoch {state.progress(job.epoch_len):.2f})")
+    return state
+
+
+def load_last(job, args, rt: Runtime, parser) -> Checkpoint | None:
+    """last.pt when the folder holds a run to carry on (runs.prepare_folder decided; on the CPU,
+    whatever device it came from), after checking that this command is the same run (the must-keep
+    flags of `parser`, the pathologies, the split); None for a fresh start."""
+    path = job.folder / "last.pt"
+    if not (args.resume and on_main(rt, path.is_file)):
+        return None
+    if not path.is_file():
+        raise UserError(f"--resume: rank {rt.rank} cannot see {path}, which rank 0 has: put --out-dir on a "
+                        f"filesystem that every node shares")
+    ckpt = Checkpoint.load(path)
+    if ckpt.training_state is None or "pos" not in ckpt.training_state:
+        raise UserError(f"--resume: {path} was written by an older version of train.py, whose state cannot be "
+                        f"carried on; start again with --overwrite")
+    diff = resume_differences(ckpt, job.names, job.split, args, parser)
+    if diff:
+        raise UserError(f"--resume: {path} is another run ({'; '.join(diff)}); rerun with its flags, or start "
+                        f"afresh in another --out-dir (or with --overwrite)")
+    return ckpt

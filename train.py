@@ -26,45 +26,39 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import config
 from augment import AUGMENT_PRESETS, ONLINE_AUGMENTS, augment_batch, online_augment
 from cache import cached_table, find_augmented
-from calibration import CALIBRATIONS, apply_calibration, calibrate_out_of_sample, fit_calibration
+from calibration import CALIBRATIONS, calibrate_out_of_sample, fit_calibration
 from common import (Parser, UserError, add_data_flags, add_device_flags, check_outputs, format_table, jsonable,
-                    may_change, must_keep, run_cli, test_hook, write_text)
-from dataset import (ALL_LABELS, LABEL_CONVENTIONS, XrayDataset, check_pathologies, describe_convention,
-                     patient_splits, read_train_csv, resolve_data, sha1, slug)
-from evaluation import METRIC_KEYS, cv_fallback_notice, mean_defined, pathology_metrics, plot_curves
+                    may_change, must_keep, run_cli, test_hook)
+from dataset import ALL_LABELS, LABEL_CONVENTIONS, check_pathologies, describe_convention, patient_splits, \
+    read_train_csv, resolve_data, sha1
+from evaluation import METRIC_KEYS, cv_fallback_notice, mean_defined, pathology_metrics
+from jobs import Job, model_folders, prepare_job
+from model import HEAD_TYPES, HEAD_VARIANTS, N_STAGES, check_arch, loss_terms, predict, set_frozen
 from patients import add_patient_col_flag, describe_patients
-from policies import add_label_policy_flags, policies_from_args, policy_counts, three_class_names, training_targets
-from model import (HEAD_TYPES, HEAD_VARIANTS, N_STAGES, Checkpoint, build_model, check_arch, loss_terms,
-                   model_config, n_stages, param_groups, predict, set_frozen, set_grad_checkpointing)
-from runs import (check_layout, fold_folder, oof_metrics, prepare_folder, resume_differences, write_history,
-                  write_predictions)
+from policies import add_label_policy_flags
+from runs import (TABLE_COLUMNS, check_layout, checkpoint_of, epoch_number, fold_folder, out_of_fold, prepare_folder,
+                  table_rows, write_best, write_outputs, write_summary)
 from runtime import (Runtime, StopSignals, agree, check_same_table, close_loader, join_process_group, on_main,
                      seed_everything, setup_runtime, sync_buffers, to_device)
-from sampler import SAMPLER_CAP, EpochSampler, sample_weights, train_loader
-from snapshots import average_weights, recompute_batchnorm, top_name, update_top
-from state import TrainState
+from sampler import SAMPLER_CAP
+from snapshots import average_weights, recompute_batchnorm, update_top
+from state import TrainState, build_state, load_last
 from tracking import LOG_KINDS, RunLog, check_kind, file_fingerprint, finish_manifest, start_manifest
-from weights import load_pretrained
 
-TABLE_COLUMNS = ["pathology", "view", "fold", "n_train", "n_val", "best_epoch", "val_mse", "val_mse_cv", "val_mse_cal",
-                 "const_mse", "val_nmse", "val_auc"]
 DEMO_DEFAULTS = {"image_size": 64, "epochs": 3, "weights": "none", "batch_size": 16, "augment": "none"}
 # augment standard on real data: better test MSE and AUC for 2 of 3 archs on real X-rays (docs/results.md)
 REAL_DEFAULTS = {"image_size": 224, "epochs": 10, "weights": "imagenet", "batch_size": 32, "augment": "standard"}
@@ -275,149 +269,6 @@ def bad_values(args: argparse.Namespace, explicit_warmup: float | None = None) -
 
 
 # ---------------------------------------------------------------------------------------------
-# One model's data and files
-
-@dataclass
-class Job:
-    """What one model trains and validates on: its pathologies, rows, loaders and split."""
-    names: list[str]
-    folder: Path               # OUT_DIR/<slug>[/fold<I>]
-    label: str                 # for messages
-    head_type: str             # regression, or three-class (--head-type, or --uncertain NAME=three-class)
-    policies: dict             # pathology -> its uncertain and blank policies and the training entries they give
-    val_rows: pd.DataFrame     # path, patient, study, view of the validation rows
-    train_targets: np.ndarray  # (n_train, K) float32 after the policies (the low end of a soft range), NaN = not in the loss
-    val_targets: np.ndarray    # (n_val, K) the source labels on the project's scale (uncertain 0), NaN = blank
-    train_means: np.ndarray    # (K,) the constant predictor's values
-    train_set: XrayDataset
-    val_set: XrayDataset
-    sampler: EpochSampler
-    loader: torch.utils.data.DataLoader
-    split: dict                # seed, val_frac or folds, patient and row hashes: in checkpoints and summary.json
-    runlog: object = None      # tracking.RunLog: TensorBoard events in folder/tb (rank 0)
-
-    @property
-    def n_train(self) -> int:
-        return len(self.train_targets)
-
-    @property
-    def epoch_len(self) -> int:
-        """Samples in an epoch's draw: the training rows times the image sources (--augmented)."""
-        return self.sampler.n
-
-    def n_train_of(self, k: int) -> int:
-        """Training rows labelled for pathology k."""
-        return int((~np.isnan(self.train_targets[:, k])).sum())
-
-
-def prepare_job(names: list[str], folder: Path, table: pd.DataFrame, is_val: np.ndarray, split: dict,
-                sources: list, args, rt: Runtime) -> Job | None:
-    """Pick the rows labelled for any of `names` (and --view) on each side of the split and build the
-    loaders; None (with one line) when either side is empty. Validation keeps the source labels;
-    the --uncertain and --blank policies shape the training targets only (policies.training_targets:
-    a range per entry, drawn from in train_step where it is a soft label)."""
-    source = table[names].to_numpy(np.float32)
-    uncertain, blank, lsr = policies_from_args(args, names)
-    low, high = training_targets(source, names, uncertain, blank, lsr)
-    in_view = np.ones(len(table), bool) if args.view == "all" else (table["view"] == args.view).to_numpy()
-    # a training row needs a target after the policies (ignore masks, --blank negative adds); a
-    # validation row a source label
-    tr = np.flatnonzero(in_view & ~np.isnan(low).all(1) & ~is_val)
-    va = np.flatnonzero(in_view & ~np.isnan(source).all(1) & is_val)
-    label = (" + ".join(names) if len(names) <= 3 else f"{len(names)} pathologies") + (
-        f" fold {split['fold']}" if "fold" in split else "")
-    if len(tr) == 0 or len(va) == 0:
-        rt.log(f"skipping {label} (view {args.view}): {len(tr)} training and {len(va)} validation rows are labelled")
-        return None
-    train_t, spread = low[tr], (high - low)[tr]
-    # the constant predictor and the calibration's prior: the training rows' source labels, what the metric scores
-    train_means = np.array([np.nanmean(c) if (~np.isnan(c)).any() else 0.0 for c in source[tr].T])
-    slots = table["slot"].to_numpy()
-    train_set = XrayDataset(sources, slots[tr], train_t, spread if np.nan_to_num(spread).any() else None)
-    val_set = XrayDataset(sources[:1], slots[va], source[va])
-    weights = np.tile(sample_weights(train_t, args.sampler_cap), len(sources)) if args.sampler else None
-    sampler = EpochSampler(weights, len(train_set), args.batch_size, args.seed, rt.rank, rt.world)
-    rows = table.iloc[np.r_[tr, va]]
-    split = {**split, "rows_sha1": sha1([*rows["path"], source[np.r_[tr, va]].tobytes().hex(), len(tr)])}
-    counts = policy_counts(source[tr], train_t, names, uncertain, blank)
-    return Job(names, folder, label, head_type_of(names, uncertain, args.head_type, label), counts,
-               table.iloc[va][["path", "patient", "study", "view"]].reset_index(drop=True),
-               train_t, source[va], train_means, train_set, val_set, sampler,
-               train_loader(train_set, sampler, args.loader_workers, rt), split)
-
-
-def head_type_of(names: list[str], uncertain: dict, head_type: str, label: str) -> str:
-    """The model's head type: --head-type, or three-class where --uncertain routes its pathologies
-    there (a --multi-head model has one head type: all of its pathologies, or none)."""
-    routed = three_class_names(uncertain)
-    if head_type == "three-class" or not routed:
-        return head_type
-    if len(routed) < len(names):
-        raise UserError(f"{label}: --uncertain routes {', '.join(routed)} to the three-class head and the others not; "
-                        f"a --multi-head model has one head type: route all of them, or train one model each")
-    return "three-class"
-
-
-def build_state(job: Job, args, rt: Runtime, ckpt: Checkpoint | None = None) -> TrainState:
-    """A fresh model, optimiser and scaler; or, from last.pt (loaded on the CPU), all of them as
-    saved (TrainState.restore), moved to rt.device: the model rebuilt from the file's own config (its
-    normalisation kept), the optimizer state moved by load_state_dict, the RNG streams restored last."""
-    if ckpt is None:
-        model = build_model(model_config(job.names, args.head, args.hidden, args.dropout, args.arch, job.head_type,
-                                         args.image_size))
-        source = load_pretrained(model, args.weights)
-        rt.log(f"{job.label}: {args.arch}, {job.head_type} head(s), weights {source['source']}"
-               + (f" ({args.weights})" if source["source"] not in ("none", "imagenet") else "")
-               + f", input normalised with mean {source['mean']:.4g}, std {source['std']:.4g}")
-    else:
-        model = ckpt.build("cpu", job.folder / "last.pt").train()
-    if args.freeze > n_stages(model):
-        raise UserError(f"--freeze {args.freeze}: {args.arch} has {n_stages(model)} stages to freeze")
-    if args.grad_checkpointing:
-        set_grad_checkpointing(model)
-    model.to(rt.device)
-    if rt.cuda:
-        model.to(memory_format=torch.channels_last)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
-    groups = [{"params": g["params"], "weight_decay": g["weight_decay"], "base_lr": args.lr * g["lr_scale"],
-               "lr": args.lr * g["lr_scale"]} for g in param_groups(model, args.weight_decay, args.layer_decay)]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
-    plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=1)
-               if args.schedule == "plateau" else None)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    state = TrainState(args, model, ema, optimizer, scaler, plateau, totals=torch.zeros(2, device=rt.device))
-    if ckpt is not None:
-        for note in state.restore(ckpt.training_state, rt.rank):
-            rt.log(f"{job.label}: {note}")
-        old = ckpt.train_config.get("epochs")
-        if old != args.epochs and args.schedule == "cosine":
-            rt.log(f"{job.label}: --epochs {old} -> {args.epochs}: the cosine schedule now runs over {args.epochs} "
-                   f"epochs, from where the run is (epoch {state.progress(job.epoch_len):.2f})")
-    return state
-
-
-def load_last(job: Job, args, rt: Runtime) -> Checkpoint | None:
-    """last.pt when the folder holds a run to carry on (runs.prepare_folder decided; on the CPU,
-    whatever device it came from), after checking that this command is the same run; None for a
-    fresh start."""
-    path = job.folder / "last.pt"
-    if not (args.resume and on_main(rt, path.is_file)):
-        return None
-    if not path.is_file():
-        raise UserError(f"--resume: rank {rt.rank} cannot see {path}, which rank 0 has: put --out-dir on a "
-                        f"filesystem that every node shares")
-    ckpt = Checkpoint.load(path)
-    if ckpt.training_state is None or "pos" not in ckpt.training_state:
-        raise UserError(f"--resume: {path} was written by an older version of train.py, whose state cannot be "
-                        f"carried on; start again with --overwrite")
-    diff = resume_differences(ckpt, job.names, job.split, args, make_parser())
-    if diff:
-        raise UserError(f"--resume: {path} is another run ({'; '.join(diff)}); rerun with its flags, or start "
-                        f"afresh in another --out-dir (or with --overwrite)")
-    return ckpt
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop
 
 def train_step(state: TrainState, batches: list, rt: Runtime, show=None) -> torch.Tensor:
@@ -561,23 +412,6 @@ def validate(state: TrainState, job: Job, rt: Runtime, model: torch.nn.Module | 
             "calibrated_oos": oos, "val_seconds": time.time() - t0}
 
 
-def checkpoint_of(model, state: TrainState, job: Job, metrics: dict, calibration: dict, **values) -> Checkpoint:
-    s = state.settings
-    return Checkpoint.of(model, view=s.view, epoch=epoch_number(state.progress(job.epoch_len)), metrics=metrics,
-                         calibration=calibration,
-                         preprocess={"image_size": s.image_size, "square": s.square, "mean": model.config["mean"],
-                                     "std": model.config["std"],
-                                     "uncertain": {n: p["uncertain"] for n, p in job.policies.items()},
-                                     "blank": {n: p["blank"] for n, p in job.policies.items()},
-                                     "label_convention": s.label_convention},
-                         train_config=jsonable(vars(s)), split=job.split, **values)
-
-
-def epoch_number(progress: float) -> int | float:
-    """Epochs as history.csv and checkpoints show them: 2 at an epoch's end, 1.25 within one."""
-    return int(progress) if progress == int(progress) else round(progress, 4)
-
-
 def save_last(state: TrainState, job: Job, rt: Runtime, interrupted: bool = False) -> None:
     """last.pt: the raw weights and state.training_state(), all --resume needs to go on from this
     sample exactly. Every rank calls it at the same step: the loss sums are summed over the ranks."""
@@ -633,31 +467,6 @@ def end_validation(state: TrainState, job: Job, val: dict, rt: Runtime) -> None:
     on_main(rt, lambda: write_outputs(state, job, val, improved, keep, drop))
     save_last(state, job, rt)
     log_validation(state, job, row, val, improved, rt)
-
-
-def write_outputs(state: TrainState, job: Job, val: dict, improved: bool, keep: bool = False,
-                  drop: list[str] = ()) -> None:
-    """Rank 0's files after a validation, from the state: best.pt and val_predictions.csv when it
-    improved (from this validation's weights, never a live reference), --keep-top's files (this
-    validation's weights when they rank among the K best; those that fell out removed),
-    history.csv, curves.png."""
-    if improved:
-        write_best(state, job, val, state.validated)
-    if keep:
-        checkpoint_of(state.validated, state, job, jsonable(state.history[-1]), val["calibration"]).save(
-            job.folder / top_name(state.validations))
-    for name in drop:
-        (job.folder / name).unlink(missing_ok=True)
-    write_history(job.folder / "history.csv", state.history)
-    plot_curves(state.history, job.folder / "curves.png", f"{job.label} (view {state.settings.view})")  # about 0.2 s
-
-
-def write_best(state: TrainState, job: Job, val: dict, model: torch.nn.Module) -> None:
-    """best.pt (these weights, with state.best's metrics and val's calibration) and val_predictions.csv."""
-    checkpoint_of(model, state, job, state.best["metrics"], val["calibration"]).save(job.folder / "best.pt")
-    cal = np.stack([apply_calibration(val["calibration"].get(n), val["pred"][:, k]) for k, n in enumerate(job.names)], 1)
-    write_predictions(job.folder / "val_predictions.csv", job.val_rows, job.names, job.val_targets, val["pred"], cal,
-                      val["calibrated_oos"])
 
 
 def average_top(state: TrainState, job: Job, rt: Runtime) -> None:
@@ -734,7 +543,7 @@ def train_job(names: list[str], folder: Path, data: dict, is_val: np.ndarray, sp
     job = prepare_job(names, folder, data["table"], is_val, split, data["sources"], args, rt)
     if job is None:
         return None
-    ckpt = load_last(job, args, rt)
+    ckpt = load_last(job, args, rt, make_parser())
     state = build_state(job, args, rt, ckpt)
     if finished(state) and not (args.average_top and "averaged" not in state.best):
         rt.log(f"{job.label}: already finished ({state.epoch} epochs{', early-stopped' if state.best['stopped'] else ''})")
@@ -798,30 +607,6 @@ def signal_name(signum: int | None) -> str:
     return signal.Signals(signum).name if signum else "stopped"
 
 
-def write_summary(state: TrainState, job: Job, data: dict, rt: Runtime) -> dict:
-    """summary.json, from the state: sizes, how patients were found, the best validation's metrics
-    per pathology, the split and the configuration; every rank returns it."""
-    table, best = data["table"], state.best.get("metrics", {})
-    summary = {"pathology": job.names[0] if len(job.names) == 1 else "multi_head", "pathologies": job.names,
-               "view": state.settings.view, "folder": job.folder.name, "n_train": job.n_train,
-               "n_val": len(job.val_targets), "n_sources": len(data["sources"]),
-               "n_stray_rows": table.attrs.get("n_stray", 0), "n_bad_images": table.attrs.get("n_bad_images", 0),
-               "patients": {"rule": table.attrs.get("patient_rule"), "n": int(table["patient"].nunique())},
-               "n_duplicate_rows": table.attrs.get("n_duplicates", 0), "head_type": job.head_type,
-               "best_epoch": state.best["epoch"], "epochs_run": epoch_number(state.progress(job.epoch_len)),
-               "validations": state.validations, "early_stopped": state.best["stopped"],
-               "best_from": (f"the average of the {state.best['averaged']['k']} best validations"
-                             if state.best.get("averaged", {}).get("kept") else "the best validation"),
-               "averaged": state.best.get("averaged"),
-               **{k: best.get(k) for k in ("val_loss", *METRIC_KEYS)},
-               "per_pathology": best.get("per_pathology", {}), "split": job.split,
-               "config": jsonable(vars(state.settings))}
-    for k, name in enumerate(job.names):
-        summary["per_pathology"].setdefault(name, {}).update(n_train=job.n_train_of(k), **job.policies[name])
-    on_main(rt, lambda: write_text(job.folder / "summary.json", json.dumps(jsonable(summary), indent=2)))
-    return summary
-
-
 # ---------------------------------------------------------------------------------------------
 # Data, splits, folds and the whole run
 
@@ -849,41 +634,6 @@ def load_images(table: pd.DataFrame, root: Path, csv_path: Path, args) -> tuple[
     table, cache = cached_table(table, root, args.image_size, args.cache_dir, csv_path.stem, args.square,
                                 args.workers, progress=args.progress)
     return table, [cache] + [find_augmented(cache, a) for a in args.augmented]
-
-
-def model_folders(names: list[str], args) -> list[tuple[list[str], Path, list[Path]]]:
-    """(pathologies, model folder, the folders this command trains in) for each model."""
-    jobs = [(names, slug("multi_head", args.view))] if args.multi_head else [([n], slug(n, args.view)) for n in names]
-    out = []
-    for job_names, name in jobs:
-        folder = args.out_dir / name
-        folds = [] if args.folds is None else range(args.folds) if args.fold == "all" else [int(args.fold)]
-        out.append((job_names, folder, [fold_folder(folder, i) for i in folds] or [folder]))
-    return out
-
-
-def out_of_fold(folder: Path, job_names: list[str], table: pd.DataFrame, args, rt: Runtime) -> list[dict]:
-    """Once all K folds of a model are trained: oof_predictions.csv (on rank 0) and a table row per
-    pathology of the out-of-fold calibrated MSE and AUC over every row, with patient-grouped 95%
-    intervals ([] until then)."""
-    labelled = ~np.isnan(table[job_names].to_numpy(np.float32)).all(1)
-    if args.view != "all":
-        labelled &= (table["view"] == args.view).to_numpy()
-    per = on_main(rt, lambda: oof_metrics(folder, args.folds, job_names, table["path"][labelled])) or {}
-    return [{"pathology": name, "view": args.view, "fold": "oof", "n_val": m["n"], "val_nmse": m["nmse"],
-             "val_mse_cv": f"{m['mse']:.4f} ({m['mse_ci'][0]:.3f}-{m['mse_ci'][1]:.3f})",
-             "val_auc": f"{m['auc']:.4f} ({m['auc_ci'][0]:.3f}-{m['auc_ci'][1]:.3f})"} for name, m in per.items()]
-
-
-def table_rows(summary: dict, fold) -> list[dict]:
-    """Final-table rows: one per pathology of a job."""
-    rows = []
-    for name in summary["pathologies"]:
-        per = summary["per_pathology"].get(name, {})
-        rows.append({"pathology": name, "view": summary["view"], "fold": "-" if fold is None else fold,
-                     "n_train": per.get("n_train"), "n_val": per.get("n"), "best_epoch": summary["best_epoch"],
-                     **{k: per.get(k) for k in TABLE_COLUMNS[6:]}})
-    return rows
 
 
 def main(argv=None) -> list[dict]:

@@ -11,6 +11,7 @@ import torch
 
 import cache as cache_module
 import dataset
+import jobs
 import train
 from experiments import contrast_images, flip_images, gridsearch
 
@@ -196,7 +197,7 @@ def test_augmented_triples_training_samples_and_leaves_validation_alone(demo_roo
         def __init__(self, sources, slots, targets, spread=None):
             super().__init__(sources, slots, targets, spread)
             made.append(self)
-    monkeypatch.setattr(train, "XrayDataset", Recording)
+    monkeypatch.setattr(jobs, "XrayDataset", Recording)
     monkeypatch.setattr(train, "train_step", lambda *a, **k: torch.zeros(2))  # what is trained on, not the training
     flip_images.main(_aug_argv(demo_root, tmp_path))
     contrast_images.main(_aug_argv(demo_root, tmp_path))

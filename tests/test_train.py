@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+import sampler
 import train
 from dataset import patient_splits
 from model import masked_mse
@@ -32,7 +33,7 @@ def test_masked_mse_counts_only_labelled_entries_and_masks_gradient():
 
 def test_sample_weights_are_inverse_frequency_and_balance_each_value():
     t = np.array([1, -1, -1, -1, 0, np.nan], dtype=np.float32)[:, None]
-    w = train.sample_weights(t)
+    w = sampler.sample_weights(t)
     # 5 labelled rows, 3 values: weight = 5 / (3 * count)
     assert w[0] == pytest.approx(5 / 3) and w[1] == pytest.approx(5 / 9) and w[4] == pytest.approx(5 / 3)
     assert w[5] == 0.0  # a blank row is never drawn
@@ -40,18 +41,18 @@ def test_sample_weights_are_inverse_frequency_and_balance_each_value():
     assert totals[-1] == pytest.approx(totals[0]) == pytest.approx(totals[1])
     # several pathologies: the mean of the row's weights over its labelled pathologies
     t2 = np.array([[1, np.nan], [-1, 1], [-1, -1], [-1, np.nan]], dtype=np.float32)
-    w2 = train.sample_weights(t2)
+    w2 = sampler.sample_weights(t2)
     assert w2[1] == pytest.approx((4 / (2 * 3) + 2 / (2 * 1)) / 2)
 
 
 def test_epoch_sampler_draws_one_weighted_sample_per_epoch_whatever_the_number_of_ranks():
     w = np.array([0.0, 1.0, 0.0, 1.0])
-    one = train.EpochSampler(w, 40, 8, seed=1)
+    one = sampler.EpochSampler(w, 40, 8, seed=1)
     idx = [i for b in one for i in b]
     assert len(idx) == 40 and set(idx) <= {1, 3}
     assert idx == one.draw().tolist()  # one process trains the epoch's draw in order
     for world in (2, 3):
-        ranks = [list(train.EpochSampler(w, 40, 8, seed=1, rank=r, world=world)) for r in range(world)]
+        ranks = [list(sampler.EpochSampler(w, 40, 8, seed=1, rank=r, world=world)) for r in range(world)]
         assert len({len(r) for r in ranks}) == 1  # ranks stay in step
         # step by step, the ranks' batches together are the next world x 8 samples of the same draw
         joined = [i for step in zip(*ranks) for b in step for i in b]
@@ -279,13 +280,13 @@ def test_last_pt_alone_resumes_a_run_and_its_history(tiny_args, tmp_path):
 def test_sampler_cap_bounds_how_often_a_rare_value_is_drawn():
     # 1 uncertain row in 200: inverse frequency would draw it 200 / (3 * 1) = 67 times a uniform draw
     t = np.array([0.0] + [1.0] * 60 + [-1.0] * 139, dtype=np.float32)[:, None]
-    old = train.sample_weights(t)
+    old = sampler.sample_weights(t)
     assert old[0] == pytest.approx(200 / 3)
-    w = train.sample_weights(t, cap=5.0)
+    w = sampler.sample_weights(t, cap=5.0)
     assert w.max() == pytest.approx(5.0) and w[0] == pytest.approx(5.0)
     assert w.mean() == pytest.approx(1.0)  # still a re-weighting of a uniform draw
     assert w[1] > w[61]  # the ordering of the rest is kept: positives (30%) still outweigh negatives
-    assert np.array_equal(train.sample_weights(t, cap=0.0), old)  # 0: the old, unbounded rule
+    assert np.array_equal(sampler.sample_weights(t, cap=0.0), old)  # 0: the old, unbounded rule
 
 
 def test_out_of_sample_score_is_cross_validated_not_refitted_on_the_same_rows():
