@@ -2,26 +2,20 @@
 copies. Decoding (JPEG, PNG, 16-bit PNG/TIFF, DICOM; --equalize) is decode.py's.
 
 Cache layout (never under the data root): CACHE_DIR/<csv stem>-<size>px-<key>/
-    meta.json            the key's inputs: image paths (row order = slot order), size, square mode,
-                         equalization; and the shard size. Created exclusively (temp file, then a
-                         hard link), so concurrent builders all use the first one's; always read back.
-    shard_00000.pt       {"images": uint8 (n, S, S)}, shard_size images each (default 1024,
-                         --shard-size), loaded with torch.load(mmap=True). Written to a temporary
-                         name and renamed, so a shard file that exists is complete.
-    shard_00000.json     that shard's status, written just before it: per image "ok", "errors"
-                         and "stat" ([size, mtime_ns] of the file it was decoded from, null when
-                         there was none); "sha1" of the shard's pixels.
-The key hashes everything that changes pixels: the data root, the ordered image paths, the size, the
-square mode, the equalization (when not 'none') and the decoder's version (CACHE_VERSION, or
-JPEG_CACHE_VERSION for a cache of JPEGs only, whose pixels have not changed), but not the shard size,
-which only changes the layout: a cache built with any shard size is found by every script. The
-files' contents are covered per shard by their stats (one stat per image and run): a shard whose
-files changed since (an image replaced in place, restored, removed) is rebuilt, and so is one that
-is damaged or does not fit the meta (a truncated status, pixels of another shape); a meta.json that
-is damaged or holds another cache's inputs is rewritten first. Augmented copies (experiments/) live
-beside it as <folder>+<name>; each copy shard records the sha1 of the base shard it was made from
-("base_sha1"), so a base shard rebuilt since makes it out of date. A build killed mid-write leaves
-a '.NAME.tmp-HOST-PID' file; the next build on that host removes it once that process is gone.
+    meta.json          the key's inputs (image paths in slot order, data root, size, square mode,
+                       equalization) and the shard size; created exclusively, always read back
+    shard_00000.pt     {"images": uint8 (n, S, S)}, shard_size images each (default 1024), loaded
+                       with torch.load(mmap=True); written to a temporary name and renamed
+    shard_00000.json   its status, written just before it: per image "ok", "errors" and "stat"
+                       ([size, mtime_ns] of the file decoded, null when none); "sha1" of the pixels
+The key (cache_key) hashes what changes pixels, not the shard size: a cache built with any shard
+size is found by every script. File contents are covered per shard by their stats (one stat per
+image and run): a shard whose files changed since (an image replaced in place, restored, removed)
+is rebuilt, and so is one that is damaged or does not fit the meta; a meta.json that is damaged or
+holds another cache's inputs is rewritten first. Augmented copies (experiments/) live beside it as
+<folder>+<name>; each copy shard records the sha1 of the base shard it was made from ("base_sha1"),
+so a base shard rebuilt since makes it out of date. A build killed mid-write leaves a
+'.NAME.tmp-HOST-PID' file; the next build on that host removes it once that process is gone.
 
 torch is imported inside the functions that need it (see common.py).
 """
@@ -141,8 +135,10 @@ class ImageCache:
             except FileNotFoundError as e:
                 raise UserError(f"{path}: cache shard missing; rerun dataset.py to finish the cache") from e
             except Exception as e:
-                raise UserError(f"{path}: corrupt cache shard ({e}); delete it and rerun dataset.py") from e
-            images, want = loaded.get("images") if isinstance(loaded, dict) else None, (self.shard_len(k), self.size, self.size)
+                raise UserError(f"{path}: corrupt cache shard ({e}); rerun the command that built the cache with the "
+                                f"same flags (it rebuilds the shard)") from e
+            images = loaded.get("images") if isinstance(loaded, dict) else None
+            want = (self.shard_len(k), self.size, self.size)
             if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and tuple(images.shape) == want):
                 got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(loaded).__name__
                 raise UserError(f"{path}: cache shard holds {got}, not uint8 {want}: it belongs to another cache; "
@@ -175,8 +171,9 @@ class ImageCache:
 
 
 def cache_key(meta: dict) -> str:
-    """The 12 hex digits that name a cache folder: a hash of what changes pixels (KEY_FIELDS, and the
-    equalization when it is not 'none', so that caches from before --equalize keep their key)."""
+    """The 12 hex digits that name a cache folder: a hash of what changes pixels (KEY_FIELDS: the
+    decoder's version, CACHE_VERSION or JPEG_CACHE_VERSION for JPEGs only, the data root, size,
+    square mode, ordered paths; and the equalization unless 'none': older caches keep their key)."""
     keyed = {k: meta[k] for k in KEY_FIELDS}
     if meta.get("equalize", "none") != "none":
         keyed["equalize"] = EQUALIZE_KEYS[meta["equalize"]]
@@ -280,8 +277,8 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError):
-        return True
+    except (PermissionError, OverflowError):  # someone else's process; a number no pid can be
+        pass
     return True
 
 
@@ -453,7 +450,7 @@ def _save_shard(cache: ImageCache, k: int, images, status: dict) -> None:
     """Status first (with the sha1 of the pixels), pixels second: a shard whose .pt exists is
     complete, with its status. images: uint8 (n, S, S), saved as a tensor of exactly that storage."""
     images = images.contiguous()
-    if images.untyped_storage().nbytes() != images.numel():  # a view saves its whole storage: check_bytes would fail
+    if images.untyped_storage().nbytes() != images.numel():  # a view saves its whole storage: _stored_bytes differs
         images = images.clone()
     status = {**status, "sha1": hashlib.sha1(images.numpy().data).hexdigest()}
     write_text(cache.shard_path(k).with_suffix(".json"), json.dumps(status))
