@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -29,6 +30,7 @@ from common import EQUALIZE_MODES
 # --equalize clahe: OpenCV's CLAHE with the clip limit most chest X-ray entries use (its own default, 40,
 # hardly limits) over 8 x 8 tiles. cache.py keys each setting with these: changing them makes a new cache.
 CLAHE_CLIP, CLAHE_TILES = 2.0, 8
+_WARNINGS = threading.Lock()  # catch_warnings swaps process-wide state: one thread at a time (cache.py checks in threads)
 
 
 class ImageError(ValueError):
@@ -103,7 +105,7 @@ def _decode(f: BinaryIO, path: Path, size: int) -> Image.Image:
 def _open_pil(f: BinaryIO, path: Path) -> Image.Image:
     """Image.open(f), with PIL's DecompressionBombWarning (more pixels than Image.MAX_IMAGE_PIXELS)
     naming the file, which PIL's own message does not; other warnings pass through unchanged."""
-    with warnings.catch_warnings(record=True) as caught:
+    with _WARNINGS, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         im = Image.open(f)
     for w in caught:
@@ -135,6 +137,7 @@ def equalize_image(image: np.ndarray, mode: str) -> np.ndarray:
         return np.asarray(ImageOps.equalize(Image.fromarray(image)), dtype=np.uint8)
     if mode == "clahe":
         import cv2  # opencv-python-headless (requirements.txt); build_cache checks it is installed first
+        cv2.setNumThreads(1)  # one small image per call, in parallel processes: its own threads would only contend
         return cv2.createCLAHE(clipLimit=CLAHE_CLIP, tileGridSize=(CLAHE_TILES, CLAHE_TILES)).apply(image)
     raise ValueError(f"unknown equalization {mode!r} (choose from {', '.join(EQUALIZE_MODES)})")
 
