@@ -260,7 +260,7 @@ def add_device_flags(p: argparse.ArgumentParser, amp: bool = True):
 def check_common_flags(p: argparse.ArgumentParser, args: argparse.Namespace, min_size: int = 8,
                        max_size: int = MAX_IMAGE_SIZE) -> None:
     """parser.error for a bad --image-size (min_size..max_size px) or --workers, where the script has
-    them; call it once --image-size has its default. train.py passes min_size=32 (every --arch
+    them; call it once --image-size has its default. train.py would pass min_size=32 (every --arch
     downsamples 32x); the upper bound stops a size whose cache could never fit (100000 px: 10 GB an
     image) in one line instead of an out-of-memory traceback."""
     size, workers = getattr(args, "image_size", None), getattr(args, "workers", None)
