@@ -1,50 +1,48 @@
-"""The grayscale uint8 image cache: decoding, shards, build locks and recovery, augmented copies.
-
-Decoding (load_image): every image becomes uint8 (S, S), S = --image-size.
-    JPEG, 8-bit PNG      as PIL decodes them, converted to 'L'; JPEG in draft mode (fast)
-    16-bit PNG/TIFF      PIL modes I;16 / I / F, brought to uint8 by to_uint8 (below)
-    DICOM (.dcm, .dicom, or any file with the 'DICM' prefix)   decode_dicom: pydicom's modality
-                         LUT (RescaleSlope/Intercept), then to_uint8 over the VOI LUT's or the
-                         window's range when the file has one; MONOCHROME1 inverted
-    then the square mode ('resize' squashes, 'crop' takes the central square) and a bilinear resize.
-One rule for more than 8 bits (to_uint8): a range [lo, hi] maps linearly onto 0..255, clipped
-outside; [lo, hi] is the file's display range (DICOM window or VOI LUT) when it declares one, else
-the image's own min..max. A file that cannot be read (missing, truncated, a DICOM without pixel
-data or in a codec that is not installed) is recorded per image as "missing" or "unreadable (why)".
+"""The grayscale uint8 image cache: shards, their checks, build locks and recovery, augmented
+copies. Decoding (JPEG, PNG, 16-bit PNG/TIFF, DICOM; --equalize) is decode.py's.
 
 Cache layout (never under the data root): CACHE_DIR/<csv stem>-<size>px-<key>/
-    meta.json            the key's inputs: image paths (row order = slot order), size, square mode
-    shard_00000.pt ...   {"images": uint8 (n, S, S)}, shard_size images each (default 1024,
-                         --shard-size), loaded with torch.load(mmap=True). Written to a temporary
-                         name and renamed, so a shard file that exists is complete.
-    shard_00000.json     {"ok": [bool], "errors": [str]} for that shard, written just before it.
-The key hashes everything that changes pixels: the data root, the ordered image paths, the size, the
-square mode and the decoder's version (CACHE_VERSION, or JPEG_CACHE_VERSION for a cache of JPEGs
-only, whose pixels have not changed), but not the shard size, which only changes the layout: a
-cache built with any shard size is found by every script. Augmented copies (experiments/) live
-beside it as <folder>+<name>. A build killed mid-write leaves a '.NAME.tmp-HOST-PID' file; the next
-build on that host removes it once that process is gone.
+    meta.json          the key's inputs (image paths in slot order, data root, size, square mode,
+                       equalization) and the shard size; created exclusively, always read back
+    shard_00000.pt     {"images": uint8 (n, S, S)}, shard_size images each (default 1024), loaded
+                       with torch.load(mmap=True); written to a temporary name and renamed
+    shard_00000.json   its status, written just before it: per image "ok", "errors" and "stat"
+                       ([size, mtime_ns] of the file decoded, null when none); "sha1" of the pixels
+The key (cache_key) hashes what changes pixels, not the shard size: a cache built with any shard
+size is found by every script. File contents are covered per shard by their stats (one stat per
+image and run): a shard whose files changed since (an image replaced in place, restored, removed)
+is rebuilt, and so is one that is damaged or does not fit the meta; a meta.json that is damaged or
+holds another cache's inputs is rewritten first. Augmented copies (experiments/) live beside it as
+<folder>+<name>; each copy shard records the sha1 of the base shard it was made from ("base_sha1"),
+so a base shard rebuilt since makes it out of date. A build killed mid-write leaves a
+'.NAME.tmp-HOST-PID' file; the next build on that host removes it once that process is gone.
 
 torch is imported inside the functions that need it (see common.py).
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
+import secrets
 import socket
 import sys
 import time
 import warnings
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from common import SQUARE_MODES, UserError, _discard, default_workers, save_torch, test_hook, write_text
+from common import (EQUALIZE_MODES, MAX_IMAGE_SIZE, SQUARE_MODES, UserError, _discard, default_workers, save_torch,
+                    test_hook, write_text)
+# decoding lives in decode.py; its names are also imported from here by the scripts and tests
+from decode import CLAHE_CLIP, CLAHE_TILES, ImageError, decode_dicom, equalize_image, load_image, to_uint8  # noqa: F401
 
 CACHE_VERSION = 2  # 2: 16-bit PNG/TIFF rescaled by to_uint8 (version 1 clipped them at 255), DICOM read
 JPEG_CACHE_VERSION = 1  # JPEG pixels are unchanged since version 1: a cache of JPEGs only keeps its key
@@ -52,184 +50,60 @@ SHARD_SIZE = 1024
 LOCK_STALE_S = 600  # a build lock untouched this long is taken over: its builder hung, or its host died
 LOCK_POLL_S = 1.0   # how often a process waiting on another's build looks again
 N_NAMED = 10  # bad images named in a warning; the count covers them all
+STAT_THREADS = 8  # shards checked at once: os.stat releases the GIL, so a network filesystem's round trips overlap
+# each --equalize setting as keyed, with its parameters: changing them makes a new cache
+EQUALIZE_KEYS = {"hist": "hist", "clahe": f"clahe-clip{CLAHE_CLIP}-tiles{CLAHE_TILES}"}
+KEY_FIELDS = ("version", "data_root", "size", "square", "paths")  # with 'equalize' when it is not 'none'
 
 
-class ImageError(ValueError):
-    """A file that is there but holds no image this project can read; the message says why, briefly
-    (it goes into the cache's status and the warning that names the image)."""
-
-
-DICOM_SUFFIXES = (".dcm", ".dicom")
-WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL modes of 16-bit PNG/TIFF, 32-bit TIFF
-
-
-def load_image(path: Path, size: int, square: str = "resize") -> np.ndarray:
-    """Decode one image to uint8 (size, size) grayscale.
-
-    JPEG and 8-bit PNG decode as PIL gives them (convert('L')), untouched. 16-bit PNG/TIFF (PIL
-    modes I;16, I, F) and DICOM are brought to uint8 by to_uint8's rule (DICOM: see decode_dicom).
-    A file is read as DICOM when its name ends .dcm / .dicom, or when PIL cannot identify it and it
-    starts like a DICOM file (a 'DICM' prefix), so PACS exports without an extension work too.
-
-    JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT, to the smallest scale
-    that keeps both sides >= size; a 2300 x 2750 X-ray at 256 px decodes at 1/8, about 20x faster
-    than a full decode. Non-square images are made square by `square`: 'resize' squashes the whole
-    image to size x size (aspect ratio not kept, nothing cut off: the default, as in the original);
-    'crop' takes the central square of side min(w, h), then resizes. Bilinear, whatever the format.
-    Raises FileNotFoundError, ImageError (DICOM without pixel data, missing codec, ...) or PIL's own
-    errors for a file that is not an image."""
-    if Path(path).suffix.lower() in DICOM_SUFFIXES:
-        return _square(Image.fromarray(decode_dicom(path)), size, square)
+def file_stat(path: Path) -> list[int] | None:
+    """[size, mtime_ns] of the file at path (links followed): what the cache records of each image to
+    notice a file replaced, restored or removed under the same name. None when it cannot be stat'ed."""
     try:
-        im = Image.open(path)
-    except UnidentifiedImageError:
-        if not _is_dicom(path):
-            raise
-        return _square(Image.fromarray(decode_dicom(path)), size, square)
-    with im:
-        im.draft("L", (size, size))
-        im = Image.fromarray(to_uint8(np.asarray(im))) if im.mode in WIDE_MODES else im.convert("L")
-        return _square(im, size, square)
-
-
-def _square(im: Image.Image, size: int, square: str) -> np.ndarray:
-    """A mode 'L' image -> uint8 (size, size), by `square` ('resize' or 'crop'; see load_image)."""
-    w, h = im.size
-    box = None
-    if square == "crop":
-        s = min(w, h)
-        box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
-    im = im.resize((size, size), Image.Resampling.BILINEAR, box=box)
-    return np.asarray(im, dtype=np.uint8)
-
-
-def to_uint8(a: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
-    """The one rule that brings wider-than-8-bit pixels to uint8 (H, W): the range [lo, hi] maps
-    linearly onto 0..255, lo -> 0 and hi -> 255, rounded to nearest (half up); values outside it
-    clip to 0 or 255. [lo, hi] is `window` when the file declares a display range (a DICOM window or
-    VOI LUT, see decode_dicom), else the image's own min..max.
-
-    Why min..max rather than a percentile range (say 0.5-99.5 %): it clips nothing, needs no tuning
-    constant, and gives back an 8-bit image stored in 16 bits bit for bit (a 16-bit PNG of values
-    k * 257, k spanning 0..255 -> k); a 12-bit image in a 16-bit file fills 0..255 instead of 1/16
-    of it. Its cost, a few extreme pixels (burned-in white text) compressing the contrast of the
-    rest, is the same for every image of a set, and a file that wants a display range carries a
-    window, which wins. A constant image (hi == lo) is all 0. Non-finite values are an ImageError."""
-    a = np.asarray(a, dtype=np.float64)
-    lo, hi = (a.min(), a.max()) if window is None else (float(window[0]), float(window[1]))
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise ImageError("non-finite pixel values")
-    if hi <= lo:
-        return np.zeros(a.shape, dtype=np.uint8)
-    return np.floor((np.clip(a, lo, hi) - lo) * (255.0 / (hi - lo)) + 0.5).astype(np.uint8)
-
-
-def decode_dicom(path: Path) -> np.ndarray:
-    """A single-frame grayscale DICOM -> uint8 (H, W), at full resolution, as a radiologist's viewer
-    shows it by default:
-
-    1. the modality LUT (RescaleSlope / RescaleIntercept, or a Modality LUT Sequence), by pydicom's
-       apply_modality_lut;
-    2. the display range, mapped onto 0..255 by to_uint8: a VOI LUT Sequence when there is one
-       (applied by pydicom's apply_voi; range 0..2**n - 1, n = the LUT's bits per entry, its third
-       LUTDescriptor value), else the first WindowCenter / WindowWidth pair (range center -+ width/2,
-       in modality units: DICOM's LINEAR_EXACT; LINEAR differs by half a stored unit, and a SIGMOID
-       VOILUTFunction is read as linear), else the image's own min..max;
-    3. MONOCHROME1 (low values bright) inverted: 255 - v, so bone is bright as in MONOCHROME2.
-
-    A file that is not DICOM, has no pixel data, is compressed with a codec no installed pydicom
-    plugin decodes, or holds several frames or colour, raises ImageError saying which."""
-    try:
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-        from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
-    except ImportError as e:
-        raise ImageError("DICOM needs pydicom: pip install pydicom") from e
-    try:
-        ds = pydicom.dcmread(path)
-    except InvalidDicomError as e:
-        raise ImageError("not a DICOM file") from e
-    if "PixelData" not in ds:
-        raise ImageError("DICOM without pixel data")
-    ts = ds.file_meta.get("TransferSyntaxUID")
-    if ts is not None and ts.is_compressed:
-        try:
-            available = get_decoder(ts).is_available
-        except NotImplementedError:  # a transfer syntax pydicom has no decoder for at all
-            available = False
-        if not available:
-            raise ImageError(f"DICOM compressed as {ts.name}, no decoder installed for it "
-                             "(pydicom plugins: pylibjpeg, gdcm)")
-    kind = ds.get("PhotometricInterpretation", "")
-    if kind not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ImageError(f"DICOM {kind or 'without PhotometricInterpretation'}: only MONOCHROME1/2 are read")
-    if int(ds.get("NumberOfFrames") or 1) > 1:
-        raise ImageError(f"DICOM with {ds.NumberOfFrames} frames: one is expected")
-    try:
-        values = apply_modality_lut(ds.pixel_array, ds)
-    except Exception as e:  # truncated pixel data, inconsistent Rows/Columns/BitsAllocated
-        reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-        raise ImageError(f"DICOM pixel data unreadable ({reason[:100]})") from e
-    if ds.get("VOILUTSequence"):  # a table indexed by modality values, which are integers
-        values = apply_voi(np.rint(values).astype(np.int64), ds)
-        window = (0, 2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
-    else:
-        window = _dicom_window(ds)
-    out = to_uint8(values, window)
-    return 255 - out if kind == "MONOCHROME1" else out
-
-
-def _dicom_window(ds) -> tuple[float, float] | None:
-    """(center - width/2, center + width/2) of the first WindowCenter / WindowWidth pair; None when
-    the file has none, or an empty or non-positive one."""
-    try:
-        center, width = (float(np.atleast_1d(ds.get(k))[0]) for k in ("WindowCenter", "WindowWidth"))
-    except (TypeError, ValueError, IndexError):
+        st = os.stat(path)
+    except (OSError, ValueError):  # ValueError: a path with a NUL byte
         return None
-    return (center - width / 2, center + width / 2) if width > 0 else None
-
-
-def _is_dicom(path: Path) -> bool:
-    """A DICOM Part 10 file: 128 bytes of preamble, then 'DICM'."""
-    with open(path, "rb") as f:
-        return f.read(132)[128:] == b"DICM"
+    return [st.st_size, st.st_mtime_ns]
 
 
 def _decode_chunk(task):
-    """Worker: decode one chunk. Returns (start, uint8 (n, S, S), ok (n,), errors [str])."""
-    start, paths, size, square = task
+    """Worker: decode one chunk. Returns (start, uint8 (n, S, S), ok (n,), errors [str], stats [file_stat])."""
+    start, paths, size, square, equalize = task
     time.sleep(test_hook("CXR_TEST_DECODE_DELAY") or 0.0)
     images = np.zeros((len(paths), size, size), dtype=np.uint8)
     ok = np.zeros(len(paths), dtype=bool)
     errors = [""] * len(paths)
+    stats = [file_stat(p) for p in paths]  # before reading: a file replaced meanwhile shows as changed next time
     for i, p in enumerate(paths):
         try:
-            images[i] = load_image(p, size, square)
+            images[i] = load_image(p, size, square, equalize)
             ok[i] = True
         except FileNotFoundError:
             errors[i] = "missing"
-        except ImageError as e:  # says what is wrong in a few words: DICOM without pixel data, ...
+        except ImageError as e:  # says what is wrong in a few words: not a regular file, DICOM without pixel data, ...
             errors[i] = f"unreadable ({e})"
         except Exception as e:  # truncated JPEG, random bytes, empty file, not an image
             errors[i] = f"unreadable ({type(e).__name__}: {e})"[:200]
-    return start, images, ok, errors
+    return start, images, ok, errors, stats
 
 
 class ImageCache:
     """A built image cache: get(slots) -> uint8 (B, 1, S, S). Shards load lazily, memory-mapped, so
-    a DataLoader worker or another rank shares the OS page cache rather than a copy."""
+    a DataLoader worker or another rank shares the OS page cache rather than a copy. The folder's
+    meta.json is read from disk and checked against the key in the folder's name (read_meta)."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        try:
-            meta = json.loads((self.folder / "meta.json").read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"{self.folder / 'meta.json'}: unreadable cache index ({e}); delete {self.folder} "
-                            f"and rerun dataset.py") from e
+        meta, problem = read_meta(self.folder)
+        if problem:
+            raise UserError(f"{self.folder / 'meta.json'}: {problem}; rerun the command that built it (dataset.py, "
+                            f"or the experiments/ script of a +copy) with the same flags: it rewrites the index and "
+                            f"rebuilds what does not fit it")
         self.meta = meta
         self.paths: list[str] = meta["paths"]
         self.size: int = meta["size"]
         self.square: str = meta["square"]
+        self.equalize: str = meta.get("equalize", "none")
         self.shard_size: int = meta["shard_size"]
         self._shards: dict[int, dict] = {}
 
@@ -240,6 +114,10 @@ class ImageCache:
     def n_shards(self) -> int:
         return -(-len(self.paths) // self.shard_size)
 
+    def shard_len(self, k: int) -> int:
+        """Images in shard k: shard_size, fewer in the last."""
+        return min(self.shard_size, len(self.paths) - k * self.shard_size)
+
     def shard_path(self, k: int) -> Path:
         return self.folder / f"shard_{k:05d}.pt"
 
@@ -248,14 +126,24 @@ class ImageCache:
                 if not (self.shard_path(k).is_file() and self.shard_path(k).with_suffix(".json").is_file())]
 
     def shard(self, k: int) -> dict:
+        """Shard k, {"images": uint8 (n, S, S)}, memory-mapped; a UserError when it is not that."""
         if k not in self._shards:
             import torch
+            path = self.shard_path(k)
             try:
-                self._shards[k] = torch.load(self.shard_path(k), mmap=True, weights_only=True)
+                loaded = torch.load(path, mmap=True, weights_only=True)
             except FileNotFoundError as e:
-                raise UserError(f"{self.shard_path(k)}: cache shard missing; rerun dataset.py to finish the cache") from e
+                raise UserError(f"{path}: cache shard missing; rerun dataset.py to finish the cache") from e
             except Exception as e:
-                raise UserError(f"{self.shard_path(k)}: corrupt cache shard ({e}); delete it and rerun dataset.py") from e
+                raise UserError(f"{path}: corrupt cache shard ({e}); rerun the command that built the cache with the "
+                                f"same flags (it rebuilds the shard)") from e
+            images = loaded.get("images") if isinstance(loaded, dict) else None
+            want = (self.shard_len(k), self.size, self.size)
+            if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and tuple(images.shape) == want):
+                got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(loaded).__name__
+                raise UserError(f"{path}: cache shard holds {got}, not uint8 {want}: it belongs to another cache; "
+                                f"rerun the command that built it with the same flags (it rebuilds the shard)")
+            self._shards[k] = loaded
         return self._shards[k]
 
     def status(self) -> tuple[np.ndarray, list[str]]:
@@ -263,6 +151,9 @@ class ImageCache:
         ok, errors = [], []
         for k in range(self.n_shards):
             s = _read_status(self, k)
+            if s is None:
+                raise UserError(f"{self.shard_path(k).with_suffix('.json')}: unreadable cache status; rerun the command "
+                                f"that built the cache with the same flags (it rebuilds the shard)")
             ok += s["ok"]
             errors += s["errors"]
         return np.array(ok, dtype=bool), errors
@@ -279,32 +170,137 @@ class ImageCache:
         return out
 
 
-def cache_folder(cache_dir: Path, name: str, data_root: Path, paths: list[str], size: int,
-                 square: str, shard_size: int = SHARD_SIZE) -> tuple[Path, dict]:
+def cache_key(meta: dict) -> str:
+    """The 12 hex digits that name a cache folder: a hash of what changes pixels (KEY_FIELDS: the
+    decoder's version, CACHE_VERSION or JPEG_CACHE_VERSION for JPEGs only, the data root, size,
+    square mode, ordered paths; and the equalization unless 'none': older caches keep their key)."""
+    keyed = {k: meta[k] for k in KEY_FIELDS}
+    if meta.get("equalize", "none") != "none":
+        keyed["equalize"] = EQUALIZE_KEYS[meta["equalize"]]
+    return hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cache_folder(cache_dir: Path, name: str, data_root: Path, paths: list[str], size: int, square: str,
+                 shard_size: int = SHARD_SIZE, equalize: str = "none") -> tuple[Path, dict]:
     """The cache folder for these inputs, and the meta that keys it (shard_size is recorded, not keyed)."""
     jpeg_only = all(p.lower().endswith((".jpg", ".jpeg")) for p in paths)
-    meta = {"version": JPEG_CACHE_VERSION if jpeg_only else CACHE_VERSION, "data_root": str(Path(data_root).resolve()), "size": int(size),
-            "square": square, "paths": list(paths)}
-    key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(cache_dir) / f"{name}-{size}px-{key}", {**meta, "shard_size": int(shard_size)}
+    meta = {"version": JPEG_CACHE_VERSION if jpeg_only else CACHE_VERSION, "data_root": str(Path(data_root).resolve()),
+            "size": int(size), "square": square, "paths": list(paths), "equalize": equalize,
+            "shard_size": int(shard_size)}
+    return Path(cache_dir) / f"{name}-{size}px-{cache_key(meta)}", meta
 
+
+def read_meta(folder: Path, want: dict | None = None) -> tuple[dict | None, str | None]:
+    """(meta.json of folder, None), or (None, what is wrong with it): unreadable, a field missing or
+    of the wrong type, or inputs other than those its folder's name (or `want`, when given) is keyed
+    by: another cache copied in. A copy's (+name) meta must also name its base and shard size."""
+    path = Path(folder) / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return None, f"unreadable cache index ({e})"
+    types = {"version": int, "data_root": str, "size": int, "square": str, "paths": list, "shard_size": int}
+    bad = [k for k, t in types.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), t)]
+    if bad:
+        return None, f"cache index without a valid {', '.join(bad)}"
+    if not (all(isinstance(p, str) for p in meta["paths"]) and meta["square"] in SQUARE_MODES and meta["shard_size"] >= 1
+            and 8 <= meta["size"] <= MAX_IMAGE_SIZE and meta.get("equalize", "none") in EQUALIZE_MODES):
+        return None, "cache index with an impossible value (paths, square, shard_size, size or equalize)"
+    if want is not None:
+        fields = [*KEY_FIELDS, "equalize"] + (["transform", "base", "shard_size"] if "base" in want else [])
+        field = lambda d, k: d.get(k, "none") if k == "equalize" else d.get(k)  # noqa: E731 (absent: before --equalize)
+        differ = [k for k in fields if field(meta, k) != field(want, k)]
+        if differ:
+            return None, "holds a cache of other inputs: " + ", ".join(
+                f"{k} {_brief(field(meta, k))}, not {_brief(field(want, k))}" for k in differ)
+    elif not str(meta.get("base", Path(folder).name)).endswith(f"-{meta['size']}px-{cache_key(meta)}") or (
+            "base" in meta and Path(folder).name != f"{meta['base']}+{meta.get('transform')}"):
+        return None, "holds a cache of other inputs than its folder's name says (copied in from another cache?)"
+    return meta, None
+
+
+def _brief(v) -> str:
+    return f"{len(v)} paths" if isinstance(v, list) else repr(v)
+
+
+def _create_exclusive(path: Path, text: str) -> None:
+    """Create `path` holding `text` unless it exists; never replace it. The text is written whole to a
+    temporary file, then hard-linked to `path`: os.link fails when `path` exists, so of two processes
+    (on one host or several sharing the folder) exactly one creates it, and both read that one back.
+    On a filesystem without hard links (some FUSE mounts) the build lock decides instead."""
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+            return
+        except FileExistsError:
+            return
+        except OSError:
+            pass
+    except OSError as e:
+        raise UserError(f"could not write {path}: {e.strerror or e}") from e
+    finally:
+        _discard(tmp)
+    claim = claim_build(path.with_name("build.lock"), path.exists, f"the creation of {path}")
+    if claim is not None:
+        with claim:
+            write_text(path, text)
+
+
+def _open_cache(folder: Path, want: dict) -> ImageCache:
+    """The cache in folder, holding `want`'s inputs: meta.json created exclusively when missing, or
+    rewritten (under the build lock, saying why) when it is damaged or holds another cache; the
+    shards that do not fit it are then found by the shard checks and rebuilt. Read back from disk."""
+    path = folder / "meta.json"
+    if not path.exists():
+        _create_exclusive(path, json.dumps(want))
+    if read_meta(folder, want)[1] is not None:
+        claim = claim_build(folder / "build.lock", lambda: read_meta(folder, want)[1] is None, f"the repair of {path}")
+        if claim is not None:
+            with claim:
+                print(f"{path}: {read_meta(folder, want)[1]}; rewritten, and every shard checked against it",
+                      file=sys.stderr, flush=True)
+                write_text(path, json.dumps(want))
+    return ImageCache(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Build locks
 
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except (PermissionError, OverflowError):  # someone else's process; a number no pid can be
+        pass
     return True
+
+
+def _identity() -> dict:
+    """Who this process is, as another process can check it: host, boot (a rebooted host reuses
+    pids), PID namespace (containers sharing a hostname each count pids from 1) and pid."""
+    def read(f: Callable[[], str]) -> str:
+        try:
+            return f().strip()
+        except OSError:
+            return ""  # not Linux: host and pid only, as before
+    return {"host": socket.gethostname(), "boot": read(Path("/proc/sys/kernel/random/boot_id").read_text),
+            "pidns": read(lambda: os.readlink("/proc/self/ns/pid")), "pid": os.getpid()}
 
 
 class BuildLock:
     """This process's claim, by lock file, to build what other processes wait for (see claim_build).
-    touch() as the work goes on (a heartbeat); release() (or leaving a `with`) removes the file."""
+    touch() as the work goes on (a heartbeat); release() (or leaving a `with`) removes the file, unless
+    another process has taken it over since (its token is not this one's)."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path, token: str = ""):
+        self.path, self.token = Path(path), token
 
     def touch(self) -> None:
         try:
@@ -313,7 +309,7 @@ class BuildLock:
             pass
 
     def release(self) -> None:
-        if _lock_owner(self.path) == _lock_text():  # not a lock that another process has taken over since
+        if (_lock_owner(self.path) or {}).get("token") == self.token:
             _discard(self.path)
 
     def __enter__(self) -> "BuildLock":
@@ -323,30 +319,62 @@ class BuildLock:
         self.release()
 
 
-def _lock_text() -> str:
-    return f"{socket.gethostname()} {os.getpid()}"
-
-
-def _lock_owner(path: Path) -> str | None:
-    """'HOST PID' from a lock file; None when there is none (or it is not written yet)."""
+def _lock_owner(path: Path) -> dict | None:
+    """The owner written in a lock file ({host, boot, pidns, pid, token}, or {host, pid} from a
+    lock of an earlier version: 'HOST PID'); None when there is none (or it is not written yet)."""
     try:
-        return Path(path).read_text().strip() or None
+        text = Path(path).read_text().strip()
     except OSError:
         return None
+    try:
+        owner = json.loads(text)
+        return owner if isinstance(owner, dict) else None
+    except ValueError:
+        host, _, pid = text.partition(" ")
+        return {"host": host, "pid": int(pid)} if pid.isdigit() else None
+
+
+def _describe(owner: dict | None) -> str:
+    return f"{owner.get('host')} (pid {owner.get('pid')})" if owner else "another process"
+
+
+def _owner_gone(owner: dict | None) -> bool:
+    """The lock's owner is provably dead: same host, same boot and same PID namespace as this process
+    (an earlier version's lock: same host), and no process with its pid."""
+    me = _identity()
+    if not owner or owner.get("host") != me["host"] or not isinstance(owner.get("pid"), int):
+        return False
+    if "token" in owner and (owner.get("boot"), owner.get("pidns")) != (me["boot"], me["pidns"]):
+        return False  # another boot or another container: its pid says nothing here
+    return not _pid_alive(owner["pid"])
 
 
 def _lock_stale(path: Path) -> bool:
-    """A lock whose builder is gone: a dead process on this host, or no heartbeat for LOCK_STALE_S
-    (the builder hung, or its host died: another host's pid cannot be checked)."""
-    owner = _lock_owner(path)
+    """A lock whose builder is gone (_owner_gone), or whose heartbeat stopped LOCK_STALE_S ago (the
+    builder hung, or its host died, or it runs where its pid cannot be checked from here)."""
     try:
         age = time.time() - Path(path).stat().st_mtime
     except OSError:
         return False  # released meanwhile
-    host, _, pid = (owner or "").partition(" ")
-    if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
-        return True
-    return age > LOCK_STALE_S
+    return age > LOCK_STALE_S or _owner_gone(_lock_owner(path))
+
+
+def _take_over(lock: Path, owner: dict | None) -> bool:
+    """Remove the stale lock whose owner is `owner`. It is first moved aside and read again: when
+    another waiter has taken it over meanwhile, that fresh lock is put back and False returned."""
+    aside = lock.with_name(f".{lock.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    try:
+        os.rename(lock, aside)
+    except OSError:
+        return False
+    taken = _lock_owner(aside) == owner
+    if not taken:
+        try:
+            os.link(aside, lock)
+        except OSError:
+            pass  # a newer lock is there already: correctness never rests on the lock (see claim_build)
+    _discard(aside)
+    return taken
 
 
 def claim_build(lock: Path, done: Callable[[], bool], what: str) -> BuildLock | None:
@@ -354,10 +382,12 @@ def claim_build(lock: Path, done: Callable[[], bool], what: str) -> BuildLock | 
     tasks): returns None once done() holds, or a BuildLock when this process is to do the work.
 
     A process that finds the work undone tries to create `lock` (O_CREAT | O_EXCL: exactly one
-    wins, on one host or on many sharing the folder); the others wait on the files, polling with
-    no timeout, never inside a torch.distributed collective (whose timeout a long build outlasts).
-    A dead builder's lock is taken over (see _lock_stale). Correctness never rests on the lock:
-    every file is written atomically, so a second builder could only waste time."""
+    wins, on one host or on many sharing the folder) and writes who it is (host, boot id, PID
+    namespace, pid, a random token); the others wait on the files, polling with no timeout, never
+    inside a torch.distributed collective (whose timeout a long build outlasts). A lock is taken over
+    when its owner is provably dead, else only once its heartbeat is stale (see _lock_stale).
+    Correctness never rests on the lock: every file is written atomically, so a second builder
+    could only waste time."""
     lock = Path(lock)
     lock.parent.mkdir(parents=True, exist_ok=True)
     told = False
@@ -365,20 +395,22 @@ def claim_build(lock: Path, done: Callable[[], bool], what: str) -> BuildLock | 
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
+            owner = _lock_owner(lock)
             if _lock_stale(lock):
-                print(f"taking over {what} from {_lock_owner(lock)}, which is gone", file=sys.stderr, flush=True)
-                _discard(lock)
+                if _take_over(lock, owner):
+                    why = "which is gone" if _owner_gone(owner) else f"silent for over {LOCK_STALE_S} s"
+                    print(f"taking over {what} from {_describe(owner)}, {why}", file=sys.stderr, flush=True)
                 continue
             if not told:
-                print(f"waiting for {what}, being built by {_lock_owner(lock) or 'another process'}",
-                      file=sys.stderr, flush=True)
+                print(f"waiting for {what}, being built by {_describe(owner)}", file=sys.stderr, flush=True)
                 told = True
             while lock.exists() and not _lock_stale(lock):
                 time.sleep(LOCK_POLL_S)
             continue
+        token = secrets.token_hex(8)
         with os.fdopen(fd, "w") as f:
-            f.write(_lock_text() + "\n")
-        return BuildLock(lock)
+            f.write(json.dumps({**_identity(), "token": token}) + "\n")
+        return BuildLock(lock, token)
     return None
 
 
@@ -392,65 +424,148 @@ def _remove_stale_tmp(folder: Path) -> None:
             _discard(f)
 
 
+# ---------------------------------------------------------------------------------------------
+# Building, checking and rebuilding shards
+
 def _write_shards(cache: ImageCache, chunks, n_images: int, desc: str, progress: bool,
                   tick: Callable[[], None] = lambda: None) -> None:
-    """Assemble ordered (start, images, ok, errors) chunks into shards; save each one as it fills.
-    tick() after every chunk (the build lock's heartbeat)."""
+    """Assemble ordered (start, images, ok, errors, stats) chunks into shards; save each one as it
+    fills. tick() after every chunk (the build lock's heartbeat)."""
     import torch
     buf: dict[int, list] = {}
     with tqdm(total=n_images, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for start, images, ok, errors in chunks:
+        for start, *chunk in chunks:
             tick()
             k = start // cache.shard_size
-            buf.setdefault(k, []).append((images, ok, errors))
-            bar.update(len(ok))
-            n_k = min(cache.shard_size, len(cache) - k * cache.shard_size)
-            if sum(len(o) for _, o, _ in buf[k]) == n_k:
+            buf.setdefault(k, []).append(chunk)
+            bar.update(len(chunk[1]))
+            if sum(len(c[1]) for c in buf[k]) == cache.shard_len(k):
                 parts = buf.pop(k)
-                status = {"ok": [bool(o) for p in parts for o in p[1]], "errors": [e for p in parts for e in p[2]]}
+                status = {"ok": [bool(o) for p in parts for o in p[1]], "errors": [e for p in parts for e in p[2]],
+                          "stat": [s for p in parts for s in p[3]]}
                 _save_shard(cache, k, torch.from_numpy(np.concatenate([p[0] for p in parts])), status)
 
 
 def _save_shard(cache: ImageCache, k: int, images, status: dict) -> None:
-    """Status first, pixels second: a shard whose .pt exists is complete, with its status."""
+    """Status first (with the sha1 of the pixels), pixels second: a shard whose .pt exists is
+    complete, with its status. images: uint8 (n, S, S), saved as a tensor of exactly that storage."""
+    images = images.contiguous()
+    if images.untyped_storage().nbytes() != images.numel():  # a view saves its whole storage: _stored_bytes differs
+        images = images.clone()
+    status = {**status, "sha1": hashlib.sha1(images.numpy().data).hexdigest()}
     write_text(cache.shard_path(k).with_suffix(".json"), json.dumps(status))
     save_torch({"images": images}, cache.shard_path(k))
 
 
+def _read_status(cache: ImageCache, k: int) -> dict | None:
+    """Shard k's status, or None when it is missing, unreadable or does not fit the shard (lists
+    of another length: a truncated file, or one of another cache)."""
+    try:
+        s = json.loads(cache.shard_path(k).with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    n = cache.shard_len(k)
+    fits = isinstance(s, dict) and all(isinstance(s.get(f), list) and len(s[f]) == n for f in ("ok", "errors"))
+    if not fits or ("stat" in s and not (isinstance(s["stat"], list) and len(s["stat"]) == n)):
+        return None
+    return s
+
+
+def _stored_bytes(path: Path) -> int | None:
+    """Bytes of tensor data in a shard file, read from its zip directory (torch.save writes a zip
+    whose tensor storages are the entries '<name>/data/<i>', uncompressed): the shard's shape is
+    checked without importing torch or reading pixels. None when it is not such a file."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return sum(i.file_size for i in z.infolist() if i.filename.split("/")[-2:-1] == ["data"])
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+
+
+def _shard_problem(cache: ImageCache, k: int, data_root: Path) -> str | None:
+    """Why shard k must be (re)built, or None when it holds the pixels of its files as they are now:
+    'missing' (not finished), 'damaged' (status unreadable, or pixels of another shape or size),
+    'older' (built before file stats were recorded), 'changed: PATH' (a file replaced, restored or
+    removed since: its size or mtime differs), 'readable: PATH' (an image that failed before, and
+    whose file is unchanged, decodes now: a transient read error). One stat per image."""
+    pt = cache.shard_path(k)
+    if not (pt.is_file() and pt.with_suffix(".json").is_file()):
+        return "missing"
+    status = _read_status(cache, k)
+    if status is None or _stored_bytes(pt) != cache.shard_len(k) * cache.size ** 2:
+        return "damaged"
+    if "stat" not in status:
+        return "older"
+    paths = cache.paths[k * cache.shard_size:k * cache.shard_size + cache.shard_len(k)]
+    now = [file_stat(data_root / p) for p in paths]
+    changed = next((p for p, was, st in zip(paths, status["stat"], now) if was != st), None)
+    if changed is not None:
+        return f"changed: {changed}"
+    for p, ok, st in zip(paths, status["ok"], now):
+        if not ok and st is not None:
+            try:
+                load_image(data_root / p, cache.size, cache.square, cache.equalize)
+            except Exception:
+                continue
+            return f"readable: {p}"
+    return None
+
+
+def _problems(check: Callable[[int], str | None], n_shards: int) -> dict[int, str]:
+    """{shard: why it must be rebuilt} over all shards, STAT_THREADS shards at a time."""
+    with ThreadPoolExecutor(max(1, min(STAT_THREADS, n_shards))) as pool:
+        return {k: why for k, why in enumerate(pool.map(check, range(n_shards))) if why}
+
+
+WHY = {"missing": "unfinished", "damaged": "damaged (unreadable, or of another shape)",
+       "older": "built before file stats were recorded", "changed": "whose files changed since",
+       "readable": "with an image that reads now", "base": "made from base pixels rebuilt since"}
+
+
+def _report(folder: Path, todo: dict[int, str], n_shards: int) -> None:
+    """One line on stderr when shards are rebuilt for any reason but never having been finished."""
+    kinds: dict[str, list[str]] = {}
+    for why in todo.values():
+        kinds.setdefault(why.split(":")[0], []).append(why)
+    if set(kinds) <= {"missing"}:
+        return
+    parts = [f"{len(v)} {WHY[kind]}" + (f" (e.g. {v[0].split(': ', 1)[1]})" if ": " in v[0] else "")
+             for kind, v in kinds.items()]
+    print(f"rebuilding {len(todo)} of {n_shards} shards of {folder}: {'; '.join(parts)}", file=sys.stderr, flush=True)
+
+
 def build_cache(paths: list[str], data_root: Path, size: int, cache_dir: Path, name: str = "images",
                 square: str = "resize", workers: int | None = None, progress: bool = True,
-                chunk: int = 8, shard_size: int | None = None) -> ImageCache:
+                chunk: int = 8, shard_size: int | None = None, equalize: str = "none") -> ImageCache:
     """Build, or finish, the cache of `paths` (relative to data_root). Returns it complete.
 
-    Only the shards that are missing are decoded, in parallel over `workers` processes; a killed
-    build therefore keeps every shard it finished. Nothing is written under data_root. shard_size
-    (images per shard file, default SHARD_SIZE) applies to a new cache; an existing one keeps its own.
-    A complete shard with an image that failed before (missing, unreadable) but decodes now is redone."""
-    if size < 8:
-        raise UserError(f"--image-size must be at least 8, got {size}")
+    Only the shards that need it are decoded (see _shard_problem: missing, damaged, files changed),
+    in parallel over `workers` processes; a killed build therefore keeps every shard it finished.
+    Nothing is written under data_root. shard_size (images per shard file, default SHARD_SIZE)
+    applies to a new cache; an existing one keeps its own. equalize: see equalize_image."""
+    if size < 8 or size > MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size must be {'at least 8' if size < 8 else f'at most {MAX_IMAGE_SIZE}'}, got {size}")
     if square not in SQUARE_MODES:
         raise UserError(f"unknown square mode {square!r} (choose from {', '.join(SQUARE_MODES)})")
+    if equalize not in EQUALIZE_MODES:
+        raise UserError(f"unknown --equalize {equalize!r} (choose from {', '.join(EQUALIZE_MODES)})")
+    if equalize == "clahe" and importlib.util.find_spec("cv2") is None:
+        raise UserError("--equalize clahe needs OpenCV: pip install opencv-python-headless (see requirements.txt)")
     if shard_size is not None and shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     data_root = Path(data_root)
-    folder, meta = cache_folder(cache_dir, name, data_root, paths, size, square, shard_size or SHARD_SIZE)
+    folder, want = cache_folder(cache_dir, name, data_root, paths, size, square, shard_size or SHARD_SIZE, equalize)
     _refuse_inside(folder, data_root)
-    if not (folder / "meta.json").is_file():
-        write_text(folder / "meta.json", json.dumps(meta))
-    cache = ImageCache(folder)
-    claim = claim_build(folder / "build.lock", lambda: not _todo(cache, data_root), f"the image cache {folder}")
+    cache = _open_cache(folder, want)
+    check = lambda k: _shard_problem(cache, k, data_root)  # noqa: E731
+    claim = claim_build(folder / "build.lock", lambda: not _problems(check, cache.n_shards), f"the image cache {folder}")
     if claim is None:  # complete, or completed meanwhile by another process
         return cache
     with claim:
-        _build_shards(cache, _todo(cache, data_root), data_root, workers, chunk, f"caching {name} at {size}px",
-                      progress, claim.touch)
+        todo = _problems(check, cache.n_shards)
+        _report(folder, todo, cache.n_shards)
+        _build_shards(cache, sorted(todo), data_root, workers, chunk, f"caching {name} at {size}px", progress, claim.touch)
     return cache
-
-
-def _todo(cache: ImageCache, data_root: Path) -> list[int]:
-    """The shards to (re)build: missing ones, and complete ones with an image that decodes now."""
-    todo = cache.missing_shards()
-    return todo + _recovered_shards(cache, data_root, skip=todo)
 
 
 def _build_shards(cache: ImageCache, todo: list[int], data_root: Path, workers: int | None, chunk: int, desc: str,
@@ -458,13 +573,13 @@ def _build_shards(cache: ImageCache, todo: list[int], data_root: Path, workers: 
     """Decode the images of shards `todo` over `workers` processes and save each shard as it fills."""
     if not todo:
         return
-    paths, size, square = cache.paths, cache.size, cache.square
     _remove_stale_tmp(cache.folder)
     tasks = []
     for k in todo:
-        lo, hi = k * cache.shard_size, min((k + 1) * cache.shard_size, len(paths))
+        lo, hi = k * cache.shard_size, k * cache.shard_size + cache.shard_len(k)
         for s in range(lo, hi, chunk):
-            tasks.append((s, [data_root / p for p in paths[s:min(s + chunk, hi)]], size, square))
+            tasks.append((s, [data_root / p for p in cache.paths[s:min(s + chunk, hi)]], cache.size, cache.square,
+                          cache.equalize))
     n_images = sum(len(t[1]) for t in tasks)
     workers = max(1, min(workers or default_workers(), len(tasks)))
     if workers == 1:
@@ -477,63 +592,70 @@ def _build_shards(cache: ImageCache, todo: list[int], data_root: Path, workers: 
             _write_shards(cache, pool.imap(_decode_chunk, tasks), n_images, desc, progress, tick)
 
 
-def _read_status(cache: ImageCache, k: int) -> dict:
-    return json.loads(cache.shard_path(k).with_suffix(".json").read_text())
+# ---------------------------------------------------------------------------------------------
+# Augmented copies
+
+def _copy_problem(copy: ImageCache, base: ImageCache, k: int) -> str | None:
+    """Why shard k of an augmented copy must be (re)made from its base: 'missing', 'damaged', or
+    'base' (the base shard it was made from has been rebuilt since: its sha1 is not the recorded one)."""
+    pt = copy.shard_path(k)
+    if not (pt.is_file() and pt.with_suffix(".json").is_file()):
+        return "missing"
+    status = _read_status(copy, k)
+    if status is None or _stored_bytes(pt) != copy.shard_len(k) * copy.size ** 2:
+        return "damaged"
+    made_from = (_read_status(base, k) or {}).get("sha1")
+    return None if made_from and status.get("base_sha1") == made_from else "base"
 
 
-def _recovered_shards(cache: ImageCache, data_root: Path, skip: list[int]) -> list[int]:
-    """Complete shards holding an image that failed before but decodes now (a missing file copied
-    in, a broken one replaced): they are redone, so fixing the data needs no cache surgery. Only the
-    failed images are tried, so a rerun on a complete cache stays quick."""
-    redo = []
-    for k in range(cache.n_shards):
-        if k in skip:
-            continue
-        for j, ok in enumerate(_read_status(cache, k)["ok"]):
-            path = Path(data_root) / cache.paths[k * cache.shard_size + j]
-            if not ok and path.is_file():
-                try:
-                    load_image(path, cache.size, cache.square)
-                except Exception:
-                    continue
-                redo.append(k)
-                break
-    return redo
+def _copy_todo(copy: ImageCache, base: ImageCache) -> dict[int, str]:
+    """{shard: why} of a copy against its base; every shard when their layouts differ."""
+    if (copy.shard_size, len(copy), copy.size) != (base.shard_size, len(base), base.size):
+        return dict.fromkeys(range(copy.n_shards), "base")
+    return _problems(lambda k: _copy_problem(copy, base, k), copy.n_shards)
 
 
 def derive_cache(base: ImageCache, name: str, transform: Callable, progress: bool = True) -> ImageCache:
     """Build, or finish, an augmented copy of `base`: slot i is transform(base slot i).
-    `transform` maps uint8 (n, S, S) -> uint8 (n, S, S). It lives beside base as <folder>+<name>."""
+    `transform` maps uint8 (n, S, S) -> uint8 (n, S, S). It lives beside base as <folder>+<name>;
+    a shard whose base shard was rebuilt since (a file replaced or restored) is made again."""
     import torch
     folder = base.folder.with_name(f"{base.folder.name}+{name}")
-    if not (folder / "meta.json").is_file():
-        write_text(folder / "meta.json", json.dumps({**base.meta, "transform": name, "base": base.folder.name}))
-    cache = ImageCache(folder)
-    todo = cache.missing_shards()
-    # a base shard redone since (an image that failed before reads now) is redone here too
-    todo += [k for k in range(cache.n_shards) if k not in todo
-             and _read_status(cache, k) != _read_status(base, k)]
-    if todo:
+    copy = _open_cache(folder, {**base.meta, "transform": name, "base": base.folder.name})
+    claim = claim_build(folder / "build.lock", lambda: not _copy_todo(copy, base), f"the {name} copies {folder}")
+    if claim is None:
+        return copy
+    with claim:
+        todo = _copy_todo(copy, base)
+        _report(folder, todo, copy.n_shards)
         _remove_stale_tmp(folder)
-    for k in tqdm(todo, desc=f"building {name} copies", unit="shard", disable=not progress):
-        images = transform(base.shard(k)["images"].clone()).to(torch.uint8).contiguous()
-        status = json.loads(base.shard_path(k).with_suffix(".json").read_text())
-        _save_shard(cache, k, images, status)
-    return cache
+        for k in tqdm(sorted(todo), desc=f"building {name} copies", unit="shard", disable=not progress):
+            claim.touch()
+            status = _read_status(base, k)
+            images = transform(base.shard(k)["images"].clone()).to(torch.uint8)
+            _save_shard(copy, k, images, {**status, "base_sha1": status.get("sha1")})
+    return copy
 
 
 def find_augmented(base: ImageCache, name: str) -> ImageCache:
-    """The built augmented copy 'name' of base ('flip', 'contrast' or an exact 'contrast1.5')."""
+    """The built augmented copy 'name' of base ('flip', 'contrast' or an exact 'contrast1.5'); a
+    UserError naming the script to run when it is not built, or out of date with its base."""
     exact = base.folder.with_name(f"{base.folder.name}+{name}")
     found = [exact] if exact.is_dir() else sorted(base.folder.parent.glob(f"{base.folder.name}+{name}*"))
     if len(found) > 1:
         raise UserError(f"several '{name}' copies are built ({', '.join(f.name.split('+')[-1] for f in found)}); "
                         f"name one exactly, e.g. --augmented {found[0].name.split('+')[-1]}")
-    if not found or ImageCache(found[0]).missing_shards():
-        raise UserError(f"augmented copy '{name}' is not built for {base.folder}; run "
-                        f"python experiments/{name.rstrip('0123456789.')}_images.py with the same "
-                        f"--data-root, --csv, --image-size and --cache-dir")
-    return ImageCache(found[0])
+    rerun = (f"python experiments/{name.rstrip('0123456789.')}_images.py with the same --data-root, --csv, "
+             f"--image-size, --square, --equalize and --cache-dir")
+    copy = ImageCache(found[0]) if found else None
+    todo = _copy_todo(copy, base) if copy else {0: "missing"}
+    if set(todo.values()) == {"missing"}:
+        raise UserError(f"augmented copy '{name}' is not built for {base.folder}; run {rerun}")
+    if todo:
+        raise UserError(f"augmented copy '{name}' in {copy.folder} is out of date: {len(todo)} of its {copy.n_shards} "
+                        f"shards were made from base pixels rebuilt since (an image replaced, restored or repaired) "
+                        f"or are damaged; rerun {rerun}")
+    return copy
 
 
 def _refuse_inside(folder: Path, data_root: Path) -> None:
@@ -565,11 +687,12 @@ def attach_cache(df: pd.DataFrame, cache: ImageCache, on_bad: str = "drop", what
 
 def cached_table(df: pd.DataFrame, data_root: Path, size: int, cache_dir: Path, name: str,
                  square: str = "resize", workers: int | None = None, on_bad: str = "drop",
-                 progress: bool = True) -> tuple[pd.DataFrame, ImageCache]:
-    """Cache the images of a table read by read_train_csv/read_test_csv; return (table with 'slot', cache)."""
+                 progress: bool = True, equalize: str = "none") -> tuple[pd.DataFrame, ImageCache]:
+    """Cache the images of a table read by read_train_csv/read_test_csv; return (table with 'slot', cache).
+    equalize: --equalize (none, hist, clahe), part of the cache key (see build_cache)."""
     attrs = dict(df.attrs)
     paths = list(dict.fromkeys(df["path"]))
-    cache = build_cache(paths, data_root, size, cache_dir, name, square, workers, progress)
+    cache = build_cache(paths, data_root, size, cache_dir, name, square, workers, progress, equalize=equalize)
     out = attach_cache(df, cache, on_bad)
     out.attrs = {**attrs, **out.attrs}
     return out, cache

@@ -18,6 +18,8 @@ from typing import Callable
 import numpy as np
 
 SQUARE_MODES = ("resize", "crop")  # how non-square images become square (cache.py): --square
+EQUALIZE_MODES = ("none", "hist", "clahe")  # contrast equalisation when the cache is built (decode.py): --equalize
+MAX_IMAGE_SIZE = 4096  # --image-size bound: the cache holds size^2 bytes per image (16 MiB each at 4096)
 class UserError(Exception):
     """An error the user caused (bad path, bad value): scripts print it as one line and exit 2."""
 
@@ -222,18 +224,22 @@ def must_keep(action: argparse.Action) -> argparse.Action:
 
 def add_data_flags(p: argparse.ArgumentParser, csv_flag: str = "--csv", csv_help: str = "the CSV to read",
                    image: bool = True):
-    """The "data" group: --data-root, the CSV flag, --image-size and --square (unless image=False:
-    the submission takes them from each checkpoint), --cache-dir, --workers. Returns the group, for
-    a script's own data flags."""
+    """The "data" group: --data-root, the CSV flag, --image-size, --square and --equalize (unless
+    image=False: the submission takes them from each checkpoint), --cache-dir, --workers. Returns the
+    group, for a script's own data flags."""
     g = p.add_argument_group("data")
     may_change(g.add_argument("--data-root", type=Path,
                               help="dataset root; none: the demo dataset in ./demo_data, made on first use"))
     may_change(g.add_argument(csv_flag, type=Path, help=csv_help))
     if image:
         must_keep(g.add_argument("--image-size", type=int,
-                                 help="side of the square images, px (default 224; 64 on the demo data)"))
+                                 help=f"side of the square images, px, at most {MAX_IMAGE_SIZE} (default 224; 64 on "
+                                 "the demo data)"))
         must_keep(g.add_argument("--square", choices=SQUARE_MODES, default="resize",
                                  help="how non-square images become square: resize (squash) or crop (central square)"))
+        must_keep(g.add_argument("--equalize", choices=EQUALIZE_MODES, default="none",
+                                 help="contrast equalisation applied when the cache is built (part of its key): none, "
+                                 "hist (histogram equalisation) or clahe (OpenCV's contrast-limited adaptive one)"))
     may_change(g.add_argument("--cache-dir", type=Path, default=Path("cache"),
                               help="image cache folder (never under the data root)"))
     may_change(g.add_argument("--workers", type=int, default=default_workers(),
@@ -253,10 +259,16 @@ def add_device_flags(p: argparse.ArgumentParser, amp: bool = True):
     return g
 
 
-def check_common_flags(p: argparse.ArgumentParser, args: argparse.Namespace, min_size: int = 8) -> None:
-    """parser.error for a bad --image-size or --workers, where the script has them."""
+def check_common_flags(p: argparse.ArgumentParser, args: argparse.Namespace, min_size: int = 8,
+                       max_size: int = MAX_IMAGE_SIZE) -> None:
+    """parser.error for a bad --image-size (min_size..max_size px) or --workers, where the script has
+    them; call it once --image-size has its default. train.py would pass min_size=32 (every --arch
+    downsamples 32x); the upper bound stops a size whose cache could never fit (100000 px: 10 GB an
+    image) in one line instead of an out-of-memory traceback."""
     size, workers = getattr(args, "image_size", None), getattr(args, "workers", None)
     if size is not None and size < min_size:
         p.error(f"--image-size must be at least {min_size}, got {size}")
+    if size is not None and size > max_size:
+        p.error(f"--image-size must be at most {max_size} (the cache holds size^2 bytes per image), got {size}")
     if workers is not None and workers < 1:
         p.error(f"--workers must be at least 1, got {workers}")

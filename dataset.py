@@ -630,7 +630,7 @@ def main(argv=None):
         return None
     paths = list(dict.fromkeys(df["path"]))
     cache = build_cache(paths, root, args.image_size, args.cache_dir, csv.stem, args.square, args.workers,
-                        shard_size=args.shard_size)
+                        shard_size=args.shard_size, equalize=args.equalize)
     ok, errors = cache.status()
     bad = [f"{p} ({e})" for p, e, o in zip(cache.paths, errors, ok) if not o]
     if bad:

@@ -1,6 +1,7 @@
 """Benchmark: building the image cache vs a plain one-process PIL loop, on full-resolution JPEGs.
 
     python benchmarks/bench_cache.py [--n 400] [--size 256] [--workers N] [--repeat R] [--keep DIR]
+    python benchmarks/bench_cache.py --n 300 --size 224 --equalize none hist clahe
 
 Makes N synthetic grayscale JPEGs of 2300 x 2750 px (the CS 156b resolution) with a CS 156b-style
 student_labels/train2023.csv in a temporary folder, then times, each as a whole process with its
@@ -12,6 +13,10 @@ and, to separate start-up from decoding, each one's decoding loop timed inside i
 table (seconds, images per second, speedups) and the cache's size against N * S * S bytes. The
 files are read once before timing, so both sides read from the OS page cache, not the disk. With
 --repeat R each measurement is the fastest of R runs (for a machine shared with other work).
+
+With --equalize MODE [MODE ...] it times instead the cache build (in-process, a fresh folder each
+time, --workers processes) once per --equalize setting, and each setting's equalisation alone, one
+core, per S x S image: what each setting adds to a build.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cache import build_cache, load_image
+from cache import build_cache, equalize_image, load_image
 from common import default_workers, format_table
 from dataset import PATHOLOGIES  # noqa: E402
 
@@ -97,6 +102,32 @@ def per_image_ms(files: list[Path], size: int) -> tuple[float, float]:
     return out[0], out[1]
 
 
+def equalize_table(root: Path, files: list[Path], size: int, workers: int, modes: list[str], repeat: int,
+                   work: Path) -> list[dict]:
+    """Per --equalize mode: the whole in-process cache build (fastest of `repeat`) and the
+    equalisation alone, ms per size x size image on one core."""
+    paths = [str(f.relative_to(root)) for f in files]
+    plain = [load_image(f, size) for f in files[:64]]
+    build_cache(paths[:8], root, size, work / "warm", "bench", workers=workers, progress=False)  # imports, forks
+    rows = []
+    for mode in modes:
+        equalize_image(plain[0], mode)  # the library's import and set-up, outside the clock
+        build_s = float("inf")
+        for r in range(repeat):
+            shutil.rmtree(work / "cache_eq", ignore_errors=True)
+            t0 = time.perf_counter()
+            build_cache(paths, root, size, work / "cache_eq", "bench", workers=workers, progress=False, equalize=mode)
+            build_s = min(build_s, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for a in plain:
+            equalize_image(a, mode)
+        rows.append({"--equalize": mode, "build s": build_s, "img/s": len(paths) / build_s,
+                     "equalize ms/img": 1000 * (time.perf_counter() - t0) / len(plain)})
+    for row in rows:
+        row["vs none"] = row["build s"] / rows[0]["build s"]
+    return rows
+
+
 def timed(cmd: list[str]) -> tuple[float, str]:
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -115,6 +146,8 @@ def main(argv=None):
     p.add_argument("--height", type=int, default=2750)
     p.add_argument("--repeat", type=int, default=1, help="take the fastest of this many runs of each")
     p.add_argument("--keep", type=Path, help="keep (or reuse) the images in this folder instead of a temporary one")
+    p.add_argument("--equalize", nargs="+", choices=["none", "hist", "clahe"],
+                   help="time the build once per --equalize setting instead (the first is the reference)")
     args = p.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="bench_cache_"))
@@ -130,6 +163,13 @@ def main(argv=None):
         mean_kb = np.mean([f.stat().st_size for f in files]) / 1024
         for f in files:  # into the page cache, for both sides alike
             f.read_bytes()
+        if args.equalize:
+            rows = equalize_table(root, files, args.size, args.workers, args.equalize, args.repeat, work)
+            print(format_table(rows, ["--equalize", "build s", "img/s", "vs none", "equalize ms/img"]))
+            print(f"\nfastest of {args.repeat} build(s); {n} JPEGs, {args.width} x {args.height} px, cached at "
+                  f"{args.size} px with {args.workers} workers; equalize alone on one core, over 64 images; "
+                  f"{os.cpu_count()} CPUs visible, {len(os.sched_getaffinity(0))} usable")
+            return
         py, s = sys.executable, args.size
         cache_dir = work / "cache"
 

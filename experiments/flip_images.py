@@ -5,8 +5,11 @@
 
 builds (or finishes) the base image cache of the CSV, then its flipped copy beside it as
 CACHE_DIR/<base folder>+flip. `python train.py --augmented flip` (same --data-root, --csv,
---image-size, --square and --cache-dir) then adds the copies as extra training samples; each copy
-keeps its source image's labels and patient, so copies never cross the patient split.
+--image-size, --square, --equalize and --cache-dir) then adds the copies as extra training samples;
+each copy keeps its source image's labels and patient, so copies never cross the patient split. A
+copy is made from the base cache's pixels, so it follows their --equalize; when base shards are
+rebuilt (an image replaced or restored), rerunning this script remakes the copies of those shards
+(train.py refuses an out-of-date copy in one line).
 
 build_copy() is the one routine both augmentation scripts use (contrast_images.py imports it).
 """
@@ -23,7 +26,7 @@ if __name__ == "__main__":  # `python experiments/flip_images.py` from anywhere:
 
 from augment import flip_images
 from cache import ImageCache, cached_table, derive_cache
-from common import Parser, add_data_flags, run_cli
+from common import Parser, add_data_flags, check_common_flags, run_cli
 import config
 from dataset import read_train_csv, resolve_data
 from patients import add_patient_col_flag
@@ -44,10 +47,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
     if args.image_size is None:
         from train import DEMO_DEFAULTS, REAL_DEFAULTS  # one place holds these defaults
         args.image_size = (DEMO_DEFAULTS if args.data_root is None else REAL_DEFAULTS)["image_size"]
-    if args.image_size < 8:
-        p.error(f"--image-size must be at least 8, got {args.image_size}")
-    if args.workers < 1:
-        p.error(f"--workers must be at least 1, got {args.workers}")
+    check_common_flags(p, args)
     return args
 
 
@@ -58,16 +58,17 @@ def build_copy(args: argparse.Namespace, name: str, transform: Callable) -> Imag
     t0 = time.time()
     root, csv = resolve_data(args.data_root, args.csv, "train2023.csv")
     # the same call train.py makes, so the base cache (and hence the copy) has the same key
-    table, base = cached_table(read_train_csv(csv, patient_col=args.patient_col), root, args.image_size, args.cache_dir, csv.stem, args.square,
-                               args.workers, progress=args.progress)
+    table, base = cached_table(read_train_csv(csv, patient_col=args.patient_col), root, args.image_size,
+                               args.cache_dir, csv.stem, args.square, args.workers, progress=args.progress,
+                               equalize=args.equalize)
     copy = derive_cache(base, name, transform, progress=args.progress)
     n_bytes = sum(copy.shard_path(k).stat().st_size for k in range(copy.n_shards))
     print(f"{'copy':<10} {copy.folder}\n{'base':<10} {base.folder}\n{'transform':<10} {name}\n"
           f"{'images':<10} {len(copy)} ({len(table)} usable training rows)\n"
-          f"{'size':<10} {copy.size} x {copy.size} px, uint8, {copy.square}\n"
+          f"{'size':<10} {copy.size} x {copy.size} px, uint8, {copy.square}, equalize {copy.equalize}\n"
           f"{'bytes':<10} {n_bytes / 1e6:.1f} MB in {copy.n_shards} shards\n{'seconds':<10} {time.time() - t0:.2f}\n"
           f"train on it with: python train.py ... --augmented {name} (same --data-root, --csv, --image-size, "
-          f"--square, --cache-dir)")
+          f"--square, --equalize, --cache-dir)")
     return copy
 
 
