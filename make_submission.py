@@ -161,9 +161,10 @@ class Source:
         return self.ckpt.view
 
     @property
-    def preprocess_key(self) -> tuple[int, str]:
-        """Models with the same key read the same cached pixels."""
-        return int(self.ckpt.preprocess["image_size"]), self.ckpt.preprocess["square"]
+    def preprocess_key(self) -> tuple[int, str, str]:
+        """Models with the same key (size, square, equalize) read the same cached pixels."""
+        pre = self.ckpt.preprocess
+        return int(pre["image_size"]), pre["square"], pre.get("equalize", "none")
 
     def metrics(self, pathology: str) -> dict:
         """The checkpoint's validation metrics of one pathology; a K-fold model's are the mean over
@@ -257,7 +258,7 @@ def group_folds(loaded: list[tuple[Path, torch.nn.Module, Checkpoint]], folder: 
         return c.split.get("folds"), c.split.get("folds_sha1")
 
     def model_of(c: Checkpoint) -> tuple:
-        return c.pathologies, c.view, c.preprocess["image_size"], c.preprocess["square"]
+        return c.pathologies, c.view, c.preprocess["image_size"], c.preprocess["square"], c.preprocess.get("equalize")
     for x, folds in kfold.items():
         position, first_path, _, first = folds[0]
         for _, path, _, ckpt in folds[1:]:
@@ -458,13 +459,14 @@ def read_id_labels(path: Path, convention: str) -> pd.DataFrame:
 
 def decode_images(test: pd.DataFrame, keys: set, root: Path, name: str, args,
                   on_bad: str) -> tuple[pd.DataFrame, dict, dict]:
-    """Decode the images once per preprocessing key (size, square) into the cache. Returns the rows
-    kept (all of them, unless on_bad='drop' dropped unreadable ones with a warning), and per key the
-    cache and each kept row's slot in it."""
+    """Decode the images once per preprocessing key (size, square, equalize) into the cache. Returns
+    the rows kept (all of them, unless on_bad='drop' dropped unreadable ones with a warning), and per
+    key the cache and each kept row's slot in it."""
     caches, keep = {}, np.ones(len(test), dtype=bool)
-    for size, square in sorted(keys):
-        table, caches[(size, square)] = cached_table(test, root, size, args.cache_dir, name, square, args.workers,
-                                                     on_bad=on_bad, progress=args.progress)
+    for size, square, equalize in sorted(keys):
+        table, caches[(size, square, equalize)] = cached_table(test, root, size, args.cache_dir, name, square,
+                                                               args.workers, on_bad=on_bad, progress=args.progress,
+                                                               equalize=equalize)
         keep &= test["path"].isin(table["path"]).to_numpy()
     test = test[keep].reset_index(drop=True)
     slots = {key: test["path"].map({p: i for i, p in enumerate(c.paths)}).to_numpy(np.int64)

@@ -295,7 +295,8 @@ def checkpoint_of(model, state: TrainState, job: Job, metrics: dict, calibration
     s = state.settings
     return Checkpoint.of(model, view=s.view, epoch=epoch_number(state.progress(job.epoch_len)), metrics=metrics,
                          calibration=calibration,
-                         preprocess={"image_size": s.image_size, "square": s.square, "mean": model.config["mean"],
+                         preprocess={"image_size": s.image_size, "square": s.square, "equalize": s.equalize,
+                                     "mean": model.config["mean"],
                                      "std": model.config["std"],
                                      "uncertain": {n: p["uncertain"] for n, p in job.policies.items()},
                                      "blank": {n: p["blank"] for n, p in job.policies.items()},

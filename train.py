@@ -41,7 +41,7 @@ import config
 from augment import AUGMENT_PRESETS, ONLINE_AUGMENTS, augment_batch, online_augment
 from cache import cached_table, find_augmented
 from calibration import CALIBRATIONS, calibrate_out_of_sample, fit_calibration
-from common import (Parser, UserError, add_data_flags, add_device_flags, check_outputs, format_table, jsonable,
+from common import (MAX_IMAGE_SIZE, Parser, UserError, add_data_flags, add_device_flags, check_outputs, format_table, jsonable,
                     may_change, must_keep, run_cli, test_hook)
 from dataset import ALL_LABELS, LABEL_CONVENTIONS, check_pathologies, describe_convention, patient_splits, \
     read_train_csv, resolve_data, sha1
@@ -230,6 +230,7 @@ def fill_defaults(args: argparse.Namespace) -> None:
 def bad_values(args: argparse.Namespace, explicit_warmup: float | None = None) -> list[str]:
     checks = [(args.epochs < 1, f"--epochs must be at least 1, got {args.epochs}"),
               (args.image_size < 32, f"--image-size must be at least 32 (every --arch downsamples 32x), got {args.image_size}"),
+              (args.image_size > MAX_IMAGE_SIZE, f"--image-size must be at most {MAX_IMAGE_SIZE}, got {args.image_size}"),
               (args.batch_size < 2, f"--batch-size must be at least 2 (BatchNorm cannot train on one image), got "
                f"{args.batch_size}"),
               (args.accum_steps < 1, f"--accum-steps must be at least 1, got {args.accum_steps}"),
@@ -632,7 +633,7 @@ def load_images(table: pd.DataFrame, root: Path, csv_path: Path, args) -> tuple[
     first to need the cache makes it, the others wait on the files, never in a collective whose
     timeout a long cache build would outlast."""
     table, cache = cached_table(table, root, args.image_size, args.cache_dir, csv_path.stem, args.square,
-                                args.workers, progress=args.progress)
+                                args.workers, progress=args.progress, equalize=args.equalize)
     return table, [cache] + [find_augmented(cache, a) for a in args.augmented]
 
 

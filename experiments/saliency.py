@@ -122,12 +122,12 @@ def pick_heads(pathologies: list[str], wanted: str | None, checkpoint: Path) -> 
     return [k]
 
 
-def read_images(paths: list[Path], size: int, square: str) -> np.ndarray:
+def read_images(paths: list[Path], size: int, square: str, equalize: str = "none") -> np.ndarray:
     """uint8 (N, S, S), decoded as train.py's cache does; an unreadable file is an error naming it."""
     images = []
     for p in paths:
         try:
-            images.append(load_image(p, size, square))
+            images.append(load_image(p, size, square, equalize))
         except FileNotFoundError as e:
             raise UserError(f"--images {p}: no such file") from e
         except ImageError as e:  # a DICOM without pixel data, a codec not installed, ...
@@ -159,7 +159,7 @@ def main(argv=None) -> list[dict]:
     heads = pick_heads(ckpt.pathologies, args.pathology, args.checkpoint)
     guard_out(args.out, args.checkpoint, args.images, ckpt.train_config)  # before any image is read or written
     size, square = int(ckpt.preprocess["image_size"]), ckpt.preprocess["square"]
-    images = read_images(args.images, size, square)
+    images = read_images(args.images, size, square, ckpt.preprocess.get("equalize", "none"))
     results, taken = [], set()
     for i in tqdm(range(len(images)), desc="grad-cam", unit="img", disable=not args.progress, dynamic_ncols=True):
         x = torch.from_numpy(images[i:i + 1, None]).to(device)
