@@ -197,6 +197,11 @@ class Parser(argparse.ArgumentParser):
     instead of the usage block; when the value came from a --config file, the line names it."""
     config_source: tuple | None = None  # (path, {dest: value}, argv), set by config.parse_args
 
+    def __init__(self, *a, prog: str | None = None, **k):
+        # the script's own name, also when main(argv) is called from a test or another script
+        # (argparse would take sys.argv[0]: pytest's, or the caller's)
+        super().__init__(*a, prog=prog or Path(sys._getframe(1).f_code.co_filename).name, **k)
+
     def error(self, message: str):
         if self.config_source:
             path, values, argv = self.config_source

@@ -115,9 +115,9 @@ def convert(action: argparse.Action, value):
         return value
     if action.nargs in ("+", "*") or isinstance(action.nargs, int):
         items = value if isinstance(value, list) else [value]
-        if action.nargs == "+" and not items:
+        if action.nargs == "+" and not items and action.default != []:
             raise ValueError("a list of at least one value")
-        return [_scalar(action, v) for v in items]
+        return [_scalar(action, v) for v in items]  # [] where the flag's default is [] (args.yaml writes it)
     if isinstance(value, list):
         raise ValueError("one value, not a list")
     return _scalar(action, value)

@@ -25,7 +25,7 @@ from experiments.flip_images import build_copy, check_args, make_parser
 
 def main(argv=None) -> ImageCache:
     p = make_parser("Build contrast-adjusted copies of the cached training images "
-                    "(used by train.py --augmented contrast).")
+                    "(used by train.py --augmented contrast).", prog="contrast_images.py")
     p.add_argument("--factor", type=float, default=1.5,
                    help="contrast factor around each image's mean (1 = unchanged, >1 more contrast)")
     args = check_args(p, config.parse_args(p, argv))

@@ -32,9 +32,9 @@ from dataset import read_train_csv, resolve_data
 from patients import add_patient_col_flag
 
 
-def make_parser(description: str) -> argparse.ArgumentParser:
+def make_parser(description: str, prog: str = "flip_images.py") -> argparse.ArgumentParser:
     """The flags every augmentation script takes: the same ones that key the base cache in train.py."""
-    p = Parser(description=description)
+    p = Parser(description=description, prog=prog)
     add_data_flags(p, "--csv", "training CSV (default: the first of DATA_ROOT/student_labels/train2023.csv, "
                    "CheXpert-v1.0-small/train.csv, CheXpert-v1.0/train.csv)")
     add_patient_col_flag(p)
