@@ -99,7 +99,7 @@ def oof_estimate(run: Path, names: list[str]) -> dict:
     mse, auc = [], []
     for n in names:
         d = df[df["pathology"] == n]
-        m = evaluate(d[["calibrated"]].to_numpy(), d[["target"]].to_numpy(), d["patient"].to_numpy(), [n], {},
+        m = evaluate(d[["calibrated_oos"]].to_numpy(), d[["target"]].to_numpy(), d["patient"].to_numpy(), [n], {},
                      n_boot=0)["per_pathology"][n]
         mse.append(m["mse"])
         auc.append(m["auc"])
@@ -165,11 +165,13 @@ def weighted_macro(pred: np.ndarray, target: np.ndarray, w: np.ndarray) -> tuple
     mse, auc = [], []
     for k in range(target.shape[1]):
         m = ~np.isnan(target[:, k]) & (w > 0)
+        if not m.any():  # a resample without a labelled row of this finding (tiny test sets)
+            continue
         mse.append(np.average((pred[m, k] - target[m, k]) ** 2, weights=w[m]))
         pn = m & np.isin(target[:, k], [-1.0, 1.0])
         if len(np.unique(target[pn, k])) == 2:
             auc.append(roc_auc_score(target[pn, k] == 1, pred[pn, k], sample_weight=w[pn]))
-    return float(np.mean(mse)), float(np.mean(auc))
+    return float(np.mean(mse)), float(np.mean(auc)) if auc else float("nan")
 
 
 def paired_difference(args, a: str, b: str) -> dict:
