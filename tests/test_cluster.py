@@ -383,3 +383,40 @@ def test_loader_workers_are_stopped_when_training_ends_so_the_process_can_exit(t
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "children 0" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# A rank whose training table differs from rank 0's (a node-local read that went wrong)
+
+ONE_ROW_SHORT_ON_RANK_1 = """
+import os, sys
+import train
+real = train.read_table
+
+def read_table(args, rt):  # a transient read error on rank 1's node: one row fewer there
+    table, root, csv = real(args, rt)
+    if os.environ["RANK"] == "1":
+        attrs, table = table.attrs, table.drop(table.index[3]).reset_index(drop=True)
+        table.attrs = attrs
+    return table, root, csv
+
+train.read_table = read_table
+sys.exit(train.run_cli(train.main, sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_with_another_training_table_stops_every_rank_in_one_line(tiny_args, tmp_path, demo_root):
+    script = tmp_path / "rank1.py"
+    script.write_text(ONE_ROW_SHORT_ON_RANK_1)
+    argv = tiny_args("--pathology", "Cardiomegaly")
+    proc = launch(["-m", "torch.distributed.run", "--master-addr", "127.0.0.1", "--nproc-per-node", "2",
+                   "--master-port", str(free_port()), str(script), *argv], PYTHONPATH=str(ROOT))
+    out, err = proc.communicate(timeout=300)
+    table = dataset.read_train_csv(demo_root / "student_labels" / "train2023.csv")
+    table = table[[(demo_root / p).is_file() for p in table["path"]]]
+    lines = [line for line in (out + err).splitlines() if "training table differs" in line]
+    assert proc.returncode != 0 and lines, (out + err)[-3000:]
+    assert all(line.startswith("error: rank 1's training table differs from rank 0's: ") for line in lines)
+    assert f"where rank 0 has {table['path'].iloc[3]}" in lines[0]  # the first path that differs, named
+    assert not (tmp_path / "ckpt" / "cardiomegaly" / "last.pt").exists()  # nothing trained

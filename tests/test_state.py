@@ -93,7 +93,7 @@ def test_saved_on_two_processes_resumed_on_one_with_history_deleted(tiny_args, t
     marker = tmp_path / "paused"
     cmd = ["-m", "torch.distributed.run", "--master-addr", "127.0.0.1", "--nproc-per-node", "2", "--master-port",
            str(free_port()), str(script), str(marker), *argv, "--out-dir", str(tmp_path / "moved")]
-    proc = launch(cmd)
+    proc = launch(cmd, PYTHONPATH=str(ROOT))
     for r in (0, 1):
         wait_for(tmp_path / f"paused.{r}", proc)
     os.killpg(proc.pid, signal.SIGTERM)
