@@ -1,6 +1,5 @@
 """What one model trains and validates on (train.py's Job): its pathologies, the rows of each side
-of the split after the label policies, the datasets, the sampler and the loader; and which model
-folders a command trains in.
+of the split after the label policies, the datasets, the sampler and the loader.
 """
 from __future__ import annotations
 
@@ -12,9 +11,8 @@ import pandas as pd
 import torch
 
 from common import UserError
-from dataset import XrayDataset, sha1, slug
+from dataset import XrayDataset, sha1
 from policies import policies_from_args, policy_counts, three_class_names, training_targets
-from runs import fold_folder
 from runtime import Runtime
 from sampler import EpochSampler, sample_weights, train_loader
 
@@ -98,14 +96,3 @@ def head_type_of(names: list[str], uncertain: dict, head_type: str, label: str) 
         raise UserError(f"{label}: --uncertain routes {', '.join(routed)} to the three-class head and the others not; "
                         f"a --multi-head model has one head type: route all of them, or train one model each")
     return "three-class"
-
-
-def model_folders(names: list[str], args) -> list[tuple[list[str], Path, list[Path]]]:
-    """(pathologies, model folder, the folders this command trains in) for each model."""
-    jobs = [(names, slug("multi_head", args.view))] if args.multi_head else [([n], slug(n, args.view)) for n in names]
-    out = []
-    for job_names, name in jobs:
-        folder = args.out_dir / name
-        folds = [] if args.folds is None else range(args.folds) if args.fold == "all" else [int(args.fold)]
-        out.append((job_names, folder, [fold_folder(folder, i) for i in folds] or [folder]))
-    return out

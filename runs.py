@@ -267,30 +267,6 @@ def prepare_folder(folder: Path, resume: bool, overwrite: bool, log, remove: boo
         shutil.rmtree(folder / name, ignore_errors=True)
 
 
-def resume_differences(ckpt, names: list[str], split: dict, args, parser) -> list[str]:
-    """What makes this command another run than the one that wrote last.pt: '--flag saved -> now'
-    for each flag declared must_keep (common.must_keep) whose value differs, then the pathologies and
-    the split. A flag marked neither way counts as must-keep."""
-    now = jsonable(vars(args))
-    out = []
-    for action in parser._actions:
-        k = action.dest
-        if not action.option_strings or getattr(action, "on_resume", "must keep") != "must keep":
-            continue
-        if k in ckpt.train_config and k in now and now[k] != ckpt.train_config[k]:
-            out.append(f"{action.option_strings[0]} {ckpt.train_config[k]} -> {now[k]}")
-    if ckpt.pathologies != names:
-        out.append(f"pathologies {ckpt.pathologies} -> {names}")
-    changed = [k for k in ("val_patients_sha1", "folds_sha1", "rows_sha1") if k in ckpt.split
-               and ckpt.split[k] != split.get(k)]
-    if changed and out:  # flags that move the split: the patients follow from them
-        out.append("the validation patients differ" if changed != ["rows_sha1"] else "the training rows differ")
-    elif changed:  # the same flags: the data changed (a row removed can move every patient of the split)
-        out.append("the training rows, their labels or the split's patients differ (the CSV or its readable images "
-                   "changed)")
-    return out
-
-
 def checkpoint_of(model, state: TrainState, job: Job, metrics: dict, calibration: dict, **values) -> Checkpoint:
     s = state.settings
     return Checkpoint.of(model, view=s.view, epoch=epoch_number(state.progress(job.epoch_len)), metrics=metrics,

@@ -44,9 +44,9 @@ from calibration import CALIBRATIONS, calibrate_out_of_sample, fit_calibration
 from common import (MAX_IMAGE_SIZE, Parser, UserError, add_data_flags, add_device_flags, check_outputs, format_table, jsonable,
                     may_change, must_keep, run_cli, test_hook)
 from dataset import ALL_LABELS, LABEL_CONVENTIONS, check_pathologies, describe_convention, patient_splits, \
-    read_train_csv, resolve_data, sha1
+    read_train_csv, resolve_data, sha1, slug
 from evaluation import METRIC_KEYS, cv_fallback_notice, mean_defined, pathology_metrics
-from jobs import Job, model_folders, prepare_job
+from jobs import Job, prepare_job
 from model import HEAD_TYPES, HEAD_VARIANTS, N_STAGES, check_arch, loss_terms, predict, set_frozen
 from patients import add_patient_col_flag, describe_patients
 from policies import add_label_policy_flags
@@ -635,6 +635,17 @@ def load_images(table: pd.DataFrame, root: Path, csv_path: Path, args) -> tuple[
     table, cache = cached_table(table, root, args.image_size, args.cache_dir, csv_path.stem, args.square,
                                 args.workers, progress=args.progress, equalize=args.equalize)
     return table, [cache] + [find_augmented(cache, a) for a in args.augmented]
+
+
+def model_folders(names: list[str], args) -> list[tuple[list[str], Path, list[Path]]]:
+    """(pathologies, model folder, the folders this command trains in) for each model."""
+    jobs = [(names, slug("multi_head", args.view))] if args.multi_head else [([n], slug(n, args.view)) for n in names]
+    out = []
+    for job_names, name in jobs:
+        folder = args.out_dir / name
+        folds = [] if args.folds is None else range(args.folds) if args.fold == "all" else [int(args.fold)]
+        out.append((job_names, folder, [fold_folder(folder, i) for i in folds] or [folder]))
+    return out
 
 
 def main(argv=None) -> list[dict]:
