@@ -25,8 +25,9 @@ import train  # noqa: E402
 from demo import make_demo  # noqa: E402
 from experiments import gridsearch  # noqa: E402
 from model import Checkpoint, load_checkpoint  # noqa: E402
-from gpu_context import (FOLDER, N_FIXED, PATHOLOGY, STOP_AT, Ctx, Tee, attempt, check_trained, eager_flags,  # noqa: E402
-                         eager_folder, log, run_logged, scores, tail, train_flags, wait_or_kill)
+from gpu_context import (FOLDER, N_FIXED, PATHOLOGY, RUN_TIMEOUT_S, STOP_AT, Ctx, Tee, attempt,  # noqa: E402
+                         check_trained, eager_flags, eager_folder, log, run_logged, scores, tail, train_flags,
+                         wait_or_kill)
 
 
 def section_data(ctx: Ctx) -> None:
@@ -154,14 +155,14 @@ def section_resume(ctx: Ctx) -> None:
     proc = run_logged(ctx, [sys.executable, "-c", child, str(marker), str(epoch), str(batch), *flags],
                       out / "interrupted.log")
     t0 = time.time()
-    while not marker.exists() and proc.poll() is None and time.time() - t0 < 600:
+    while not marker.exists() and proc.poll() is None and time.time() - t0 < RUN_TIMEOUT_S:
         time.sleep(0.02)
     sent = marker.exists() and proc.poll() is None
     if sent:  # the whole process group, loader workers too, as SLURM signals every process of a job step
         os.killpg(proc.pid, signal.SIGTERM)
         log(f"  sent SIGTERM to the child's process group after batch {batch} of epoch {epoch + 1} "
             f"({time.time() - t0:.1f}s after its start)")
-    rc = wait_or_kill(proc, 600)
+    rc = wait_or_kill(proc, RUN_TIMEOUT_S)
     log(tail(out / "interrupted.log", 6))
     last_path = out / FOLDER / "last.pt"
     last = Checkpoint.load(last_path) if last_path.is_file() else None
@@ -181,7 +182,7 @@ def section_resume(ctx: Ctx) -> None:
     (out / FOLDER / "history.csv").unlink(missing_ok=True)  # last.pt alone must be enough to resume
     t0 = time.time()
     proc = run_logged(ctx, [sys.executable, "train.py", *flags, "--resume"], out / "resumed.log")
-    rc = wait_or_kill(proc, 900)
+    rc = wait_or_kill(proc, RUN_TIMEOUT_S)
     text = (out / "resumed.log").read_text(errors="replace")
     log(tail(out / "resumed.log", 10))
     where = f"from epoch {epoch + 1} sample {want_pos}"
@@ -449,7 +450,7 @@ def section_ddp(ctx: Ctx) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
            *train_flags(ctx, out, "--pathology", PATHOLOGY, epochs=1)]
     proc = run_logged(ctx, cmd, out / "torchrun.log", env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    rc = wait_or_kill(proc, 900)
+    rc = wait_or_kill(proc, RUN_TIMEOUT_S)
     log(tail(out / "torchrun.log", 8))
     ctx.report.check("torchrun", rc == 0,
                      f"torchrun, 2 processes on {'2 GPUs' if ctx.cuda else 'CPU (gloo)'}: exit {rc}", exit_code=rc)
