@@ -30,6 +30,9 @@ TARGET_RATIO = 0.95
 TARGET_IMAGES_PER_S = 2500  # ResNet-50, 224 px, one H100
 STOP_AT = (1, 1)  # resume section: SIGTERM while the child is at epoch 2 (0-based 1), batch 1 of 0-based
 N_FIXED = 32  # images in the fixed batch that outputs are compared on
+# a train.py subprocess (seconds, each: about 20 s on an H200, 10-60 s in the dry run) is killed past
+# this, so that one hung run cannot spend a lent GPU's whole time
+RUN_TIMEOUT_S = 300
 GIB = 2 ** 30
 # usable GiB of the card classes docs/training.md talks about, a little under the smallest of each
 # (an A10 "24 GB" has 22.5 GiB, an RTX 4090 24.0; an H100 "80 GB" 79.6, an A100 80.0)

@@ -1,5 +1,5 @@
 """The speed sections of benchmarks/gpu_check.py: the training loop against the bare step, timm models'
-throughput, and peak memory per backbone and image size (sections 8-9)."""
+throughput, and peak memory per backbone and image size (sections 9-10)."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 import train  # noqa: E402
+from jobs import prepare_job  # noqa: E402
 from runtime import close_loader  # noqa: E402
+from state import TrainState, build_state  # noqa: E402
 from gpu_context import CARDS_GIB, GIB, PATHOLOGY, TARGET_IMAGES_PER_S, TARGET_RATIO, Ctx, attempt, free_memory, log, sync  # noqa: E402
 
 
@@ -27,25 +29,36 @@ def step_args(ctx: Ctx, arch: str, size: int, batch: int, *extra) -> argparse.Na
                              "--save-every", "0", "--device", ctx.device, "--no-progress", *extra])
 
 
-def bare_state(ctx: Ctx, targs: argparse.Namespace) -> train.TrainState:
-    """train.build_state for a job that is only a name: the model, optimizer, scheduler and scaler
-    that train.py would train (grad checkpointing, channels_last and the autocast included)."""
+def bare_state(ctx: Ctx, targs: argparse.Namespace) -> TrainState:
+    """state.build_state for a job that is only a name: the model, optimizer and scaler that train.py
+    would train (grad checkpointing, channels_last and the autocast included), prepared for epoch 0
+    (train.prepare_epoch sets state.net)."""
     job = SimpleNamespace(names=[PATHOLOGY], label=f"{targs.arch} {targs.image_size}px", folder=ctx.work / "timing",
-                          sampler=SimpleNamespace(batches_per_epoch=100))
-    state = train.build_state(job, targs, ctx.rt)
-    train.prepare_epoch(state, 0, targs, ctx.rt)
-    state.totals = torch.zeros(2, device=ctx.rt.device)
+                          head_type="regression", epoch_len=100)
+    state = build_state(job, targs, ctx.rt)
+    train.prepare_epoch(state, ctx.rt)
     return state
 
 
 def device_batch(ctx: Ctx, batch: int, size: int):
-    """A uint8 batch already on the device, as train.to_device leaves one."""
+    """A batch already on the device, as train.to_device leaves one: images (B, 1, S, S) uint8
+    (channels_last on CUDA), targets (B, 1) float32 in [-1, 1], mask (B, 1) bool, all labelled."""
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (batch, 1, size, size), dtype=torch.uint8, generator=g).to(ctx.rt.device)
     if ctx.cuda:
         x = x.contiguous(memory_format=torch.channels_last)
     y = (torch.rand(batch, 1, generator=g) * 2 - 1).to(ctx.rt.device)
     return x, y, torch.ones_like(y, dtype=torch.bool)
+
+
+def step_batches(ctx: Ctx, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> list:
+    """train_step's `batches` for the device batch: the images already on the device, the targets and
+    mask on the CPU (pinned on CUDA) as the loader gives them, so that train_step counts the
+    labelled entries without a device sync, as in training."""
+    y, mask = y.cpu(), mask.cpu()
+    if ctx.cuda:
+        y, mask = y.pin_memory(), mask.pin_memory()
+    return [(x, y, mask)]
 
 
 def images_per_s(ctx: Ctx, step, images: int, calls: int, warmup: int) -> float:
@@ -64,35 +77,39 @@ def images_per_s(ctx: Ctx, step, images: int, calls: int, warmup: int) -> float:
 
 
 def loop_job(ctx: Ctx, targs: argparse.Namespace, n: int):
-    """train.prepare_job over n training rows: the cached rows labelled for PATHOLOGY, repeated."""
+    """jobs.prepare_job over n training rows: the cached rows labelled for PATHOLOGY, repeated."""
     labelled = ctx.table[ctx.table[PATHOLOGY].notna()].reset_index(drop=True)
     big = labelled.iloc[np.resize(np.arange(len(labelled)), n + 4)].reset_index(drop=True)
     is_val = np.arange(len(big)) >= n
-    return train.prepare_job([PATHOLOGY], ctx.work / "timing", big, is_val, {"seed": 0}, [ctx.cache], targs, ctx.rt)
+    return prepare_job([PATHOLOGY], ctx.work / "timing", big, is_val, {"seed": 0}, [ctx.cache], targs, ctx.rt)
 
 
 def time_batch_size(ctx: Ctx, batch: int) -> dict:
-    """images/s at one batch size: train_one_epoch (the best of --timing-repeats epochs after a
-    warm-up epoch), then train_step and the bare step on a batch already on the device (as many
-    images, the best of --timing-repeats runs)."""
+    """images/s at one batch size: train.train_until over whole epochs (the best of --timing-repeats
+    epochs after a warm-up epoch), then train_step and the bare step on a batch already on the
+    device (as many images, the best of --timing-repeats runs)."""
     a, rt = ctx.args, ctx.rt
     n = max(2 * batch, a.timing_images // batch * batch)
     targs = step_args(ctx, a.timing_arch, a.image_size, batch)
     job = loop_job(ctx, targs, n)
     try:
-        state = train.build_state(job, targs, rt)
-        train.prepare_epoch(state, 0, targs, rt)
+        state = build_state(job, targs, rt)
         no_signal = SimpleNamespace(requested=None)
         images = next(iter(job.loader))[0]
         row = {"batch": batch, "images_per_epoch": n, "loader_dtype": str(images.dtype),
                "loader_pinned": images.is_pinned()}
         rates = []
         for epoch in range(1 + a.timing_repeats):
-            state.epoch, state.step, state.totals, state.train_seconds = epoch, 0, None, 0.0
+            # epoch `epoch` from its start, as after a validation at the previous epoch's end
+            state.epoch, state.pos, state.validations = epoch, 0, epoch * targs.val_per_epoch
+            state.since_val, state.train_seconds = 0, 0.0
+            train.prepare_epoch(state, rt)
             sync(rt)
             t0 = time.perf_counter()
-            train.train_one_epoch(state, job, targs, rt, no_signal)  # its last check reads the loss: synchronised
+            train.train_until(state, job, rt, no_signal)  # its last check reads the loss: synchronised
             sync(rt)
+            if state.pos != job.epoch_len:
+                raise RuntimeError(f"train_until stopped at sample {state.pos} of {job.epoch_len}")
             if epoch:
                 rates.append(n / (time.perf_counter() - t0))
         loop = max(rates)
@@ -100,9 +117,9 @@ def time_batch_size(ctx: Ctx, batch: int) -> dict:
         close_loader(job.loader)  # its workers ignore SIGTERM: stopped here, not at the interpreter's exit
     x, y, mask = device_batch(ctx, batch, a.image_size)
     calls = n // batch
-    state.totals = torch.zeros(2, device=rt.device)
     warmup = min(5, calls) if ctx.cuda else 1
-    step = images_per_s(ctx, lambda: train.train_step(state, [(x, y, mask)], targs, rt), batch, calls, warmup)
+    batches = step_batches(ctx, x, y, mask)
+    step = images_per_s(ctx, lambda: train.train_step(state, batches, rt), batch, calls, warmup)
 
     def bare():
         state.optimizer.zero_grad(set_to_none=True)
@@ -116,7 +133,7 @@ def time_batch_size(ctx: Ctx, batch: int) -> dict:
     row.update(bare_images_per_s=round(floor, 1), step_images_per_s=round(step, 1), loop_images_per_s=round(loop, 1),
                ratio=round(loop / floor, 3), step_ratio=round(step / floor, 3),
                ratio_target_met=loop / floor >= TARGET_RATIO, rate_target_met=loop >= TARGET_IMAGES_PER_S)
-    log(f"  batch {batch}: bare {floor:.1f}, train_step {step:.1f}, train_one_epoch {loop:.1f} images/s; "
+    log(f"  batch {batch}: bare {floor:.1f}, train_step {step:.1f}, train_until (whole epochs) {loop:.1f} images/s; "
         f"loop / bare {loop / floor:.3f}")
     return row
 
@@ -126,8 +143,8 @@ def time_timm(ctx: Ctx, arch: str) -> dict:
     batch = 64 if not a.dry_run else a.batch_size
     targs = step_args(ctx, arch, a.image_size, batch)
     state = bare_state(ctx, targs)
-    x, y, mask = device_batch(ctx, batch, a.image_size)
-    rate = images_per_s(ctx, lambda: train.train_step(state, [(x, y, mask)], targs, ctx.rt), batch, a.timm_steps,
+    batches = step_batches(ctx, *device_batch(ctx, batch, a.image_size))
+    rate = images_per_s(ctx, lambda: train.train_step(state, batches, ctx.rt), batch, a.timm_steps,
                         max(1, a.timm_steps // 4))
     params = sum(p.numel() for p in state.model.parameters())
     log(f"  {arch}: train_step {rate:.1f} images/s at batch {batch}, {a.image_size} px "
@@ -175,14 +192,14 @@ def memory_row(ctx: Ctx, arch: str, size: int, checkpointing: bool, context_gib:
         flag = "--grad-checkpointing" if checkpointing else "--no-grad-checkpointing"
         targs = step_args(ctx, arch, size, batch, flag)
         state = bare_state(ctx, targs)
-        x, y, mask = device_batch(ctx, batch, size)
-        train.train_step(state, [(x, y, mask)], targs, rt)
+        batches = step_batches(ctx, *device_batch(ctx, batch, size))
+        train.train_step(state, batches, rt)
         sync(rt)
         if rt.cuda:
             resident = torch.cuda.memory_allocated(rt.device) - base
             torch.cuda.reset_peak_memory_stats(rt.device)
         t0 = time.perf_counter()
-        train.train_step(state, [(x, y, mask)], targs, rt)
+        train.train_step(state, batches, rt)
         sync(rt)
         row["step_ms"] = round(1000 * (time.perf_counter() - t0), 1)
         if rt.cuda:
