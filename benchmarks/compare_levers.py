@@ -40,6 +40,7 @@ LEVERS = {
     "three-class": ["--uncertain", "three-class"],
     "combo": ["--equalize", "clahe", "--val-per-epoch", "4", "--keep-top", "3", "--average-top", "3"],
 }
+# --lever NAME=FLAGS adds or replaces one, e.g. --lever "mine=--equalize hist --val-per-epoch 2"
 COLUMNS = ["lever", "seeds", "test_mse", "mse_range", "test_auc", "auc_range", "d_mse", "d_mse_seeds", "d_mse_ci0",
            "d_auc", "d_auc_seeds", "d_auc_ci0", "cpu_min", "wall_min"]
 
@@ -55,13 +56,20 @@ def parse_args(argv):
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--k", type=int, default=5, help="folds")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--levers", nargs="+", default=["baseline", "clahe", "hist", "inside", "combo"],
-                   choices=list(LEVERS))
+    p.add_argument("--levers", nargs="+", default=["baseline", "clahe", "hist", "inside", "combo"])
     p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--lever", action="append", default=[], metavar="NAME=FLAGS",
+                   help="define a lever (or redefine one of LEVERS) by its train.py flags")
     args = p.parse_args(argv)
+    for spec in args.lever:
+        name, _, flags = spec.partition("=")
+        LEVERS[name] = flags.split()
     args.extra = extra
     if args.levers[0] != "baseline":
         args.levers.insert(0, "baseline")
+    unknown = [x for x in args.levers if x not in LEVERS]
+    if unknown:
+        p.error(f"unknown lever(s) {', '.join(unknown)}: one of {', '.join(LEVERS)}, or define it with --lever")
     return args
 
 
@@ -113,7 +121,8 @@ def main(argv=None):
                 r.update(d_mse=d["mse_diff"], d_mse_ci=d["mse_diff_ci"], d_auc=d["auc_diff"], d_auc_ci=d["auc_diff_ci"])
             runs.append(r)
             print(f"{lever} seed {seed}: test MSE {r['test_mse']:.4f}, AUC {r['test_auc']:.4f}, "
-                  f"{r['cpu_min']:.1f} CPU min", flush=True)
+                  f"{r['cpu_min']:.1f} CPU min, {r['wall_min']:.1f} min", flush=True)
+            write_text(args.work / "levers.json", json.dumps(jsonable({"runs": runs}), indent=2))  # so far
     rows = summarise(args, runs)
     write_text(args.work / "levers.json", json.dumps(jsonable({"runs": runs, "levers": rows,
                                                                "flags": {k: LEVERS[k] for k in args.levers}}), indent=2))
