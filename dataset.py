@@ -567,6 +567,7 @@ def parse_args(argv=None):
     p.add_argument("--labels-only", action=argparse.BooleanOptionalAction, default=False,
                    help="only read the train CSV and print its per-label counts (no images read, no cache): "
                    "inspect a CSV whose images are elsewhere")
+    config.add_config_flag(p)
     args = config.parse_args(p, argv)
     if args.image_size is None:
         args.image_size = 64 if args.data_root is None else 224

@@ -73,6 +73,7 @@ from demo import DEMO_ROOT
 from model import Checkpoint, load_checkpoint, predict
 from runs import FOLD_NAME
 from runtime import Runtime, setup_runtime
+from tracking import submission_manifest, submission_manifest_path
 
 HEADER = ",".join(["Id", *PATHOLOGIES])
 MODEL_VIEWS = ("all", *VIEWS)
@@ -204,7 +205,7 @@ def guard_outputs(args, paths: list[Path]) -> None:
     metrics.csv beside it (with --labels), --plots. None may be an input (--test-csv, --labels,
     --blend, a checkpoint, with --blend the runs' validation predictions), lie under the data root
     (the demo's folder without --data-root; the training CSV lies there too) or be unwritable."""
-    files = {"--out": args.out}
+    files = {"--out": args.out, "the manifest beside --out": submission_manifest_path(args.out)}
     if args.labels is not None:
         files.update({f"{name} beside --out": args.out.with_name(name) for name in ("metrics.json", "metrics.csv")})
     inputs = {"--test-csv": args.test_csv, "--labels": args.labels, "--blend": args.blend}
@@ -674,6 +675,11 @@ def main(argv=None) -> dict:
     submission = pd.DataFrame(np.clip(values, -1.0, 1.0), columns=PATHOLOGIES)
     submission.insert(0, "Id", test["Id"].to_numpy())
     write_submission(args.out, submission, test["Id"])
+    submission_manifest(args.out, [{"path": str(args.checkpoints / src.folder / (f"fold{c.split.get('fold')}" if src.kfold
+                                                                             else "") / "best.pt"),
+                                    "pathology": ", ".join(c.pathologies), "fold": c.split.get("fold")}
+                                   for s, src in enumerate(sources) if need[s].any() for c in src.ckpts],
+                        test_csv=str(csv_path), device=str(rt.device))
 
     rows = summary_rows(sources, routes, values, covered, views, args.fill_missing)
     n_run = sum(int(need[s].sum()) * len(src.models) for s, src in enumerate(sources))

@@ -435,12 +435,13 @@ class Checkpoint:
     """One checkpoint file: a model and everything needed to use it without its training run.
 
     model_config: what build_model needs (arch, heads, normalisation); pathologies: the output
-    columns, in order; state_dict: the weights (CPU tensors); preprocess: {image_size, square, mean,
-    std, uncertain, label_convention}; view: 'all', 'frontal' or 'lateral'; epoch: complete epochs;
-    metrics: that epoch's validation metrics; calibration: pathology -> map (fit_calibration) or
-    None; train_config: the training flags; split: {seed, val_frac, val_patients_sha1};
-    interrupted: saved on a signal mid-epoch; training_state (last.pt only): optimizer, scheduler,
-    scaler, early-stopping and RNG state for --resume."""
+    columns, in order; state_dict: the weights (CPU tensors); preprocess: {image_size, square,
+    equalize, mean, std, uncertain and blank (pathology -> policy), label_convention}; view: 'all',
+    'frontal' or 'lateral'; epoch: epochs trained when it was saved (2, or 1.25 within an epoch with
+    --val-per-epoch); metrics: that validation's metrics; calibration: pathology -> map
+    (fit_calibration) or None; train_config: the training flags; split: {seed, val_frac or folds and
+    fold, val_patients_sha1 or folds_sha1, rows_sha1}; interrupted: saved on a signal mid-epoch;
+    training_state (last.pt only): state.TrainState.training_state(), all --resume needs."""
     model_config: dict
     pathologies: list[str]
     state_dict: dict

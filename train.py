@@ -572,9 +572,11 @@ def train_job(names: list[str], folder: Path, data: dict, is_val: np.ndarray, sp
                            f"continue with the same command and --resume")
                     raise SystemExit(130)
                 end_validation(state, job, validate(state, job, rt), rt)
-                if signals.requested and not finished(state):
+                # a signal during the validation: the ranks agree here too (one may have it, another not)
+                if agree(rt, signals.requested is not None)[0] and not finished(state):
                     reason = signal_name(signals.requested)
-                    rt.log(f"saved {job.folder / 'last.pt'} after epoch {state.epoch}; continue with --resume")
+                    rt.log(f"saved {job.folder / 'last.pt'} at epoch {epoch_number(state.progress(job.epoch_len))}; "
+                           f"continue with the same command and --resume")
                     raise SystemExit(130)
             if args.average_top and "averaged" not in state.best:
                 average_top(state, job, rt)
@@ -599,13 +601,15 @@ def train_job(names: list[str], folder: Path, data: dict, is_val: np.ndarray, sp
         close_loader(job.loader)
         job.runlog.close()
         if rt.main and manifest is not None:  # no collective here: another rank may have failed
-            with contextlib.suppress(UserError):
+            with contextlib.suppress(Exception):  # never hide the error that ended the run
                 finish_manifest(job.folder, manifest, reason)
 
 
 def signal_name(signum: int | None) -> str:
+    """The manifest's exit reason for a stop: this process's signal, or SIGTERM when another rank got
+    it (the ranks stop together; SLURM signals them all)."""
     import signal
-    return signal.Signals(signum).name if signum else "stopped"
+    return signal.Signals(signum).name if signum else "SIGTERM"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ def make_parser(description: str, prog: str = "flip_images.py") -> argparse.Argu
                    "CheXpert-v1.0-small/train.csv, CheXpert-v1.0/train.csv)")
     add_patient_col_flag(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    config.add_config_flag(p)
     return p
 
 

@@ -124,3 +124,19 @@ def test_the_manifest_names_the_code_data_device_and_why_the_run_ended(tiny_args
 def test_log_none_writes_no_events(tiny_args, tmp_path):
     train.main(tiny_args("--pathology", "Cardiomegaly", "--log", "none"))
     assert not (tmp_path / "ckpt" / "cardiomegaly" / "tb").exists()
+
+
+def test_make_submission_writes_a_manifest_of_every_checkpoint_it_used(tiny_args, tmp_path, demo_root):
+    import hashlib
+
+    import make_submission
+    train.main(tiny_args("--pathology", "Cardiomegaly", "--folds", "2"))
+    out = tmp_path / "sub.csv"
+    make_submission.main(["--data-root", str(demo_root), "--checkpoints", str(tmp_path / "ckpt"), "--out", str(out),
+                          "--cache-dir", str(tmp_path / "cache"), "--fill-missing", "0", "--no-progress"])
+    m = json.loads((tmp_path / "sub.manifest.json").read_text())
+    assert m["submission"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert [(c["pathology"], c["fold"]) for c in m["checkpoints"]] == [("Cardiomegaly", 0), ("Cardiomegaly", 1)]
+    for c in m["checkpoints"]:
+        assert c["sha256"] == hashlib.sha256(open(c["path"], "rb").read()).hexdigest()
+    assert m["git_commit"] is None or len(m["git_commit"]) == 40
