@@ -34,11 +34,12 @@ LEVERS = {
     "baseline": [],
     "clahe": ["--equalize", "clahe"],
     "hist": ["--equalize", "hist"],
-    "inside": ["--val-per-epoch", "4", "--keep-top", "3", "--average-top", "3"],
+    # --patience counts validations: 12 at 4 a epoch is the baseline's 3 epochs
+    "inside": ["--val-per-epoch", "4", "--keep-top", "3", "--average-top", "3", "--patience", "12"],
     "blank-negative": ["--blank", "negative"],
     "lsr-ones": ["--uncertain", "lsr-ones"],
     "three-class": ["--uncertain", "three-class"],
-    "combo": ["--equalize", "clahe", "--val-per-epoch", "4", "--keep-top", "3", "--average-top", "3"],
+    "combo": ["--equalize", "clahe", "--val-per-epoch", "4", "--keep-top", "3", "--average-top", "3", "--patience", "12"],
 }
 # --lever NAME=FLAGS adds or replaces one, e.g. --lever "mine=--equalize hist --val-per-epoch 2"
 COLUMNS = ["lever", "seeds", "test_mse", "mse_range", "test_auc", "auc_range", "d_mse", "d_mse_seeds", "d_mse_ci0",
