@@ -266,14 +266,37 @@ def add_device_flags(p: argparse.ArgumentParser, amp: bool = True):
 
 def check_common_flags(p: argparse.ArgumentParser, args: argparse.Namespace, min_size: int = 8,
                        max_size: int = MAX_IMAGE_SIZE) -> None:
-    """parser.error for a bad --image-size (min_size..max_size px) or --workers, where the script has
-    them; call it once --image-size has its default. train.py would pass min_size=32 (every --arch
-    downsamples 32x); the upper bound stops a size whose cache could never fit (100000 px: 10 GB an
-    image) in one line instead of an out-of-memory traceback."""
+    """parser.error for the first of common_flag_errors(args, min_size, max_size): call it right
+    after parsing, once --image-size has its default."""
+    for message in common_flag_errors(args, min_size, max_size):
+        p.error(message)
+
+
+def common_flag_errors(args: argparse.Namespace, min_size: int = 8, max_size: int = MAX_IMAGE_SIZE,
+                       why_min: str = "") -> list[str]:
+    """One line for each bad value of the flags add_data_flags declares, where the script has them:
+    --image-size outside min_size..max_size px (the upper bound stops a size whose cache could never
+    fit, 100000 px: 10 GB an image, in one line instead of an out-of-memory traceback; why_min says
+    why a script needs more than 8, as train.py does), --workers below 1, a --cache-dir that is a file
+    or lies under the data root (the demo's folder without --data-root), where nothing is written.
+    Reads nothing but the two paths' file types."""
     size, workers = getattr(args, "image_size", None), getattr(args, "workers", None)
+    cache_dir = getattr(args, "cache_dir", None)
+    out = []
     if size is not None and size < min_size:
-        p.error(f"--image-size must be at least {min_size}, got {size}")
+        out.append(f"--image-size must be at least {min_size}{why_min}, got {size}")
     if size is not None and size > max_size:
-        p.error(f"--image-size must be at most {max_size} (the cache holds size^2 bytes per image), got {size}")
+        out.append(f"--image-size must be at most {max_size} (the cache holds size^2 bytes per image), got {size}")
     if workers is not None and workers < 1:
-        p.error(f"--workers must be at least 1, got {workers}")
+        out.append(f"--workers must be at least 1, got {workers}")
+    if cache_dir is not None:
+        root = getattr(args, "data_root", None)
+        if root is None:
+            from demo import DEMO_ROOT  # demo.py imports the modules that import this one
+            root = DEMO_ROOT
+        if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+            out.append(f"--cache-dir {cache_dir}: is a file, not a folder; choose a folder")
+        elif _within(_resolved(cache_dir), _resolved(root)):
+            out.append(f"--cache-dir {cache_dir}: lies under the data root {root}, which is never written; choose a "
+                       f"folder outside it")
+    return out

@@ -60,8 +60,8 @@ from tqdm import tqdm
 
 from cache import cached_table
 from blendfile import check_fingerprints, predictions_file
-from common import (Parser, UserError, add_data_flags, add_device_flags, atomic_write, check_outputs, format_table,
-                    run_cli)
+from common import (Parser, UserError, add_data_flags, add_device_flags, atomic_write, check_common_flags, check_outputs,
+                    format_table, run_cli)
 import config
 from patients import add_patient_col_flag
 from dataset import (LABEL_CONVENTIONS, PATHOLOGIES, VIEWS, XrayDataset, choose_convention, describe_convention,
@@ -124,10 +124,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--fill-missing must be a number in [-1, 1], got {args.fill_missing}")
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.workers < 1:
-        p.error(f"--workers must be at least 1, got {args.workers}")
+    check_common_flags(p, args)  # --workers, --cache-dir
     if args.plots is not None and args.labels is None:
         p.error("--plots needs --labels: the plots compare predictions with labels")
+    if args.blend is not None and not args.blend.is_file():  # now, not once the CSV and checkpoints are read
+        p.error(f"--blend {args.blend}: no such file; pass the blend.json that experiments/blend.py wrote")
     return args
 
 

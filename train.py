@@ -41,8 +41,8 @@ import config
 from augment import AUGMENT_PRESETS, ONLINE_AUGMENTS, augment_batch, online_augment
 from cache import cached_table, find_augmented
 from calibration import CALIBRATIONS, calibrate_out_of_sample, fit_calibration
-from common import (MAX_IMAGE_SIZE, Parser, UserError, add_data_flags, add_device_flags, check_outputs, format_table, jsonable,
-                    may_change, must_keep, run_cli, test_hook)
+from common import (Parser, UserError, add_data_flags, add_device_flags, check_outputs, common_flag_errors, format_table,
+                    jsonable, may_change, must_keep, run_cli, test_hook)
 from dataset import ALL_LABELS, LABEL_CONVENTIONS, check_pathologies, describe_convention, patient_splits, \
     read_train_csv, resolve_data, sha1, slug
 from evaluation import METRIC_KEYS, cv_fallback_notice, mean_defined, pathology_metrics
@@ -228,9 +228,12 @@ def fill_defaults(args: argparse.Namespace) -> None:
 
 
 def bad_values(args: argparse.Namespace, explicit_warmup: float | None = None) -> list[str]:
+    """One line for each impossible flag value (or combination), from the flags alone: nothing is read
+    but file types (--weights, --cache-dir) and the names of the experiments/ scripts that build
+    --augmented copies (experiments/NAME_images.py builds NAME)."""
+    copies = sorted(f.name.removesuffix("_images.py") for f in (Path(__file__).parent / "experiments").glob("*_images.py"))
     checks = [(args.epochs < 1, f"--epochs must be at least 1, got {args.epochs}"),
-              (args.image_size < 32, f"--image-size must be at least 32 (every --arch downsamples 32x), got {args.image_size}"),
-              (args.image_size > MAX_IMAGE_SIZE, f"--image-size must be at most {MAX_IMAGE_SIZE}, got {args.image_size}"),
+              *((True, m) for m in common_flag_errors(args, min_size=32, why_min=" (every --arch downsamples 32x)")),
               (args.batch_size < 2, f"--batch-size must be at least 2 (BatchNorm cannot train on one image), got "
                f"{args.batch_size}"),
               (args.accum_steps < 1, f"--accum-steps must be at least 1, got {args.accum_steps}"),
@@ -261,8 +264,11 @@ def bad_values(args: argparse.Namespace, explicit_warmup: float | None = None) -
               (args.folds is None and args.fold != "all", "--fold needs --folds K"),
               (args.folds is not None and args.fold != "all" and not (args.fold.isdigit() and int(args.fold) < args.folds),
                f"--fold must be 0..{(args.folds or 1) - 1} or all, got {args.fold}"),
-              (args.workers < 1, f"--workers must be at least 1, got {args.workers}"),
-              (args.loader_workers is not None and args.loader_workers < 0, "--loader-workers must be >= 0"),
+              (args.loader_workers is not None and args.loader_workers < 0,
+               f"--loader-workers must be >= 0, got {args.loader_workers}"),
+              *((True, f"--augmented {name}: not a copy that experiments/ builds; choose from {', '.join(copies)} "
+                 f"(contrast also as contrastF, e.g. contrast1.5)") for name in args.augmented
+                if name.rstrip("0123456789.") not in copies),
               (args.resume and args.overwrite, "--resume carries a run on, --overwrite starts it again: give one"),
               (args.weights not in ("imagenet", "none") and not Path(args.weights).is_file(),
                f"--weights {args.weights!r} is not imagenet, none or an existing file")]

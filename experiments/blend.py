@@ -125,6 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--folds must be at least 2, got {args.folds}")
     if args.min_rows < 1:
         p.error(f"--min-rows must be at least 1, got {args.min_rows}")
+    if args.seed < 0:  # numpy's generators take no negative seed
+        p.error(f"--seed must be >= 0, got {args.seed}")
     return args
 
 

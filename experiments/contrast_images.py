@@ -9,6 +9,7 @@ the base cache as CACHE_DIR/<base folder>+contrast<factor> (e.g. +contrast1.5); 
 """
 from __future__ import annotations
 
+import math
 import sys
 from functools import partial
 from pathlib import Path
@@ -29,8 +30,8 @@ def main(argv=None) -> ImageCache:
     p.add_argument("--factor", type=float, default=1.5,
                    help="contrast factor around each image's mean (1 = unchanged, >1 more contrast)")
     args = check_args(p, config.parse_args(p, argv))
-    if not args.factor > 0:
-        p.error(f"--factor must be positive, got {args.factor}")
+    if not 0 < args.factor < math.inf:
+        p.error(f"--factor must be positive and finite, got {args.factor}")
     return build_copy(args, f"contrast{args.factor:g}", partial(adjust_contrast, factor=args.factor))
 
 

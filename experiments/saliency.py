@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = config.parse_args(p, argv)
     if not 0 <= args.alpha <= 1:
         p.error(f"--alpha must be in [0, 1], got {args.alpha}")
+    for path in args.images:  # all of them now, before the checkpoint is loaded and any image decoded
+        if not path.is_file():
+            p.error(f"--images {path}: {'not a regular file' if path.exists() else 'no such file'}; pass image files")
     return args
 
 
