@@ -166,9 +166,12 @@ def backbone_stages(family: str, b: nn.Module) -> list[nn.Module]:
 def forward_steps(family: str, b: nn.Module) -> list:
     """A torchvision backbone's forward up to its last feature map, as steps run in order (what
     gradient checkpointing wraps one by one): the ResNet stem and its four layers, or the children
-    of `features`."""
+    of `features` (DenseNet's stem, conv0 to pool0, as one step: its relu0 works in place, and a
+    checkpointed step must not change its input)."""
     if family == "resnet":
         return [lambda x: b.maxpool(b.relu(b.bn1(b.conv1(x)))), b.layer1, b.layer2, b.layer3, b.layer4]
+    if family == "densenet":
+        return [b.features[:4], *list(b.features)[4:]]
     return list(b.features)
 
 

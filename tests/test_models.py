@@ -98,7 +98,7 @@ def test_layer_decay_scales_the_five_stages_from_the_heads_down(models):
     assert off["lr_scale"] == 1.0 and [id(p) for p in off["params"]] == [id(p) for p in model.parameters()]
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "convnext_tiny"])  # the ResNet steps; the children of `features`
+@pytest.mark.parametrize("arch", list(ARCHS))  # the ResNet steps; the children of `features` (DenseNet's stem as one)
 def test_grad_checkpointing_gives_the_same_outputs_and_gradients(models, arch):
     model = models(arch).train()  # training mode: BatchNorm uses batch statistics, so both passes agree
     results = []
