@@ -488,12 +488,9 @@ def _shard_problem(cache: ImageCache, k: int, data_root: Path) -> str | None:
     'older' (built before file stats were recorded), 'changed: PATH' (a file replaced, restored or
     removed since: its size or mtime differs), 'readable: PATH' (an image that failed before, and
     whose file is unchanged, decodes now: a transient read error). One stat per image."""
-    pt = cache.shard_path(k)
-    if not (pt.is_file() and pt.with_suffix(".json").is_file()):
-        return "missing"
-    status = _read_status(cache, k)
-    if status is None or _stored_bytes(pt) != cache.shard_len(k) * cache.size ** 2:
-        return "damaged"
+    problem, status = _stored_problem(cache, k)
+    if problem:
+        return problem
     if "stat" not in status:
         return "older"
     paths = cache.paths[k * cache.shard_size:k * cache.shard_size + cache.shard_len(k)]
@@ -595,15 +592,24 @@ def _build_shards(cache: ImageCache, todo: list[int], data_root: Path, workers: 
 # ---------------------------------------------------------------------------------------------
 # Augmented copies
 
+def _stored_problem(cache: ImageCache, k: int) -> tuple[str | None, dict | None]:
+    """('missing' | 'damaged', None), or (None, its status) when shard k's two files are there,
+    readable, and hold pixels of the shard's shape (a base cache's shard or a copy's)."""
+    pt = cache.shard_path(k)
+    if not (pt.is_file() and pt.with_suffix(".json").is_file()):
+        return "missing", None
+    status = _read_status(cache, k)
+    if status is None or _stored_bytes(pt) != cache.shard_len(k) * cache.size ** 2:
+        return "damaged", None
+    return None, status
+
+
 def _copy_problem(copy: ImageCache, base: ImageCache, k: int) -> str | None:
     """Why shard k of an augmented copy must be (re)made from its base: 'missing', 'damaged', or
     'base' (the base shard it was made from has been rebuilt since: its sha1 is not the recorded one)."""
-    pt = copy.shard_path(k)
-    if not (pt.is_file() and pt.with_suffix(".json").is_file()):
-        return "missing"
-    status = _read_status(copy, k)
-    if status is None or _stored_bytes(pt) != copy.shard_len(k) * copy.size ** 2:
-        return "damaged"
+    problem, status = _stored_problem(copy, k)
+    if problem:
+        return problem
     made_from = (_read_status(base, k) or {}).get("sha1")
     return None if made_from and status.get("base_sha1") == made_from else "base"
 

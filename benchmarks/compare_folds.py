@@ -48,20 +48,31 @@ PAIRS = [("kfold", "single"), ("seeds", "single"), ("kfold", "seeds"), ("blend_o
 COLUMNS = ["method", "models", "est_mse", "est_auc", "test_mse", "test_mse_ci", "test_auc", "test_auc_ci", "gap_mse"]
 
 
-def parse_args(argv):
-    argv = list(argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def measurement_parser(description: str, epochs: int, k_help: str) -> argparse.ArgumentParser:
+    """The flags this script and compare_levers.py share: the data, the scratch folder, the runs'
+    size, K and the bootstrap."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--data-root", type=Path, required=True)
-    p.add_argument("--work", type=Path, required=True, help="scratch folder: caches, runs, results.json")
+    p.add_argument("--work", type=Path, required=True, help="scratch folder: caches, runs, the results' JSON")
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--k", type=int, default=5, help="folds, and seeds for the seed ensemble")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--k", type=int, default=5, help=k_help)
     p.add_argument("--n-boot", type=int, default=1000)
-    args = p.parse_args(argv)
-    args.extra = extra
+    return p
+
+
+def parse_with_extra(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """p's flags before `--`; the train.py flags after it, as args.extra."""
+    argv = list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:cut])
+    args.extra = argv[cut + 1:]
     return args
+
+
+def parse_args(argv):
+    return parse_with_extra(measurement_parser(__doc__.split("\n\n")[0], 8, "folds, and seeds for the seed ensemble"),
+                            argv)
 
 
 def train_run(args, name: str, *flags: str) -> Path:

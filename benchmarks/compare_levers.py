@@ -15,7 +15,6 @@ finished run at once); WORK/levers.json keeps every number.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -26,7 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare_folds import paired_difference, test_score, train_run  # noqa: E402
+from compare_folds import (measurement_parser, paired_difference, parse_with_extra, test_score,  # noqa: E402
+                           train_run)
 from common import format_table, jsonable, run_cli, write_text  # noqa: E402
 from dataset import PATHOLOGIES, read_train_csv  # noqa: E402
 
@@ -47,25 +47,15 @@ COLUMNS = ["lever", "seeds", "test_mse", "mse_range", "test_auc", "auc_range", "
 
 
 def parse_args(argv):
-    argv = list(argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", type=Path, required=True)
-    p.add_argument("--work", type=Path, required=True, help="scratch folder: caches, runs, levers.json")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--k", type=int, default=5, help="folds")
+    p = measurement_parser(__doc__.split("\n\n")[0], 6, "folds")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--levers", nargs="+", default=["baseline", "clahe", "hist", "inside", "combo"])
-    p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--lever", action="append", default=[], metavar="NAME=FLAGS",
                    help="define a lever (or redefine one of LEVERS) by its train.py flags")
-    args = p.parse_args(argv)
+    args = parse_with_extra(p, argv)
     for spec in args.lever:
         name, _, flags = spec.partition("=")
         LEVERS[name] = flags.split()
-    args.extra = extra
     if args.levers[0] != "baseline":
         args.levers.insert(0, "baseline")
     unknown = [x for x in args.levers if x not in LEVERS]
