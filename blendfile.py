@@ -13,9 +13,13 @@ No torch here: blend.py loads the checkpoints, make_submission.py has them loade
 from __future__ import annotations
 
 import hashlib
+import json
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import UserError, jsonable
+from dataset import PATHOLOGIES
 
 # 2: "fingerprints" added (a version 1 file, which has none, is refused: rerun experiments/blend.py)
 BLEND_VERSION = 2
@@ -80,3 +84,53 @@ def check_fingerprints(path: Path, recorded, members: dict[str, tuple[list, bool
             raise UserError(f"--blend {path}: member {name} changed since the blend was fitted ({what}), and its "
                             f"weights and calibration were fitted on the old one's outputs; rerun experiments/blend.py "
                             f"on its runs")
+
+
+@dataclass
+class Blend:
+    """One pathology of blend.json: its members as (source index, output column), in the entry's
+    order, and the entry itself (weights, lambda, a, b, w_frontal), which calibration.apply_blend reads."""
+    members: list[tuple[int, int]]
+    params: dict
+
+
+def load_blend(path: Path, sources: list, folder: Path) -> dict[str, Blend]:
+    """make_submission.py --blend: blend.json's pathologies with their members among the loaded
+    checkpoints (make_submission.Source: folder, kfold, ckpts, pathologies): member
+    'run_a/cardiomegaly' is folder/run_a/cardiomegaly/best.pt, or the K-fold model of its
+    fold<I>/best.pt. A missing member, one that does not predict the pathology, or one that changed
+    since the blend was fitted (check_fingerprints) is an error naming it; a pathology that is no
+    submission column is left out with a warning."""
+    try:
+        data = json.loads(Path(path).read_text())
+        entries = data["pathologies"]
+        wanted = {name: (list(e["members"]), len(e["weights"])) for name, e in entries.items()}
+    except FileNotFoundError as e:
+        raise UserError(f"--blend {path}: no such file") from e
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"--blend {path}: not a blend file of experiments/blend.py ({type(e).__name__}: {e})") from e
+    # a folder holding both a best.pt and fold<I>/ folders: blend.py took the K-fold model
+    index = {src.folder: s for s, src in sorted(enumerate(sources), key=lambda e: e[1].kfold)}
+    missing = sorted({m for members, _ in wanted.values() for m in members if m not in index})
+    if missing:
+        raise UserError(f"--blend {path}: no checkpoint for member{'s' * (len(missing) > 1)} {', '.join(missing)} "
+                        f"(no {Path(folder) / missing[0] / 'best.pt'}); pass --checkpoints the folder that holds the "
+                        f"runs blend.py was given")
+    check_fingerprints(path, data.get("fingerprints"), {m: (sources[index[m]].ckpts, sources[index[m]].kfold)
+                                                        for members, _ in wanted.values() for m in members}, folder)
+    blends = {}
+    for name, (members, n_weights) in wanted.items():
+        if name not in PATHOLOGIES:
+            warnings.warn(f"--blend {path}: ignoring {name}: not a submission column", stacklevel=2)
+            continue
+        if n_weights != len(members):
+            raise UserError(f"--blend {path}: {name} has {n_weights} weights for {len(members)} members")
+        found = []
+        for m in members:
+            src = sources[index[m]]
+            if name not in src.pathologies:
+                raise UserError(f"--blend {path}: member {m} does not predict {name} (it predicts "
+                                f"{', '.join(src.pathologies)})")
+            found.append((index[m], src.pathologies.index(name)))
+        blends[name] = Blend(found, entries[name])
+    return blends

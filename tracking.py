@@ -123,6 +123,24 @@ class RunLog:
             self._try(lambda: (self._run.config.update(jsonable(settings), allow_val_change=True),
                                self._run.summary.update(kept)))
 
+    def steps(self, steps: list) -> None:
+        """train.py's optimizer steps since its last check: (global sample count, learning rate, (2,)
+        tensor of the step's loss sum and labelled entries on the device), as train/loss and
+        train/lr; one transfer from the device for all of them."""
+        if steps and (self._writer is not None or self._run is not None):
+            values = torch.stack([step for _, _, step in steps]).tolist()
+            for (samples, lr, _), (loss, n) in zip(steps, values):
+                self.scalars(samples, {"train/loss": loss / max(n, 1), "train/lr": lr})
+
+    def validation(self, step: int, row: dict, per_pathology: dict) -> None:
+        """A validation of train.py: history.csv's row (val/val_loss, val/val_mse, ... and
+        train/epoch_loss, train/images_per_s) and each pathology's numbers (val/METRIC/NAME)."""
+        values = {f"val/{k}": v for k, v in row.items() if k.startswith("val_") or k == "const_mse"}
+        values.update({f"val/{k}/{name}": m.get(k) for name, m in per_pathology.items()
+                       for k in ("val_mse", "val_mse_cv", "val_mse_cal", "const_mse", "val_auc")})
+        values.update({"train/epoch_loss": row["train_loss"], "train/images_per_s": row["train_images_per_s"]})
+        self.scalars(step, values)
+
     def close(self) -> None:
         """Flush and close; the instance does nothing afterwards."""
         self._try(self._close)

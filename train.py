@@ -362,7 +362,8 @@ def train_until(state: TrainState, job: Job, rt: Runtime, signals: StopSignals) 
                                                   not bool(torch.isfinite(state.totals).all()),
                                                   proposal=max(1, int(CHECK_SECONDS / max(per_step, 1e-6))))
                 checked, since = time.monotonic(), 0
-                log_steps(job, steps, rt)
+                if rt.main and job.runlog is not None:
+                    job.runlog.steps(steps)
                 steps = []
                 if bad:
                     raise UserError(f"{job.label}: the training loss is not finite in epoch {state.epoch + 1} (sample "
@@ -377,15 +378,6 @@ def train_until(state: TrainState, job: Job, rt: Runtime, signals: StopSignals) 
     if len(todo) == len(chunks):
         state.pos = n  # the epoch's draw is used up (a last chunk too small for every rank is left out)
     return True
-
-
-def log_steps(job: Job, steps: list, rt: Runtime) -> None:
-    """Per optimizer step, the training loss (rank 0's batches) and learning rate, at the global
-    sample count: one transfer for all the steps since the last check."""
-    if steps and rt.main and job.runlog is not None:
-        values = torch.stack([step for _, _, step in steps]).tolist()
-        for (samples, lr, _), (loss, n) in zip(steps, values):
-            job.runlog.scalars(samples, {"train/loss": loss / max(n, 1), "train/lr": lr})
 
 
 def validate(state: TrainState, job: Job, rt: Runtime, model: torch.nn.Module | None = None) -> dict:
@@ -517,12 +509,7 @@ def log_validation(state: TrainState, job: Job, row: dict, val: dict, improved: 
     if state.best["stopped"]:
         rt.log(f"{job.label}: early stop, no improvement for {s.patience} validations")
     if rt.main and job.runlog is not None:
-        x = state.epoch * job.epoch_len + state.pos
-        values = {f"val/{k}": row[k] for k in ("val_loss", *METRIC_KEYS) if k in row}
-        values.update({f"val/{k}/{name}": m.get(k) for name, m in val["per_pathology"].items()
-                       for k in ("val_mse", "val_mse_cv", "val_mse_cal", "const_mse", "val_auc")})
-        values.update({"train/epoch_loss": row["train_loss"], "train/images_per_s": row["train_images_per_s"]})
-        job.runlog.scalars(x, values)
+        job.runlog.validation(state.epoch * job.epoch_len + state.pos, row, val["per_pathology"])
 
 
 def prepare_epoch(state: TrainState, rt: Runtime) -> None:

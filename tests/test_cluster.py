@@ -71,10 +71,12 @@ def only_cache(cache_dir):
 def test_torchrun_on_a_cold_cache_finishes_and_writes_one_set_of_files(tiny_args, tmp_path, demo_root):
     """Also: validation under torchrun scores every row with the weights best.pt saves. Each rank's
     BatchNorm statistics come from its own last batches; with batch 4 the second rank scores some
-    validation rows, which must not come from its own statistics. --accum-steps 2 runs DDP's no_sync."""
+    validation rows, which must not come from its own statistics. --accum-steps 2 runs DDP's no_sync;
+    --val-per-epoch 2 --keep-top 2 --average-top 2 validate inside the epoch and average under DDP."""
     [s1] = train.main(tiny_args("--pathology", "Cardiomegaly", "--out-dir", str(tmp_path / "one")))
     ddp = tiny_args("--pathology", "Cardiomegaly", "--out-dir", str(tmp_path / "two"),
-                    "--cache-dir", str(tmp_path / "cold"), "--batch-size", "4", "--accum-steps", "2")
+                    "--cache-dir", str(tmp_path / "cold"), "--batch-size", "4", "--accum-steps", "2",
+                    "--val-per-epoch", "2", "--keep-top", "2", "--average-top", "2")
     t0 = time.time()
     proc = launch([*torchrun("--nproc-per-node", "2", "--master-port", str(free_port())), *ddp], **SLOW_BUILD)
     out, err = proc.communicate(timeout=400)
@@ -83,13 +85,17 @@ def test_torchrun_on_a_cold_cache_finishes_and_writes_one_set_of_files(tiny_args
     assert err.count("waiting for the image cache") == 1  # one process built it, the other waited on the files
     assert not only_cache(tmp_path / "cold").missing_shards()
     folder = tmp_path / "two" / "cardiomegaly"
-    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "curves.png", "history.csv", "last.pt",
-                                                        "summary.json", "val_predictions.csv"]
+    assert sorted(p.name for p in folder.iterdir()) == ["args.yaml", "best.pt", "curves.png", "history.csv", "last.pt",
+                                                        "manifest.json", "summary.json", "tb", "top",
+                                                        "val_predictions.csv"]
+    assert len({p.name.split(".")[4] for p in (folder / "tb").glob("events.out.tfevents.*")}) == 1  # one writer's pid
     s2 = json.loads((folder / "summary.json").read_text())
     assert (s2["n_train"], s2["n_val"]) == (s1["n_train"], s1["n_val"])
+    assert s2["averaged"]["k"] == 2 and json.loads((folder / "manifest.json").read_text())["world_size"] == 2
     val = pd.read_csv(folder / "val_predictions.csv")
     assert len(val) == s2["n_val"] and val["path"].is_unique  # every validation row, once
-    assert len(read_csv_rows(folder / "history.csv")) == 1
+    epochs = [r["epoch"] for r in read_csv_rows(folder / "history.csv")]
+    assert len(epochs) == 2 and 0.5 <= float(epochs[0]) < 1 and epochs[1] == "1"  # two validations in the epoch
     assert out.count("Cardiomegaly epoch 1/1") == 1  # only rank 0 logs
 
     # every row's raw prediction, and the gathered metrics, are those of best.pt's weights in one process

@@ -205,6 +205,11 @@ def test_a_rerun_with_more_epochs_resumes_and_trains_on(tiny_args, tmp_path, mon
     assert second["epochs_run"] == 2 and second["status"] == "finished" and second["seconds"] > first["seconds"]
     history = (out / "hidden8_freeze5_lr0.001" / "cardiomegaly" / "history.csv").read_text().splitlines()
     assert len(history) == 3  # header, epoch 1 (first run), epoch 2 (the resumed run)
+    # every trial logs under the grid's one --out-dir (tensorboard --logdir OUT), its hparams beside its curves
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out / "hidden8_freeze5_lr0.001" / "cardiomegaly" / "tb"))
+    acc.Reload()
+    assert "train/loss" in acc.Tags()["scalars"] and "hparam/best/val_loss" in acc.Tags()["scalars"]
     # an explicit --unfreeze-epoch still goes through
     assert gridsearch_flag(gridsearch.train_argv(*gridsearch.parse_args(argv + ["--unfreeze-epoch", "1"]),
                                                  {"hidden": 8, "freeze": 5, "lr": 1e-3}), "--unfreeze-epoch") == "1"
