@@ -195,6 +195,7 @@ DATASET = {
     "--label-convention": choice("--label-convention", "stanford"),
     "--patient-col": PATIENT_COL,
     "--labels-only": switch("--labels-only"),
+    "--config": MISSING_CONFIG,
 }
 
 GRIDSEARCH = {  # the grid's values are checked by train.py's parser, once per trial, before any trains
@@ -231,7 +232,8 @@ SALIENCY = {
     "--config": MISSING_CONFIG,
 }
 
-COPY = {**data_flags("--csv"), "--patient-col": PATIENT_COL, "--progress": switch("--progress")}
+COPY = {**data_flags("--csv"), "--patient-col": PATIENT_COL, "--progress": switch("--progress"),
+        "--config": MISSING_CONFIG}
 
 BAD_VALUES: dict[str, dict[str, Bad | NoBadValue]] = {
     "train.py": TRAIN, "make_submission.py": SUBMISSION, "dataset.py": DATASET, "gridsearch.py": GRIDSEARCH,

@@ -133,8 +133,8 @@ def test_two_nodes_build_their_own_caches_and_only_global_rank_0_writes(tiny_arg
     for node in (0, 1):
         assert not only_cache(tmp_path / f"node{node}_tmpdir").missing_shards()
     folder = tmp_path / "out0" / "cardiomegaly"
-    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "curves.png", "history.csv", "last.pt",
-                                                        "summary.json", "val_predictions.csv"]
+    assert sorted(p.name for p in folder.iterdir()) == ["args.yaml", "best.pt", "curves.png", "history.csv", "last.pt",
+                                                        "manifest.json", "summary.json", "tb", "val_predictions.csv"]
     assert not (tmp_path / "out1").exists()  # global rank 1 (node 1's local rank 0) writes nothing
     assert "Cardiomegaly epoch 1/1" in (tmp_path / "node0.log").read_text()
 

@@ -379,13 +379,15 @@ def test_saliency_writes_one_png_per_image_and_head(two_head_checkpoint, tmp_pat
     with pytest.raises(UserError, match="--pathology Fracture: .* predicts Cardiomegaly, Pneumonia"):
         saliency.main(["--checkpoint", str(ckpt_path), "--images", str(images[0]), "--out", str(tmp_path / "x"),
                        "--pathology", "Fracture", "--no-progress"])
-    with pytest.raises(UserError, match="no such file"):
+    with pytest.raises(SystemExit) as stop:  # every --images path is checked before the checkpoint is read
         saliency.main(["--checkpoint", str(ckpt_path), "--images", str(tmp_path / "nope.jpg"), "--out",
                        str(tmp_path / "x"), "--no-progress"])
+    assert stop.value.code == 2 and not (tmp_path / "x").exists()
 
 
 def test_saliency_on_cuda_without_a_gpu_is_one_clear_line(two_head_checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    Image.fromarray(np.zeros((40, 40), dtype=np.uint8)).save(tmp_path / "x.png")
     code = run_cli(saliency.main, ["--checkpoint", str(two_head_checkpoint[0]), "--images", str(tmp_path / "x.png"),
                                    "--out", str(tmp_path / "out"), "--device", "cuda", "--no-progress"])
     err = capsys.readouterr().err
