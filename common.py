@@ -112,13 +112,15 @@ def _within(path: Path, folder: Path) -> bool:
 
 
 def check_outputs(files: dict[str, Path | None] | None = None, folders: dict[str, Path | list | None] | None = None,
-                  inputs: dict[str, Path | None] | None = None, data_root: Path | None = None) -> None:
+                  inputs: dict[str, Path | None] | None = None, data_root: Path | None = None,
+                  probe: bool = True) -> None:
     """The one guard for what a script writes, called before any work starts. `files`: flag ->
     an output file; `folders`: flag -> a folder (or several) the script writes into; `inputs`: flag
     -> a file the run reads (CSVs, checkpoints, weights). Each output must not be an input (a file
     output is not one, a folder output holds none), must not lie under the data root (read-only
     on a cluster, and never written), and must be writable: a probe file is created and removed
-    where it would go. Raises UserError naming the flag, the path and why."""
+    where it would go (probe=False: not created, for a torchrun process that writes nothing). Raises
+    UserError naming the flag, the path and why."""
     root = _resolved(data_root) if data_root is not None else None
     ins = {flag: _resolved(path) for flag, path in (inputs or {}).items() if path is not None}
     outs = [(flag, path, False) for flag, path in (files or {}).items() if path is not None]
@@ -134,15 +136,17 @@ def check_outputs(files: dict[str, Path | None] | None = None, folders: dict[str
                 what = "holds" if is_folder and src != out else "is"
                 raise UserError(f"{flag} {path}: {what} the run's input {in_flag} {src}, which it would overwrite; "
                                 f"choose another path")
-        _probe(flag, path, out if is_folder else out.parent, is_folder, out)
+        _probe(flag, path, out if is_folder else out.parent, is_folder, out, probe)
 
 
-def _probe(flag: str, path: Path, folder: Path, is_folder: bool, out: Path) -> None:
+def _probe(flag: str, path: Path, folder: Path, is_folder: bool, out: Path, create: bool = True) -> None:
     """Create the folder (as the run would) and a probe file in it, then remove the probe."""
     if is_folder and out.exists() and not out.is_dir():
         raise UserError(f"{flag} {path}: is a file, not a folder")
     if not is_folder and out.is_dir():
         raise UserError(f"{flag} {path}: is a folder; give a file name")
+    if not create:
+        return
     probe = folder / f".write-probe-{socket.gethostname()}-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)

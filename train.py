@@ -616,7 +616,7 @@ def read_table(args, rt: Runtime) -> tuple[pd.DataFrame, Path, Path]:
                f"batch {args.batch_size}, --weights {args.weights}); see README to train on real data")
     check_outputs(folders={"--out-dir": args.out_dir}, data_root=root,
                   inputs={"--train-csv": csv_path, "--weights": None if args.weights in ("imagenet", "none")
-                          else Path(args.weights)})
+                          else Path(args.weights)}, probe=rt.main)  # only the writing process creates it
     table = read_train_csv(csv_path, convention=args.label_convention, patient_col=args.patient_col)
     args.label_convention = table.attrs["label_convention"]  # what was used, in summary.json and checkpoints
     rt.log(describe_convention(args.label_convention, table.attrs["label_convention_how"]))
