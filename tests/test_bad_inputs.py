@@ -143,7 +143,7 @@ TRAIN = {
     "--grad-checkpointing": switch("--grad-checkpointing"),
     "--schedule": choice("--schedule", "linear"),
     "--warmup-epochs": Bad(["--warmup-epochs", "-1"], "--warmup-epochs must be >= 0, got -1.0"),
-    "--freeze": Bad(["--freeze", "9"], "--freeze must be between 0 and 5, got 9"),
+    "--freeze": Bad(["--freeze", "9", "--arch", "resnet18"], "--freeze must be between 0 and 5, got 9"),
     "--unfreeze-epoch": Bad(["--unfreeze-epoch", "soon"], "argument --unfreeze-epoch: an epoch >= 0 or never, got "
                             "'soon'"),
     "--sampler": switch("--sampler"),
@@ -201,7 +201,7 @@ DATASET = {
 GRIDSEARCH = {  # the grid's values are checked by train.py's parser, once per trial, before any trains
     "--pathology": Bad(["--pathology", "Cardiomegally"], "unknown pathology 'Cardiomegally'"),
     "--hidden": Bad(["--hidden", "8", "0"], "--hidden must be at least 1, got 0"),
-    "--freeze": Bad(["--freeze", "9"], "--freeze must be between 0 and 5, got 9"),
+    "--freeze": Bad(["--freeze", "9", "--arch", "resnet18"], "--freeze must be between 0 and 5, got 9"),
     "--lr": Bad(["--lr", "0.001", "-1"], "--lr must be positive and finite, got -1.0"),
     "--unfreeze-epoch": Bad(["--unfreeze-epoch", "soon"], "argument --unfreeze-epoch: an epoch >= 0 or never"),
     "--out-dir": Bad(["--out-dir", "{file}"], "--out-dir {file}: is a file, not a folder"),

@@ -182,7 +182,7 @@ def test_submission_of_a_kfold_run_is_the_mean_of_its_folds_calibrated_outputs(w
     expected = np.mean(cals, axis=0)
     result = submit(demo_root, work, work / "runs" / "a", tmp_path / "sub.csv")  # no --ensemble needed
     make_submission.check_submission(tmp_path / "sub.csv", table.Id)
-    np.testing.assert_allclose(written(tmp_path / "sub.csv", table.Id), expected, atol=1e-6)
+    np.testing.assert_allclose(written(tmp_path / "sub.csv", table.Id), expected, atol=1e-5)  # float32 sums
     assert np.abs(expected - cals[0]).max() > 1e-4  # the folds differ: the mean is not one fold's
     rows = [r for r in result["rows"] if r["pathology"] == NAME]
     assert {r["source"] for r in rows} == {"cardiomegaly/fold* (3 models)"}

@@ -113,7 +113,7 @@ def test_resume_is_refused_when_the_command_is_another_run(tiny_args, tmp_path, 
     argv = tiny_args("--pathology", "Cardiomegaly", "--epochs", "2")
     train.main(argv + ["--epochs", "1"])  # one of two epochs done
     for flags, needle in [(["--seed", "1"], "--seed 0 -> 1"), (["--val-frac", "0.3"], "--val-frac 0.2 -> 0.3"),
-                          (["--arch", "resnet50"], "--arch resnet18 -> resnet50"),
+                          (["--arch", "resnet50"], "--arch timm/test_resnet -> resnet50"),
                           (["--uncertain", "ones"], "--uncertain keep -> ones"),
                           (["--split-seed", "3"], "the validation patients differ"),
                           (["--image-size", "40"], "--image-size 32 -> 40")]:

@@ -317,7 +317,7 @@ def test_trained_multi_head_applies_its_calibration_maps(demo_root, tiny_args, t
     names = ["Cardiomegaly", "Support Devices"]
     # seed 2: the guard picks a map that moves the outputs (on ~10 rows it often keeps them as they are)
     train.main(tiny_args("--pathology", *names, "--multi-head", "--view", "lateral", "--val-frac", "0.5",
-                         "--seed", "2"))
+                         "--seed", "2", "--arch", "resnet18"))
     ckpt_path = tmp_path / "ckpt" / "multi_head_lateral" / "best.pt"
     model, ckpt = load_checkpoint(ckpt_path)
     assert ckpt.pathologies == names and ckpt.view == "lateral"

@@ -174,7 +174,7 @@ def test_unknown_pathology_is_a_clear_error(tiny_args, capsys):
     (["--epochs", "-1"], "--epochs must be at least 1"),
     (["--image-size", "0"], "--image-size must be at least 32"),
     (["--weights", "resnet"], "--weights 'resnet' is not imagenet, none or an existing file"),
-    (["--freeze", "7"], "--freeze must be between 0 and 5"),
+    (["--freeze", "7", "--arch", "resnet18"], "--freeze must be between 0 and 5"),
 ])
 def test_bad_arguments_are_rejected_before_any_work(tiny_args, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as e:
