@@ -19,6 +19,7 @@ import numpy as np
 
 SQUARE_MODES = ("resize", "crop")  # how non-square images become square (cache.py): --square
 EQUALIZE_MODES = ("none", "hist", "clahe")  # contrast equalisation when the cache is built (decode.py): --equalize
+DEMO_ROOT = Path("demo_data")  # where the synthetic demo data is made when no --data-root is given (demo.py)
 MAX_IMAGE_SIZE = 4096  # --image-size bound: the cache holds size^2 bytes per image (16 MiB each at 4096)
 class UserError(Exception):
     """An error the user caused (bad path, bad value): scripts print it as one line and exit 2."""
@@ -296,7 +297,6 @@ def common_flag_errors(args: argparse.Namespace, min_size: int = 8, max_size: in
     if cache_dir is not None:
         root = getattr(args, "data_root", None)
         if root is None:
-            from demo import DEMO_ROOT  # demo.py imports the modules that import this one
             root = DEMO_ROOT
         if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
             out.append(f"--cache-dir {cache_dir}: is a file, not a folder; choose a folder")

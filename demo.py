@@ -14,9 +14,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from cache import claim_build
+from common import DEMO_ROOT
 from dataset import PATHOLOGIES
-
-DEMO_ROOT = Path("demo_data")
 
 
 def _ellipse(yy, xx, cy, cx, ry, rx):

@@ -59,8 +59,8 @@ from tqdm import tqdm
 
 from cache import cached_table
 from blendfile import load_blend, predictions_file
-from common import (Parser, UserError, add_data_flags, add_device_flags, atomic_write, check_common_flags, check_outputs,
-                    format_table, run_cli)
+from common import (DEMO_ROOT, Parser, UserError, add_data_flags, add_device_flags, atomic_write, check_common_flags,
+                    check_outputs, format_table, run_cli)
 import config
 from patients import add_patient_col_flag
 from dataset import (LABEL_CONVENTIONS, PATHOLOGIES, VIEWS, XrayDataset, choose_convention, describe_convention,
@@ -68,7 +68,6 @@ from dataset import (LABEL_CONVENTIONS, PATHOLOGIES, VIEWS, XrayDataset, choose_
                      resolve_data)
 from calibration import apply_blend, apply_calibration, fuse_studies
 from evaluation import METRIC_COLUMNS, evaluate, metrics_rows, plot_evaluation, write_metrics
-from demo import DEMO_ROOT
 from model import Checkpoint, load_checkpoint, predict
 from runs import FOLD_NAME
 from runtime import Runtime, setup_runtime

@@ -357,6 +357,15 @@ def n_stages(model: XrayNet) -> int:
     return len(model.groups())
 
 
+def freeze_limit(arch: str, image_size: int | None = None) -> int:
+    """The largest --freeze an arch takes, before any data is read: N_STAGES for torchvision archs;
+    for timm models, n_stages of the model built on the meta device (no memory, no weights)."""
+    if not is_timm(arch):
+        return N_STAGES
+    with torch.device("meta"):
+        return n_stages(build_model(model_config(["x"], arch=arch, image_size=image_size)))
+
+
 def set_frozen(model: XrayNet, n: int) -> None:
     """Freeze the first n of the n_stages(model) groups, stem first: requires_grad off, and every
     backbone module whose parameters are all frozen kept in eval (BatchNorm keeps its statistics).

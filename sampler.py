@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 
 from common import UserError
 from runtime import Runtime, ignore_sigterm

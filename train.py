@@ -47,7 +47,7 @@ from dataset import ALL_LABELS, LABEL_CONVENTIONS, check_pathologies, describe_c
     read_train_csv, resolve_data, sha1, slug
 from evaluation import METRIC_KEYS, cv_fallback_notice, mean_defined, pathology_metrics
 from jobs import Job, prepare_job
-from model import HEAD_TYPES, HEAD_VARIANTS, N_STAGES, check_arch, loss_terms, predict, set_frozen
+from model import HEAD_TYPES, HEAD_VARIANTS, N_STAGES, check_arch, freeze_limit, loss_terms, predict, set_frozen
 from patients import add_patient_col_flag, describe_patients
 from policies import add_label_policy_flags
 from runs import (TABLE_COLUMNS, check_layout, checkpoint_of, epoch_number, fold_folder, out_of_fold, prepare_folder,
@@ -200,6 +200,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         check_pathologies(args.pathology, ALL_LABELS)  # names only; the CSV's columns are checked later
         args.arch = check_arch(args.arch)
+        limit = freeze_limit(args.arch, args.image_size) if args.freeze else 0  # timm: the model's own stages
+        if args.freeze > limit:
+            raise UserError(f"--freeze must be between 0 and {limit} for {args.arch} (its stem and stages as timm groups them), "
+                            f"got {args.freeze}")
         check_kind(args.log)
     except UserError as e:
         p.error(str(e))
@@ -243,8 +247,9 @@ def bad_values(args: argparse.Namespace, explicit_warmup: float | None = None) -
               (args.ema is not None and not 0 < args.ema < 1, f"--ema must be in (0, 1), e.g. 0.999, got {args.ema}"),
               (args.hidden < 1, f"--hidden must be at least 1, got {args.hidden}"),
               (not 0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}"),
-              (not 0 <= args.freeze <= (99 if args.arch.startswith("timm/") else N_STAGES),
+              (not args.arch.startswith("timm/") and not 0 <= args.freeze <= N_STAGES,
                f"--freeze must be between 0 and {N_STAGES}, got {args.freeze}"),
+              (args.freeze < 0, f"--freeze must be >= 0, got {args.freeze}"),
               (args.patience < 0, f"--patience must be >= 0, got {args.patience}"),
               (args.val_per_epoch < 1, f"--val-per-epoch must be at least 1, got {args.val_per_epoch}"),
               (args.keep_top < 0, f"--keep-top must be >= 0, got {args.keep_top}"),

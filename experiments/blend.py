@@ -57,10 +57,9 @@ from tqdm import tqdm
 
 from blendfile import BLEND_VERSION, checkpoint_record, fingerprint, predictions_file
 from calibration import fit_blend
-from common import Parser, UserError, check_outputs, format_table, jsonable, run_cli, write_text
+from common import DEMO_ROOT, Parser, UserError, check_outputs, format_table, jsonable, run_cli, write_text
 import config
 from dataset import ALL_LABELS
-from demo import DEMO_ROOT
 from runs import FOLD_NAME, fold_folder, fold_indices, kfold_split, read_oof, read_predictions, read_summary
 
 TABLE_COLUMNS = ["pathology", "members", "n", "best_single", "uniform", "blend", "w_frontal", "note"]

@@ -35,10 +35,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cache import ImageError, load_image
-from common import Parser, UserError, add_device_flags, check_outputs, run_cli
+from common import DEMO_ROOT, Parser, UserError, add_device_flags, check_outputs, run_cli
 import config
 from dataset import slug
-from demo import DEMO_ROOT
 from evaluation import new_figure, save_png
 from calibration import apply_calibration
 from model import load_checkpoint

@@ -141,7 +141,7 @@ def test_one_image_with_two_sets_of_labels_stops_naming_both_lines(tmp_path):
     csv = cs156b_file(tmp_path / "train2023.csv", cs156b_line(1), cs156b_line(2), cs156b_line(3),
                       cs156b_line(2, cardio="-1.0"))
     with pytest.raises(UserError, match=re.escape(
-            f"train2023.csv: lines 3 and 5 give the image 'train/pid2/study1/view2_frontal.jpg' different labels "
+            "train2023.csv: lines 3 and 5 give the image 'train/pid2/study1/view2_frontal.jpg' different labels "
             f"(Cardiomegaly: '1.0' vs '-1.0'); keep the right one and remove the other")):
         read_train_csv(csv)
 

@@ -209,7 +209,7 @@ def test_dataset_labels_only_prints_the_table_without_images(tmp_path, capsys):
 
 def test_dataset_summary_ends_with_the_table(tmp_path, capsys):
     root = tmp_path / "data"
-    csv = cs156b_csv(root / "student_labels" / "train2023.csv")
+    cs156b_csv(root / "student_labels" / "train2023.csv")
     for i in range(N_ROWS - 1):  # the last image is missing: its row still counts in the CSV's table
         (root / cs156b_path(i)).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((20, 16), 40 * i, np.uint8)).save(root / cs156b_path(i))

@@ -3,7 +3,6 @@ the K best weights kept and averaged, per-pathology label policies and blanks as
 changes training only, never what validation scores; each survives a resume."""
 import csv
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch

@@ -109,7 +109,7 @@ def test_the_manifest_names_the_code_data_device_and_why_the_run_ended(tiny_args
     assert m["exit_reason"] == "finished" and m["world_size"] == 1 and m["device"] == "cpu"
     assert m["data_root"] == str(demo_root) and len(m["train_csv"]["sha256"]) == 64
     assert m["cache_key"] == next((tmp_path / "cache").iterdir()).name
-    real, calls = train.loss_terms, []
+    real = train.loss_terms
 
     def nan(*a, **k):
         loss, n = real(*a, **k)

@@ -5,11 +5,8 @@ whether a resume may change it."""
 import csv
 import os
 import signal
-import subprocess
-import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 

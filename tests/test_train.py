@@ -9,7 +9,6 @@ import torch
 
 import sampler
 import train
-from dataset import patient_splits
 from model import masked_mse
 from common import UserError
 from model import Checkpoint, build_model, load_checkpoint, model_config, set_frozen
@@ -175,6 +174,11 @@ def test_unknown_pathology_is_a_clear_error(tiny_args, capsys):
     (["--image-size", "0"], "--image-size must be at least 32"),
     (["--weights", "resnet"], "--weights 'resnet' is not imagenet, none or an existing file"),
     (["--freeze", "7", "--arch", "resnet18"], "--freeze must be between 0 and 5"),
+    (["--freeze", "-1"], "--freeze must be >= 0, got -1"),
+    # timm archs: the bound is the model's own number of layer groups, known before any data is read
+    (["--freeze", "9", "--arch", "timm/test_resnet"], "--freeze must be between 0 and 5 for timm/test_resnet"),
+    (["--freeze", "14", "--arch", "timm/vit_tiny_patch16_224"],
+     "--freeze must be between 0 and 13 for timm/vit_tiny_patch16_224"),
 ])
 def test_bad_arguments_are_rejected_before_any_work(tiny_args, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as e:
@@ -369,6 +373,13 @@ def test_timm_arch_with_layer_decay_ema_and_checkpointing_trains_and_submits(tin
     assert out["submission"]["Cardiomegaly"].between(-1, 1).all()
 
 
-def test_freeze_beyond_a_timm_models_groups_is_one_line(tiny_args):
-    with pytest.raises(UserError, match=r"--freeze 9: timm/resnet10t has 5 stages to freeze"):
-        train.main(tiny_args("--pathology", "Cardiomegaly", "--arch", "timm/resnet10t", "--freeze", "9"))
+def test_freeze_at_a_timm_models_bound_trains_only_the_heads(tiny_args, tmp_path):
+    train.main(tiny_args("--pathology", "Cardiomegaly", "--out-dir", str(tmp_path / "first")))
+    first = Checkpoint.load(tmp_path / "first" / "cardiomegaly" / "best.pt").state_dict
+    train.main(tiny_args("--pathology", "Cardiomegaly", "--freeze", "5", "--unfreeze-epoch", "never",
+                         "--weights", str(tmp_path / "first" / "cardiomegaly" / "best.pt")))
+    after = Checkpoint.load(tmp_path / "ckpt" / "cardiomegaly" / "best.pt").state_dict
+    backbone = [k for k in after if k.startswith("backbone.") and after[k].is_floating_point()]
+    heads = [k for k in after if k.startswith("heads.")]
+    assert backbone and all(torch.equal(after[k], first[k]) for k in backbone)  # BatchNorm statistics too
+    assert not all(torch.equal(after[k], first[k]) for k in heads)
