@@ -56,6 +56,16 @@ def flag_actions(p: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {a.dest: a for a in p._actions if a.option_strings and a.dest != "help"}
 
 
+def flag_names(p: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Every name a config key may use (the dest, and each long flag as written, '-' as '_') -> action."""
+    names = {}
+    for dest, action in flag_actions(p).items():
+        if action.nargs != 0:  # a switch's --no-NAME is not a key: NAME: false is
+            names.update({o.lstrip("-").replace("-", "_"): action for o in action.option_strings if o.startswith("--")})
+        names[dest] = action
+    return names
+
+
 def read_config(path: Path, p: argparse.ArgumentParser, others: argparse.ArgumentParser | None = None) -> dict:
     """The flag values of a config file for parser p, converted as the command line would convert
     them: dest -> value. With `others` (a script that passes the rest on, as gridsearch passes
@@ -71,11 +81,12 @@ def read_config(path: Path, p: argparse.ArgumentParser, others: argparse.Argumen
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"--config {path}: not a mapping of flag names to values (it holds a {type(data).__name__})")
-    mine, theirs = flag_actions(p), flag_actions(others) if others is not None else {}
+    mine, theirs = flag_names(p), flag_names(others) if others is not None else {}
     out = {}
     for key, value in data.items():
-        dest = str(key).lstrip("-").replace("-", "_")
-        action = mine.get(dest) or theirs.get(dest)
+        name = str(key).lstrip("-").replace("-", "_")
+        action = mine.get(name) or theirs.get(name)
+        dest = action.dest if action is not None else name
         if action is None or dest == "config":
             raise UserError(f"--config {path}: {key!r} is not a flag of {Path(p.prog).name}")
         if value is None:
@@ -143,7 +154,8 @@ def settings(args: argparse.Namespace, p: argparse.ArgumentParser) -> dict:
         if dest in NOT_SETTINGS or not hasattr(args, dest):
             continue
         value = getattr(args, dest)
-        out[action.option_strings[-1].lstrip("-") if action.nargs != 0 else dest.replace("_", "-")] = _plain(value)
+        flag = next((o for o in action.option_strings if o.startswith("--")), action.option_strings[-1])
+        out[flag.lstrip("-") if action.nargs != 0 else dest.replace("_", "-")] = _plain(value)
     return out
 
 

@@ -176,9 +176,10 @@ def make_parser() -> Parser:
                               "stopped (starts afresh, saying so, where there is none)"))
     may_change(g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                               help="start again in a model folder that holds another run, replacing its files"))
-    may_change(g.add_argument("--log", choices=LOG_KINDS, default="tensorboard",
+    may_change(g.add_argument("--log", "--live-log", dest="log", choices=LOG_KINDS, default="tensorboard",
                               help="live record of the run: TensorBoard events in each model folder's tb/ "
-                              "(tensorboard --logdir OUT_DIR), Weights & Biases (needs the wandb package), or none"))
+                              "(tensorboard --logdir OUT_DIR), Weights & Biases (needs the wandb package), or none; "
+                              "under torchrun spell it --live-log (torchrun takes --log for its own --log-dir)"))
     may_change(g.add_argument("--save-every", type=float, default=SAVE_EVERY_MIN, metavar="MINUTES",
                               help="also save last.pt every this many minutes within an epoch (0: at validations and "
                               "signals only)"))

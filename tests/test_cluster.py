@@ -68,6 +68,7 @@ def only_cache(cache_dir):
 # ---------------------------------------------------------------------------------------------
 # 1, 8: torchrun on a cold cache whose build outlasts the process group's timeout; a free port
 
+@pytest.mark.slow
 def test_torchrun_on_a_cold_cache_finishes_and_writes_one_set_of_files(tiny_args, tmp_path, demo_root):
     """Also: validation under torchrun scores every row with the weights best.pt saves. Each rank's
     BatchNorm statistics come from its own last batches; with batch 4 the second rank scores some
@@ -115,9 +116,38 @@ def test_torchrun_on_a_cold_cache_finishes_and_writes_one_set_of_files(tiny_args
         assert m[key] == pytest.approx(gathered[key], abs=1e-5), key
 
 
+def test_every_train_flag_reaches_train_py_through_torchruns_command_line():
+    """torchrun reads an abbreviation of its own flags anywhere on the line: `--log` (its --log-dir,
+    --logs-specs) stopped `torchrun ... train.py --log none` before train.py started. Every flag has
+    a spelling that torchrun hands to train.py untouched."""
+    from torch.distributed.run import get_args_parser
+
+    def passes(option):
+        try:
+            return get_args_parser().parse_args(["train.py", option, "1"]).training_script_args == [option, "1"]
+        except SystemExit:
+            return False
+
+    actions = [a for a in train.make_parser()._actions if a.option_strings and a.dest != "help"]
+    blocked = {a.dest: [o for o in a.option_strings if o.startswith("--") and not passes(o)] for a in actions}
+    assert {dest: opts for dest, opts in blocked.items() if opts} == {"log": ["--log"]}
+    assert [a for a in actions if not any(passes(o) for o in a.option_strings if o.startswith("--"))] == []
+    args = train.make_parser().parse_args(["--pathology", "Cardiomegaly", "--live-log", "none"])
+    assert args.log == "none"  # the spelling for torchrun lines is the same flag
+
+
+def test_a_config_key_may_use_either_spelling_of_a_flag(tmp_path):
+    import config
+    (tmp_path / "c.yaml").write_text("live-log: none\nepochs: 3\n")
+    assert config.read_config(tmp_path / "c.yaml", train.make_parser()) == {"log": "none", "epochs": 3}
+    (tmp_path / "c.yaml").write_text("no-resume: true\n")  # a switch's --no-NAME is not a key
+    with pytest.raises(Exception, match="'no-resume' is not a flag of train.py"):
+        config.read_config(tmp_path / "c.yaml", train.make_parser())
+
 # ---------------------------------------------------------------------------------------------
 # 2: two nodes with node-local caches; one builder per shared cache; the demo data made once
 
+@pytest.mark.slow
 def test_two_nodes_build_their_own_caches_and_only_global_rank_0_writes(tiny_args, tmp_path):
     """The README's two-"node" recipe: node 1's cache takes longer than the process-group timeout
     to build, while node 0 (its own cache quickly built) waits for it outside any collective."""
