@@ -174,8 +174,9 @@ class StopSignals:
             raise KeyboardInterrupt
         if self.requested is None:
             self.requested = signum
-            print(f"\n{signal.Signals(signum).name}: stopping after this step, saving last.pt", file=sys.stderr,
-                  flush=True)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets it: one line, rank 0's
+                print(f"\n{signal.Signals(signum).name}: stopping after this step, saving last.pt", file=sys.stderr,
+                      flush=True)
 
     def __exit__(self, *exc) -> None:
         if self.active:

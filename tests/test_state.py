@@ -99,6 +99,7 @@ def test_saved_on_two_processes_resumed_on_one_with_history_deleted(tiny_args, t
     ts = Checkpoint.load(folder / "last.pt").training_state
     # stopped in epoch 2 at a check after its 4th step: a whole number of 2-process steps of 2 x 4 samples
     assert ts["epoch"] == 1 and 32 <= ts["pos"] <= 48 and ts["pos"] % 8 == 0, (ts["epoch"], ts["pos"], err[-2000:])
+    assert err.count("SIGTERM: stopping after this step") == 1, err[-2000:]  # rank 0 says it, for both
     (folder / "history.csv").unlink()
     train.main(argv + ["--out-dir", str(tmp_path / "moved"), "--resume"])
     straight, moved = rows(tmp_path / "straight" / "cardiomegaly" / "history.csv"), rows(folder / "history.csv")
