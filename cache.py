@@ -1,5 +1,5 @@
-"""The grayscale uint8 image cache: shards, their checks, build locks and recovery, augmented
-copies. Decoding (JPEG, PNG, 16-bit PNG/TIFF, DICOM; --equalize) is decode.py's.
+"""The grayscale uint8 image cache: shards, their checks and recovery, augmented copies (one process
+builds, the others wait: buildlock.py). Decoding (JPEG, PNG, 16-bit PNG/TIFF, DICOM; --equalize) is decode.py's.
 
 Cache layout (never under the data root): CACHE_DIR/<csv stem>-<size>px-<key>/
     meta.json          the key's inputs (image paths in slot order, data root, size, square mode,
@@ -25,7 +25,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import secrets
 import socket
 import sys
 import time
@@ -39,6 +38,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from buildlock import claim_build, pid_alive
 from common import (EQUALIZE_MODES, MAX_IMAGE_SIZE, SQUARE_MODES, UserError, _discard, default_workers, save_torch,
                     test_hook, write_text)
 # decoding lives in decode.py; its names are also imported from here by the scripts and tests
@@ -47,8 +47,6 @@ from decode import CLAHE_CLIP, CLAHE_TILES, ImageError, decode_dicom, equalize_i
 CACHE_VERSION = 2  # 2: 16-bit PNG/TIFF rescaled by to_uint8 (version 1 clipped them at 255), DICOM read
 JPEG_CACHE_VERSION = 1  # JPEG pixels are unchanged since version 1: a cache of JPEGs only keeps its key
 SHARD_SIZE = 1024
-LOCK_STALE_S = 600  # a build lock untouched this long is taken over: its builder hung, or its host died
-LOCK_POLL_S = 1.0   # how often a process waiting on another's build looks again
 N_NAMED = 10  # bad images named in a warning; the count covers them all
 STAT_THREADS = 8  # shards checked at once: os.stat releases the GIL, so a network filesystem's round trips overlap
 # each --equalize setting as keyed, with its parameters: changing them makes a new cache
@@ -269,158 +267,13 @@ def _open_cache(folder: Path, want: dict) -> ImageCache:
     return ImageCache(folder)
 
 
-# ---------------------------------------------------------------------------------------------
-# Build locks
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):  # someone else's process; a number no pid can be
-        pass
-    return True
-
-
-def _identity() -> dict:
-    """Who this process is, as another process can check it: host, boot (a rebooted host reuses
-    pids), PID namespace (containers sharing a hostname each count pids from 1) and pid."""
-    def read(f: Callable[[], str]) -> str:
-        try:
-            return f().strip()
-        except OSError:
-            return ""  # not Linux: host and pid only, as before
-    return {"host": socket.gethostname(), "boot": read(Path("/proc/sys/kernel/random/boot_id").read_text),
-            "pidns": read(lambda: os.readlink("/proc/self/ns/pid")), "pid": os.getpid()}
-
-
-class BuildLock:
-    """This process's claim, by lock file, to build what other processes wait for (see claim_build).
-    touch() as the work goes on (a heartbeat); release() (or leaving a `with`) removes the file, unless
-    another process has taken it over since (its token is not this one's)."""
-
-    def __init__(self, path: Path, token: str = ""):
-        self.path, self.token = Path(path), token
-
-    def touch(self) -> None:
-        try:
-            os.utime(self.path)
-        except OSError:
-            pass
-
-    def release(self) -> None:
-        if (_lock_owner(self.path) or {}).get("token") == self.token:
-            _discard(self.path)
-
-    def __enter__(self) -> "BuildLock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _lock_owner(path: Path) -> dict | None:
-    """The owner written in a lock file ({host, boot, pidns, pid, token}, or {host, pid} from a
-    lock of an earlier version: 'HOST PID'); None when there is none (or it is not written yet)."""
-    try:
-        text = Path(path).read_text().strip()
-    except OSError:
-        return None
-    try:
-        owner = json.loads(text)
-        return owner if isinstance(owner, dict) else None
-    except ValueError:
-        host, _, pid = text.partition(" ")
-        return {"host": host, "pid": int(pid)} if pid.isdigit() else None
-
-
-def _describe(owner: dict | None) -> str:
-    return f"{owner.get('host')} (pid {owner.get('pid')})" if owner else "another process"
-
-
-def _owner_gone(owner: dict | None) -> bool:
-    """The lock's owner is provably dead: same host, same boot and same PID namespace as this process
-    (an earlier version's lock: same host), and no process with its pid."""
-    me = _identity()
-    if not owner or owner.get("host") != me["host"] or not isinstance(owner.get("pid"), int):
-        return False
-    if "token" in owner and (owner.get("boot"), owner.get("pidns")) != (me["boot"], me["pidns"]):
-        return False  # another boot or another container: its pid says nothing here
-    return not _pid_alive(owner["pid"])
-
-
-def _lock_stale(path: Path) -> bool:
-    """A lock whose builder is gone (_owner_gone), or whose heartbeat stopped LOCK_STALE_S ago (the
-    builder hung, or its host died, or it runs where its pid cannot be checked from here)."""
-    try:
-        age = time.time() - Path(path).stat().st_mtime
-    except OSError:
-        return False  # released meanwhile
-    return age > LOCK_STALE_S or _owner_gone(_lock_owner(path))
-
-
-def _take_over(lock: Path, owner: dict | None) -> bool:
-    """Remove the stale lock whose owner is `owner`. It is first moved aside and read again: when
-    another waiter has taken it over meanwhile, that fresh lock is put back and False returned."""
-    aside = lock.with_name(f".{lock.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    try:
-        os.rename(lock, aside)
-    except OSError:
-        return False
-    taken = _lock_owner(aside) == owner
-    if not taken:
-        try:
-            os.link(aside, lock)
-        except OSError:
-            pass  # a newer lock is there already: correctness never rests on the lock (see claim_build)
-    _discard(aside)
-    return taken
-
-
-def claim_build(lock: Path, done: Callable[[], bool], what: str) -> BuildLock | None:
-    """For work that several processes need at once (torchrun's ranks, the nodes of a job, array
-    tasks): returns None once done() holds, or a BuildLock when this process is to do the work.
-
-    A process that finds the work undone tries to create `lock` (O_CREAT | O_EXCL: exactly one
-    wins, on one host or on many sharing the folder) and writes who it is (host, boot id, PID
-    namespace, pid, a random token); the others wait on the files, polling with no timeout, never
-    inside a torch.distributed collective (whose timeout a long build outlasts). A lock is taken over
-    when its owner is provably dead, else only once its heartbeat is stale (see _lock_stale).
-    Correctness never rests on the lock: every file is written atomically, so a second builder
-    could only waste time."""
-    lock = Path(lock)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    told = False
-    while not done():
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            owner = _lock_owner(lock)
-            if _lock_stale(lock):
-                if _take_over(lock, owner):
-                    why = "which is gone" if _owner_gone(owner) else f"silent for over {LOCK_STALE_S} s"
-                    print(f"taking over {what} from {_describe(owner)}, {why}", file=sys.stderr, flush=True)
-                continue
-            if not told:
-                print(f"waiting for {what}, being built by {_describe(owner)}", file=sys.stderr, flush=True)
-                told = True
-            while lock.exists() and not _lock_stale(lock):
-                time.sleep(LOCK_POLL_S)
-            continue
-        token = secrets.token_hex(8)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps({**_identity(), "token": token}) + "\n")
-        return BuildLock(lock, token)
-    return None
-
-
 def _remove_stale_tmp(folder: Path) -> None:
     """Remove the temporary files that killed writers on this host left in folder (see atomic_write).
     Another host's are left alone: its process may still be writing (shared cluster filesystem)."""
     host = socket.gethostname()
     for f in Path(folder).glob(".*.tmp-*"):
         h, _, pid = f.name.rsplit(".tmp-", 1)[1].rpartition("-")
-        if h == host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if h == host and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             _discard(f)
 
 

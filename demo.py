@@ -13,7 +13,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from cache import claim_build
+from buildlock import claim_build
 from common import DEMO_ROOT
 from dataset import PATHOLOGIES
 

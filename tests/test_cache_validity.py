@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import buildlock
 import cache as cache_module
 import dataset
 import train
@@ -211,15 +212,15 @@ def test_meta_json_is_made_where_hard_links_are_not_supported(demo_root, tmp_pat
 
 
 def _lock(folder: Path, **owner) -> Path:
-    me = cache_module._identity()
+    me = buildlock.identity()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (folder / "build.lock").write_text(json.dumps({**me, "pid": int(dead.stdout), "token": "abc", **owner}) + "\n")
     return folder / "build.lock"
 
 
 def test_a_lock_whose_owner_is_provably_gone_is_taken_over_at_once(demo_root, tmp_path, monkeypatch, capfd):
-    monkeypatch.setattr(cache_module, "LOCK_STALE_S", 60)
-    monkeypatch.setattr(cache_module, "LOCK_POLL_S", 0.05)
+    monkeypatch.setattr(buildlock, "LOCK_STALE_S", 60)
+    monkeypatch.setattr(buildlock, "LOCK_POLL_S", 0.05)
     paths = copy_images(demo_root, tmp_path / "data", 5)
     folder, _ = cache_module.cache_folder(tmp_path / "cache", "t", tmp_path / "data", paths, 32, "resize")
     folder.mkdir(parents=True)
@@ -233,14 +234,14 @@ def test_a_lock_whose_owner_is_provably_gone_is_taken_over_at_once(demo_root, tm
 def test_a_lock_from_another_pid_namespace_waits_for_a_stale_heartbeat(demo_root, tmp_path, monkeypatch, capfd):
     """Containers sharing a hostname (and a kernel: one boot id) but not a PID namespace: the owner's
     pid means nothing here, so the lock is taken over only once it has not been touched for LOCK_STALE_S."""
-    monkeypatch.setattr(cache_module, "LOCK_STALE_S", 2)
-    monkeypatch.setattr(cache_module, "LOCK_POLL_S", 0.05)
+    monkeypatch.setattr(buildlock, "LOCK_STALE_S", 2)
+    monkeypatch.setattr(buildlock, "LOCK_POLL_S", 0.05)
     paths = copy_images(demo_root, tmp_path / "data", 5)
     folder, _ = cache_module.cache_folder(tmp_path / "cache", "t", tmp_path / "data", paths, 32, "resize")
     folder.mkdir(parents=True)
     lock = _lock(folder, pidns="pid:[1]")
-    assert not cache_module._owner_gone(cache_module._lock_owner(lock))
-    assert cache_module._owner_gone(cache_module._lock_owner(_lock(folder)))
+    assert not buildlock.owner_gone(buildlock.lock_owner(lock))
+    assert buildlock.owner_gone(buildlock.lock_owner(_lock(folder)))
     lock = _lock(folder, pidns="pid:[1]")
     t0 = time.monotonic()
     cache = build(tmp_path / "data", paths, tmp_path / "cache")
@@ -250,7 +251,7 @@ def test_a_lock_from_another_pid_namespace_waits_for_a_stale_heartbeat(demo_root
 
 
 def _hold(lock: Path, ready) -> None:
-    claim = cache_module.claim_build(lock, lambda: False, "a test's work")
+    claim = buildlock.claim_build(lock, lambda: False, "a test's work")
     ready.set()
     while True:
         claim.touch()
@@ -265,15 +266,15 @@ def test_a_live_builder_keeps_its_lock_and_a_released_lock_is_its_own(tmp_path):
     holder.start()
     try:
         assert ready.wait(30)
-        owner = cache_module._lock_owner(lock)
+        owner = buildlock.lock_owner(lock)
         assert owner["pid"] == holder.pid and owner["host"] == socket.gethostname() and len(owner["token"]) == 16
-        assert not cache_module._lock_stale(lock)
+        assert not buildlock.lock_stale(lock)
     finally:
         holder.kill()
         holder.join()
-    assert cache_module._lock_stale(lock)  # killed: its pid is gone on this host, boot and namespace
-    claim = cache_module.claim_build(lock, lambda: False, "a test's work")
-    other = cache_module.BuildLock(lock, "another process's token")
+    assert buildlock.lock_stale(lock)  # killed: its pid is gone on this host, boot and namespace
+    claim = buildlock.claim_build(lock, lambda: False, "a test's work")
+    other = buildlock.BuildLock(lock, "another process's token")
     other.release()  # a builder whose lock was taken over does not remove the new owner's
     assert lock.exists()
     claim.release()

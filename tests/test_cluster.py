@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
+import buildlock
 import cache as cache_module
 import dataset
 import demo
@@ -213,7 +214,7 @@ def test_a_dead_builders_lock_is_taken_over(demo_root, tmp_path, capfd):
     # another host's builder that stopped touching its lock long ago
     (folder / "shard_00000.pt").unlink()
     (folder / "build.lock").write_text("some-other-node 4242\n")
-    os.utime(folder / "build.lock", (time.time() - cache_module.LOCK_STALE_S - 5,) * 2)
+    os.utime(folder / "build.lock", (time.time() - buildlock.LOCK_STALE_S - 5,) * 2)
     _in_processes(dataset.build_cache, 1, paths, demo_root, 32, tmp_path / "cache", "t", "resize", 1, False, timeout=60)
     assert not cache_module.ImageCache(folder).missing_shards() and not (folder / "build.lock").exists()
 
