@@ -343,8 +343,15 @@ def out_of_fold(folder: Path, job_names: list[str], table: pd.DataFrame, args, r
         labelled &= (table["view"] == args.view).to_numpy()
     per = on_main(rt, lambda: oof_metrics(folder, args.folds, job_names, table["path"][labelled])) or {}
     return [{"pathology": name, "view": args.view, "fold": "oof", "n_val": m["n"], "val_nmse": m["nmse"],
-             "val_mse_cv": f"{m['mse']:.4f} ({m['mse_ci'][0]:.3f}-{m['mse_ci'][1]:.3f})",
-             "val_auc": f"{m['auc']:.4f} ({m['auc_ci'][0]:.3f}-{m['auc_ci'][1]:.3f})"} for name, m in per.items()]
+             "val_mse_cv": with_interval(m["mse"], m["mse_ci"]), "val_auc": with_interval(m["auc"], m["auc_ci"])}
+            for name, m in per.items()]
+
+
+def with_interval(value, ci) -> str:
+    """'0.5133 (0.480-0.547)' for the table; '-' where there is no number (no labelled row, one class only)."""
+    if value is None or not np.isfinite(value):
+        return "-"
+    return f"{value:.4f} ({ci[0]:.3f}-{ci[1]:.3f})"
 
 
 def table_rows(summary: dict, fold) -> list[dict]:

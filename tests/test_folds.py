@@ -108,3 +108,16 @@ def test_a_lone_last_row_is_left_out_of_the_epoch():
     assert [len(b) for b in batches] == [16, 16] and len(s) == 2
     assert sorted(i for b in batches for i in b) == sorted(s.draw()[:32].tolist())
     assert [len(b) for b in EpochSampler(None, 34, 16, seed=0)] == [16, 16, 2]
+
+
+def test_the_out_of_fold_row_of_a_finding_without_labels_says_dash_not_nan(demo_root, tiny_args, tmp_path, capsys):
+    """nih_dev has findings no row labels (Fracture): their out-of-fold row showed 'nan (nan-nan)'."""
+    table = pd.read_csv(demo_root / "student_labels" / "train2023.csv")
+    table["Pleural Other"] = np.nan
+    table.to_csv(tmp_path / "train.csv", index=False)
+    train.main(tiny_args("--pathology", "Cardiomegaly", "Pleural Other", "--multi-head", "--folds", "2",
+                         "--train-csv", str(tmp_path / "train.csv")))
+    out = capsys.readouterr().out
+    assert re.search(r"^Pleural Other\s+all\s+oof\s+-\s+0\s+-\s+-\s+-\s+-\s+-\s+-\s+-\s*$", out, re.M), out[-1500:]
+    assert re.search(r"^Cardiomegaly\s+all\s+oof\s+-\s+\d+\s+-\s+-\s+0\.\d{4} \(0\.\d{3}-\d\.\d{3}\)", out, re.M)
+    assert "nan" not in out.split("pathology", 1)[-1]
