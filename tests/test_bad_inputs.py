@@ -158,7 +158,7 @@ TRAIN = {
     "--out-dir": Bad(["--out-dir", "{file}"], "--out-dir {file}: is a file, not a folder"),
     "--resume": switch("--resume"),
     "--overwrite": switch("--overwrite"),
-    "--log": choice("--log", "mlflow"),
+    "--log": Bad(["--log", "mlflow"], "argument --log/--live-log: invalid choice: 'mlflow'"),  # argparse names both spellings
     "--save-every": Bad(["--save-every", "-1"], "--save-every must be >= 0 minutes, got -1.0"),
     "--device": choice("--device", "tpu"),
     "--amp": switch("--amp"),
