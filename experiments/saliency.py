@@ -8,6 +8,9 @@ For each image and each of the model's pathologies (every head of a --multi-head
 the checkpoint's image size and square mode) under a translucent heatmap, titled with the pathology
 and the model's calibrated score (the value make_submission.py would write) and its raw output.
 A heatmap on tubes, text markers or laterality tags rather than on the anatomy is shortcut learning.
+It ends with a table: each heatmap's score and where it peaks. A map that is zero everywhere is
+marked empty (in its title and the table): Grad-CAM keeps only what raises the score (the ReLU
+below), and a model that scores an image low often finds nothing there that does.
 
 Grad-CAM (Selvaraju et al. 2017): the last feature map A (C, h, w) of the backbone
 (XrayNet.feature_map), each channel weighted by the spatial mean of d score / d A, summed, ReLU'd,
@@ -35,7 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cache import ImageError, load_image
-from common import DEMO_ROOT, Parser, UserError, add_device_flags, check_outputs, run_cli
+from common import DEMO_ROOT, Parser, UserError, add_device_flags, check_outputs, format_table, run_cli
 import config
 from dataset import slug
 from evaluation import new_figure, save_png
@@ -167,16 +170,31 @@ def main(argv=None) -> list[dict]:
         x = torch.from_numpy(images[i:i + 1, None]).to(device)
         maps, raw = grad_cam(model, x, heads)
         for j, k in enumerate(heads):
-            name = ckpt.pathologies[k]
+            name, cam = ckpt.pathologies[k], maps[0, j]
             score = float(apply_calibration((ckpt.calibration or {}).get(name), raw[0, k]))
             png = args.out / png_name(args.images[i], name, taken)
-            where = "/".join(args.images[i].parts[-3:])
-            plot_saliency(images[i], maps[0, j], f"{name}: score {score:+.3f} (raw {raw[0, k]:+.3f})\n{where}",
-                          png, args.alpha)
+            where = "/".join(args.images[i].parts[-3:]) + ("  (empty: no region raises this score)" if not cam.any() else "")
+            plot_saliency(images[i], cam, f"{name}: score {score:+.3f} (raw {raw[0, k]:+.3f})\n{where}", png, args.alpha)
             results.append({"image": args.images[i], "pathology": name, "raw": float(raw[0, k]), "score": score,
-                            "png": png, "cam": maps[0, j]})
-    print(f"wrote {len(results)} heatmaps to {args.out}")
+                            "png": png, "cam": cam})
+    print_summary(results, args.out)
     return results
+
+
+def print_summary(results: list[dict], out: Path) -> None:
+    """One row per heatmap: the score, and where the map peaks (as fractions of the image's height
+    and width from its top left) or 'empty'; then how many were empty, and why that happens."""
+    rows = []
+    for r in results:
+        y, x = np.unravel_index(r["cam"].argmax(), r["cam"].shape)
+        peak = f"y {y / r['cam'].shape[0]:.2f}, x {x / r['cam'].shape[1]:.2f}" if r["cam"].any() else "empty"
+        rows.append({"image": "/".join(r["image"].parts[-3:]), "pathology": r["pathology"], "score": r["score"],
+                     "raw": r["raw"], "peak": peak, "png": r["png"].name})
+    print(format_table(rows, ["image", "pathology", "score", "raw", "peak", "png"]))
+    empty = sum(r["peak"] == "empty" for r in rows)
+    print(f"wrote {len(results)} heatmaps to {out}" + (
+        f"; {empty} are empty: Grad-CAM shows what raises a score, and nothing in those images raises it "
+        "(usual where the model scores an image low)" if empty else ""))
 
 
 if __name__ == "__main__":

@@ -385,6 +385,32 @@ def test_saliency_writes_one_png_per_image_and_head(two_head_checkpoint, tmp_pat
     assert stop.value.code == 2 and not (tmp_path / "x").exists()
 
 
+def test_saliency_ends_with_a_table_and_marks_an_empty_map(tmp_path, capsys):
+    """A head whose output does not depend on the image (its weights zero) has a zero gradient, so a
+    map that is zero everywhere: marked 'empty' in the table and the closing line, not an unexplained
+    blank picture; the other head's map peaks somewhere and the table says where."""
+    torch.manual_seed(0)
+    model = build_model(model_config(B_NAMES, "auto", hidden=8, dropout=0.0, arch="resnet18"))
+    with torch.no_grad():
+        for p in model.heads[0].parameters():
+            p.zero_()
+    Checkpoint.of(model, epoch=1, calibration={}, preprocess={"image_size": 64, "square": "resize", "mean": 0.449,
+                                                             "std": 0.226, "uncertain": "keep"}).save(tmp_path / "best.pt")
+    image = tmp_path / "data" / "pid1" / "study1" / "view1_frontal.png"
+    image.parent.mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64), dtype=np.uint8)).save(image)
+    capsys.readouterr()
+    dead, live = saliency.main(["--checkpoint", str(tmp_path / "best.pt"), "--images", str(image), "--out",
+                                str(tmp_path / "out"), "--no-progress"])
+    assert live["cam"].max() == pytest.approx(1.0) and not dead["cam"].any()
+    out = capsys.readouterr().out.splitlines()
+    row = {line.split()[1]: line for line in out if line.startswith("pid1/study1/view1_frontal.png")}
+    y, x = np.unravel_index(live["cam"].argmax(), live["cam"].shape)
+    assert f"y {y / 64:.2f}, x {x / 64:.2f}" in row["Pneumonia"] and " empty " in row["Cardiomegaly"]
+    assert out[-1] == (f"wrote 2 heatmaps to {tmp_path / 'out'}; 1 are empty: Grad-CAM shows what raises a score, "
+                       "and nothing in those images raises it (usual where the model scores an image low)")
+
+
 def test_saliency_on_cuda_without_a_gpu_is_one_clear_line(two_head_checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     Image.fromarray(np.zeros((40, 40), dtype=np.uint8)).save(tmp_path / "x.png")
