@@ -577,6 +577,30 @@ def summary_rows(sources: list[Source], routes: Routes, values: np.ndarray, cove
 
 # ---------------------------------------------------------------------------------------------
 
+def fuse_and_fill(values: np.ndarray, covered: np.ndarray, studies: np.ndarray, blends: dict, study_fusion: bool,
+                  fill_missing: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """--study-fusion over the pathologies no blend fuses itself, then --fill-missing where no
+    checkpoint gave a value (check_coverage has already refused a gap without it: never write NaN)."""
+    if study_fusion:
+        plain = [j for j, n in enumerate(PATHOLOGIES) if n not in blends]
+        values[:, plain] = fuse_studies(values[:, plain], studies)
+        covered = ~np.isnan(values)
+        if blends:
+            print(f"--study-fusion: not applied to {', '.join(blends)}: the blend fuses their studies itself")
+    if (~covered).any():
+        if fill_missing is None:
+            raise UserError("some test images are covered by no checkpoint; pass --fill-missing VALUE")
+        values = np.where(covered, values, fill_missing)
+    return values, covered
+
+
+def checkpoints_used(sources: list, need: np.ndarray, checkpoints: Path) -> list[dict]:
+    """The manifest's list: every best.pt that predicted at least one image, with its pathologies and fold."""
+    return [{"path": str(checkpoints / src.folder / (f"fold{c.split.get('fold')}" if src.kfold else "") / "best.pt"),
+             "pathology": ", ".join(c.pathologies), "fold": c.split.get("fold")}
+            for s, src in enumerate(sources) if need[s].any() for c in src.ckpts]
+
+
 def main(argv=None) -> dict:
     """Returns {"out", "submission" (DataFrame), "rows" (summary table), "n_images", "seconds"}; with
     --labels also "metrics" (evaluation.evaluate's dict, as in metrics.json) and "plots" (PNG paths)."""
@@ -612,24 +636,12 @@ def main(argv=None) -> dict:
     t_done = time.time()
 
     values, covered = assemble(sources, raw, routes, views, blends, studies)
-    if args.study_fusion:
-        plain = [j for j, n in enumerate(PATHOLOGIES) if n not in blends]
-        values[:, plain] = fuse_studies(values[:, plain], studies)
-        covered = ~np.isnan(values)
-        if blends:
-            print(f"--study-fusion: not applied to {', '.join(blends)}: the blend fuses their studies itself")
-    if (~covered).any():
-        if args.fill_missing is None:  # check_coverage makes this unreachable; never write NaN
-            raise UserError("some test images are covered by no checkpoint; pass --fill-missing VALUE")
-        values = np.where(covered, values, args.fill_missing)
+    values, covered = fuse_and_fill(values, covered, studies, blends, args.study_fusion, args.fill_missing)
     submission = pd.DataFrame(np.clip(values, -1.0, 1.0), columns=PATHOLOGIES)
     submission.insert(0, "Id", test["Id"].to_numpy())
     write_submission(args.out, submission, test["Id"])
-    submission_manifest(args.out, [{"path": str(args.checkpoints / src.folder / (f"fold{c.split.get('fold')}" if src.kfold
-                                                                             else "") / "best.pt"),
-                                    "pathology": ", ".join(c.pathologies), "fold": c.split.get("fold")}
-                                   for s, src in enumerate(sources) if need[s].any() for c in src.ckpts],
-                        test_csv=str(csv_path), device=str(rt.device))
+    submission_manifest(args.out, checkpoints_used(sources, need, args.checkpoints), test_csv=str(csv_path),
+                        device=str(rt.device))
 
     rows = summary_rows(sources, routes, values, covered, views, args.fill_missing)
     n_run = sum(int(need[s].sum()) * len(src.models) for s, src in enumerate(sources))
