@@ -56,6 +56,11 @@ def flag_actions(p: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {a.dest: a for a in p._actions if a.option_strings and a.dest != "help"}
 
 
+def long_flag(action: argparse.Action) -> str:
+    """The flag's first '--' spelling ('--log' of '--log/--live-log'), else its only one."""
+    return next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+
+
 def flag_names(p: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     """Every name a config key may use (the dest, and each long flag as written, '-' as '_') -> action."""
     names = {}
@@ -106,7 +111,7 @@ def to_argv(values: dict, p: argparse.ArgumentParser) -> list[str]:
     token = lambda v: repr(v) if isinstance(v, float) else str(v)  # repr: a float round-trips exactly
     for dest, value in values.items():
         action = actions[dest]
-        flag = next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+        flag = long_flag(action)
         if isinstance(action, argparse.BooleanOptionalAction):  # --flag / --no-flag
             argv.append(action.option_strings[0] if value else action.option_strings[1])
         elif action.nargs == 0:  # store_true and the like: present or not
@@ -154,8 +159,7 @@ def settings(args: argparse.Namespace, p: argparse.ArgumentParser) -> dict:
         if dest in NOT_SETTINGS or not hasattr(args, dest):
             continue
         value = getattr(args, dest)
-        flag = next((o for o in action.option_strings if o.startswith("--")), action.option_strings[-1])
-        out[flag.lstrip("-") if action.nargs != 0 else dest.replace("_", "-")] = _plain(value)
+        out[long_flag(action).lstrip("-") if action.nargs != 0 else dest.replace("_", "-")] = _plain(value)
     return out
 
 

@@ -162,6 +162,9 @@ class StopSignals:
     ignored: under srun torchrun a worker gets it twice (from SLURM, then forwarded by torchrun).
     Signal handlers can only be set from the main thread; elsewhere this does nothing."""
 
+    def __init__(self, announce: bool = True):
+        self.announce = announce  # print the line (rank 0 only: under torchrun every rank gets the signal)
+
     def __enter__(self) -> "StopSignals":
         self.requested: int | None = None
         self.active = threading.current_thread() is threading.main_thread()
@@ -174,7 +177,7 @@ class StopSignals:
             raise KeyboardInterrupt
         if self.requested is None:
             self.requested = signum
-            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets it: one line, rank 0's
+            if self.announce:
                 print(f"\n{signal.Signals(signum).name}: stopping after this step, saving last.pt", file=sys.stderr,
                       flush=True)
 

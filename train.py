@@ -562,7 +562,7 @@ def train_job(names: list[str], folder: Path, data: dict, is_val: np.ndarray, sp
                f"{len(data['sources'])} sources, {len(job.val_targets)} val rows, {len(names)} head(s), {rt.device}"
                + (f" x{rt.world}" if rt.world > 1 else "")
                + (f", from epoch {state.epoch + 1} sample {state.pos}" if ckpt else ""))
-        with StopSignals() as signals:
+        with StopSignals(announce=rt.main) as signals:
             while not finished(state):
                 prepare_epoch(state, rt)
                 if not train_until(state, job, rt, signals):

@@ -153,7 +153,8 @@ def guard_out(out: Path, checkpoint: Path, images: list[Path], train_config: dic
 
 
 def main(argv=None) -> list[dict]:
-    """Returns one dict per image and head: image, pathology, raw, score (calibrated), png, cam (S, S)."""
+    """Returns one dict per image and head: image, pathology, raw, score (calibrated), png, cam (S, S),
+    empty (the map is zero everywhere)."""
     args = parse_args(argv)
     args.amp = False
     device = setup_runtime(args, distributed=False).device  # --device cuda without one: one line, not a traceback
@@ -173,10 +174,11 @@ def main(argv=None) -> list[dict]:
             name, cam = ckpt.pathologies[k], maps[0, j]
             score = float(apply_calibration((ckpt.calibration or {}).get(name), raw[0, k]))
             png = args.out / png_name(args.images[i], name, taken)
-            where = "/".join(args.images[i].parts[-3:]) + ("  (empty: no region raises this score)" if not cam.any() else "")
+            empty = not cam.any()
+            where = "/".join(args.images[i].parts[-3:]) + ("  (empty: no region raises this score)" if empty else "")
             plot_saliency(images[i], cam, f"{name}: score {score:+.3f} (raw {raw[0, k]:+.3f})\n{where}", png, args.alpha)
             results.append({"image": args.images[i], "pathology": name, "raw": float(raw[0, k]), "score": score,
-                            "png": png, "cam": cam})
+                            "png": png, "cam": cam, "empty": empty})
     print_summary(results, args.out)
     return results
 
@@ -187,11 +189,11 @@ def print_summary(results: list[dict], out: Path) -> None:
     rows = []
     for r in results:
         y, x = np.unravel_index(r["cam"].argmax(), r["cam"].shape)
-        peak = f"y {y / r['cam'].shape[0]:.2f}, x {x / r['cam'].shape[1]:.2f}" if r["cam"].any() else "empty"
+        peak = "empty" if r["empty"] else f"y {y / r['cam'].shape[0]:.2f}, x {x / r['cam'].shape[1]:.2f}"
         rows.append({"image": "/".join(r["image"].parts[-3:]), "pathology": r["pathology"], "score": r["score"],
                      "raw": r["raw"], "peak": peak, "png": r["png"].name})
     print(format_table(rows, ["image", "pathology", "score", "raw", "peak", "png"]))
-    empty = sum(r["peak"] == "empty" for r in rows)
+    empty = sum(r["empty"] for r in results)
     print(f"wrote {len(results)} heatmaps to {out}" + (
         f"; {empty} are empty: Grad-CAM shows what raises a score, and nothing in those images raises it "
         "(usual where the model scores an image low)" if empty else ""))
